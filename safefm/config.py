@@ -1,0 +1,147 @@
+"""Frozen configuration objects, read from the TOML files in ``configs/``.
+
+One :class:`ModelConfig` describes the network sizes (stored inside every checkpoint) and
+one :class:`RuntimeConfig` says how frames are processed. They are passed down explicitly;
+nothing reads a global.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_size: int = 128
+    latent_channels: int = 4
+    latent_downscale: int = 8
+    ae_width: int = 48
+    ae_blocks: tuple[int, ...] = (1, 2, 2, 2)
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    unet_layers_per_block: int = 1
+    unet_attention_head_dim: int = 8
+    identity_dim: int = 128
+    identity_tokens: int = 4
+    cross_attention_dim: int = 128
+    heatmap_channels: int = 9
+    heatmap_size: int = 128
+    controlnet_embedding_channels: tuple[int, ...] = (16, 32, 64, 128)
+    lora_rank: int = 4
+    lora_alpha: int = 4
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.latent_downscale
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one latent."""
+        return (self.latent_channels, self.latent_size, self.latent_size)
+
+    def __post_init__(self) -> None:
+        if 2 ** (len(self.ae_blocks) - 1) != self.latent_downscale:
+            raise ConfigError(
+                f"ae_blocks has {len(self.ae_blocks)} stages, which downscale by "
+                f"{2 ** (len(self.ae_blocks) - 1)}, not latent_downscale={self.latent_downscale}")
+        if self.image_size % self.latent_downscale:
+            raise ConfigError("image_size must be a multiple of latent_downscale")
+        cn_down = 2 ** (len(self.controlnet_embedding_channels) - 1)
+        if self.heatmap_size != self.latent_size * cn_down:
+            raise ConfigError(
+                f"heatmap_size={self.heatmap_size} must equal latent side {self.latent_size} x "
+                f"ControlNet downscale {cn_down}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    steps: int = 4
+    warm_start: bool = True
+    warm_t0: float = 0.5
+    runtime: str = "auto"
+    device: str = "cpu"
+    threads: int = 0
+    max_faces: int = 4
+    min_detection_confidence: float = 0.5
+    min_tracking_confidence: float = 0.5
+    smoothing_min_cutoff: float = 1.0
+    smoothing_beta: float = 0.05
+    track_max_distance: float = 0.5
+    neutral_window: int = 90
+    expression_gain: float = 1.0
+    hold_frames: int = 8
+    placeholder_frames: int = 50
+    scene_cut_threshold: float = 0.45
+    mask_dilate: float = 0.08
+    mask_feather: float = 0.06
+    color_match: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= 50:
+            raise ConfigError(f"steps must be in 1..50, got {self.steps}")
+        if not 0.0 <= self.warm_t0 < 1.0:
+            raise ConfigError(f"warm_t0 must be in [0, 1), got {self.warm_t0}")
+        if self.runtime not in ("auto", "torch", "onnx"):
+            raise ConfigError(f"runtime must be auto, torch or onnx, got {self.runtime!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.max_faces < 1:
+            raise ConfigError("max_faces must be at least 1")
+
+
+def _coerce(cls, values: Mapping[str, Any]):
+    """Build a frozen dataclass from a mapping, rejecting unknown keys; lists become tuples."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - dataclass signature errors
+        raise ConfigError(f"bad {cls.__name__}: {exc}") from None
+
+
+def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
+    return _coerce(ModelConfig, values)
+
+
+def runtime_config_from_dict(values: Mapping[str, Any]) -> RuntimeConfig:
+    return _coerce(RuntimeConfig, values)
+
+
+def _read_toml(path: Path, table: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    if table not in data:
+        raise ConfigError(f"config file {path} has no [{table}] table")
+    return data[table]
+
+
+def load_model_config(path: str | Path | None = None) -> ModelConfig:
+    return model_config_from_dict(_read_toml(Path(path or CONFIG_DIR / "model_default.toml"), "model"))
+
+
+def load_runtime_config(path: str | Path | None = None, **overrides: Any) -> RuntimeConfig:
+    """Read ``configs/runtime_default.toml`` (or ``path``) and apply non-None overrides."""
+    p = Path(path) if path else CONFIG_DIR / "runtime_default.toml"
+    values = _read_toml(p, "runtime") if p.exists() else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return runtime_config_from_dict(values)
+
+
+def to_dict(cfg) -> dict:
+    """JSON-ready dict of a config (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}

@@ -1,0 +1,231 @@
+"""The per-frame anonymizing pipeline and its fail-closed policy.
+
+One frame: landmarks (MediaPipe FaceMesh) -> tracks (ids, One-Euro smoothing) -> alignment
+(similarity crop) -> retargeting (the user's expression on the identity's shape) -> heatmaps ->
+generator (Euler ODE, warm-started from the track's previous latent) -> decode -> colour match
+and paste back (feathered mask covering the real face oval).
+
+Fail-closed policy (a real face's pixels never leave while anonymizing):
+
+1. A tracked face that is anonymized this frame gets a fresh synthetic face (``ANONYMIZED``).
+2. A tracked face that cannot be anonymized this frame (landmarks lost, generator exception,
+   non-finite output) is covered by that track's last synthetic face, pasted with a mask grown
+   with every missing frame (``HELD``) for up to ``hold_frames`` frames;
+3. after that, or before the track's first good frame, by an opaque placeholder over the
+   last known face region, grown the same way (``PLACEHOLDER``), for ``placeholder_frames``
+   more frames, after which the track is forgotten.
+Never the raw face, never a light blur. Faces FaceMesh never detected at all cannot be covered:
+``max_faces`` (default 4) bounds how many are looked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from . import alignment, composite, heatmaps, retarget
+from .config import RuntimeConfig
+from .generator import Generator
+from .identity import Identity, load_identity
+from .landmarks import FaceMeshDetector, FaceTracker, Track
+from .results import ANONYMIZED, HELD, PLACEHOLDER, FaceResult, FrameResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _TrackState:
+    """What the engine remembers of one face track between frames."""
+    neutral: retarget.NeutralEstimator
+    z_prev: torch.Tensor | None = None            # (1, C, h, w) last output latent (warm start)
+    last_crop: np.ndarray | None = None           # (S, S, 3) last good synthetic face
+    last_M_inv: np.ndarray | None = None          # (2, 3) crop -> frame of that face
+    last_landmarks: np.ndarray | None = None      # (478, 3) real landmarks at the last sighting
+    good_frames: int = 0
+    heat: np.ndarray | None = field(default=None, repr=False)  # reused heatmap buffer
+
+
+class Engine:
+    """Anonymizes frames. Not thread-safe: one engine per processing thread."""
+
+    def __init__(self, generator: Generator, identity: Identity, cfg: RuntimeConfig, *,
+                 video: bool = True, detector=None):
+        self.cfg = cfg
+        self.video = video
+        self.gen = generator
+        self.mcfg = generator.model_cfg
+        self.detector = detector or FaceMeshDetector(
+            max_faces=cfg.max_faces, static_image=not video,
+            min_detection_confidence=cfg.min_detection_confidence,
+            min_tracking_confidence=cfg.min_tracking_confidence)
+        self.tracker = FaceTracker(cfg)
+        self.template = alignment.load_template()
+        self._states: dict[int, _TrackState] = {}
+        self._prev_thumb: np.ndarray | None = None
+        self._frame_index = 0
+        # Fault injection for tests: callable(stage, track_id, value) -> value, may raise.
+        # Stages: "generate" (value: heatmaps) and "latent" (value: the generated latent).
+        self.fault_injector = None
+        self.set_identity(identity)
+
+    # -- state ---------------------------------------------------------------------------
+    def set_identity(self, identity: Identity) -> None:
+        if identity.embedding.shape[0] != self.mcfg.identity_dim:
+            from .errors import IdentityFileError
+            raise IdentityFileError(f"identity '{identity.name}' has a {identity.embedding.shape[0]}-d "
+                                    f"embedding; this model needs {self.mcfg.identity_dim}")
+        self.identity = identity
+        self.tokens = self.gen.identity_tokens(identity.embedding)
+        self.noise = identity.noise(self.mcfg.latent_shape)
+        for st in self._states.values():  # a new face: no warm start from the old one
+            st.z_prev = None
+
+    def reset(self) -> None:
+        """Forget all tracks and temporal state (between unrelated images or files)."""
+        self.tracker.reset()
+        self._states.clear()
+        self._prev_thumb = None
+        self._frame_index = 0
+
+    def close(self) -> None:
+        close = getattr(self.detector, "close", None)
+        if close:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- per frame -----------------------------------------------------------------------
+    def process(self, frame: np.ndarray, timestamp: float | None = None) -> FrameResult:
+        """Anonymize one RGB frame (H, W, 3) uint8. Returns a FrameResult whose image is safe."""
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+            raise ValueError(f"frame must be (H, W, 3) uint8 RGB, got {frame.shape} {frame.dtype}")
+        t = timestamp if timestamp is not None else self._frame_index / 30.0
+        self._frame_index += 1
+        timings = dict.fromkeys(("landmarks", "retarget_heatmaps", "generator", "decode", "composite"), 0.0)
+        timings["generator_steps"] = 0
+
+        t_a = time.perf_counter()
+        faces = self.detector.detect(frame)
+        matched, lost = self.tracker.update(faces, t)
+        if self.video and self._scene_cut(frame):
+            for st in self._states.values():
+                st.z_prev = None
+        timings["landmarks"] = time.perf_counter() - t_a
+
+        out = frame.copy()
+        results: list[FaceResult] = []
+        live_ids = {tr.id for tr in matched} | {tr.id for tr in lost}
+        for tid in [k for k in self._states if k not in live_ids]:
+            del self._states[tid]
+
+        for tr in matched:
+            st = self._states.get(tr.id)
+            if st is None:
+                st = self._states[tr.id] = _TrackState(retarget.NeutralEstimator(self.cfg.neutral_window))
+            try:
+                results.append(self._anonymize(out, frame, tr, st, timings))
+            except Exception as exc:  # fail closed: whatever broke, the raw face does not leave
+                log.warning("face %d not anonymized: %s", tr.id, exc)
+                results.append(self._cover(out, tr, st, reason=f"{type(exc).__name__}: {exc}",
+                                           landmarks=tr.raw, missing=1))
+        for tr in lost:
+            st = self._states.get(tr.id)
+            if st is None:
+                st = self._states[tr.id] = _TrackState(retarget.NeutralEstimator(self.cfg.neutral_window))
+            results.append(self._cover(out, tr, st, reason="landmarks lost", landmarks=None,
+                                       missing=tr.missing))
+        return FrameResult(image=out, faces=results, timings=timings)
+
+    def _anonymize(self, out, frame, tr: Track, st: _TrackState, timings) -> FaceResult:
+        S, cfg = self.mcfg.image_size, self.cfg
+        t_a = time.perf_counter()
+        M = alignment.align_matrix(tr.landmarks, S)
+        M_inv = alignment.invert_affine(M)
+        lm_crop = alignment.transform_points(tr.landmarks, M)
+        pose = retarget.pose_fit(lm_crop, self.template * S)
+        neutral = st.neutral.update(retarget.to_canonical(lm_crop, pose))
+        ret_crop = retarget.retarget(lm_crop, neutral, self.identity.shape, cfg.expression_gain)
+        st.heat = heatmaps.render_heatmaps(ret_crop, S, self.mcfg.heatmap_size, out=st.heat)
+        t_b = time.perf_counter()
+        timings["retarget_heatmaps"] += t_b - t_a
+
+        heat = self.fault_injector("generate", tr.id, st.heat) if self.fault_injector else st.heat
+        warm = self.video and cfg.warm_start and st.z_prev is not None and not tr.is_new
+        z = self.gen.generate(heat, self.tokens, self.noise, z_prev=st.z_prev if warm else None,
+                              t0=cfg.warm_t0 if warm else 0.0, steps=cfg.steps)
+        if self.fault_injector:
+            z = self.fault_injector("latent", tr.id, z)
+        if not torch.isfinite(z).all():
+            raise FloatingPointError("generator returned non-finite values")
+        t_c = time.perf_counter()
+        timings["generator"] += t_c - t_b
+        timings["generator_steps"] = cfg.steps
+        crop = self.gen.decode(z)[0]
+        t_d = time.perf_counter()
+        timings["decode"] += t_d - t_c
+
+        if cfg.color_match:
+            real_crop = alignment.crop_face(frame, M, S)
+            crop_mask = composite.face_mask([lm_crop], (S, S), 0.0, 0.0)
+            crop = composite.color_match(crop, real_crop, crop_mask)
+        ret_frame = alignment.transform_points(ret_crop, M_inv)
+        mask = composite.face_mask([tr.raw, tr.landmarks, ret_frame], out.shape[:2],
+                                   cfg.mask_dilate, cfg.mask_feather)
+        composite.paste(out, crop, M_inv, mask, out=out)
+        timings["composite"] += time.perf_counter() - t_d
+
+        st.z_prev = z.detach().clone() if self.video else None
+        st.last_crop, st.last_M_inv, st.last_landmarks = crop, M_inv, tr.raw
+        st.good_frames += 1
+        return FaceResult(tr.id, _box(tr.raw, out.shape), ANONYMIZED, tr.raw)
+
+    def _cover(self, out, tr: Track, st: _TrackState, *, reason: str, landmarks, missing: int) -> FaceResult:
+        """Fail-closed cover for a face that was not anonymized this frame (policy in the module doc)."""
+        cfg = self.cfg
+        lm = landmarks if landmarks is not None else (st.last_landmarks if st.last_landmarks is not None else tr.raw)
+        grow = 0.15 * max(1, missing)
+        box = _box(lm, out.shape, margin=min(1.0, 0.2 + grow))
+        if st.last_crop is not None and missing <= cfg.hold_frames:
+            if landmarks is not None:  # the face is visible: place the held face where it is now
+                M_inv = alignment.invert_affine(alignment.align_matrix(landmarks, self.mcfg.image_size))
+            else:
+                M_inv = st.last_M_inv
+            mask = composite.face_mask([lm], out.shape[:2], cfg.mask_dilate + grow, cfg.mask_feather)
+            composite.paste(out, st.last_crop, M_inv, mask, out=out)
+            return FaceResult(tr.id, box, HELD, landmarks, reason)
+        composite.cover_placeholder(out, box, out=out)
+        return FaceResult(tr.id, box, PLACEHOLDER, landmarks, reason)
+
+    def _scene_cut(self, frame: np.ndarray) -> bool:
+        thumb = cv2.resize(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), (32, 32),
+                           interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+        prev, self._prev_thumb = self._prev_thumb, thumb
+        return prev is not None and float(np.abs(thumb - prev).mean()) > self.cfg.scene_cut_threshold
+
+
+def _box(landmarks: np.ndarray, shape, margin: float = 0.0) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) around the landmarks, grown by ``margin`` x face size, clipped to the frame."""
+    x0, y0 = landmarks[:, 0].min(), landmarks[:, 1].min()
+    x1, y1 = landmarks[:, 0].max(), landmarks[:, 1].max()
+    mx, my = (x1 - x0) * margin, (y1 - y0) * margin
+    h, w = shape[:2]
+    return (int(max(0, np.floor(x0 - mx))), int(max(0, np.floor(y0 - my))),
+            int(min(w, np.ceil(x1 + mx))), int(min(h, np.ceil(y1 + my))))
+
+
+def build_engine(cfg: RuntimeConfig, model_path=None, identity_path=None, video: bool = True) -> Engine:
+    """Load the weights (default: ``$SAFEFM_WEIGHTS`` or ``weights/``) and an identity file."""
+    from .paths import default_identity_path, default_model_path
+
+    gen = Generator.load(model_path or default_model_path(), cfg)
+    identity = load_identity(identity_path or default_identity_path(), gen.model_cfg.identity_dim)
+    return Engine(gen, identity, cfg, video=video)

@@ -1,0 +1,177 @@
+"""The one wrapper that owns device, dtype and runtime (torch or onnxruntime) for inference.
+
+:class:`Generator` turns a trained :class:`~safefm.models.SafeFMModel` into three calls:
+
+- ``identity_tokens(embedding (D,)) -> (1, K, W)``      once per identity
+- ``generate(heat, tokens, noise, z_prev, t0, steps)``  the Euler ODE (:mod:`safefm.sampler`)
+- ``decode(z) -> (B, S, S, 3) uint8``                   latent to RGB crops
+
+LoRA is fused into the base weights at load (inference needs no adapter bookkeeping). With the
+onnxruntime runtime the velocity network (UNet + ControlNet) and the decoder are exported once
+to ONNX (opset 17, cached by the weights' checksum) and run by onnxruntime sessions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, RuntimeConfig
+from .errors import DeviceError, WeightsError
+from .models import SafeFMModel, Velocity
+from .paths import cache_dir
+from .sampler import sample
+
+log = logging.getLogger(__name__)
+
+
+def _onnx_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _state_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self, model: SafeFMModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z):
+        return self.model.decode(z)
+
+
+class Generator:
+    """Inference wrapper. ``model`` is a SafeFMModel (LoRA is fused in place)."""
+
+    def __init__(self, model: SafeFMModel, cfg: RuntimeConfig, digest: str | None = None):
+        self.cfg = cfg
+        self.model_cfg: ModelConfig = model.cfg
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise DeviceError("--device cuda was asked for, but torch sees no CUDA GPU (use --device cpu)")
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        if any("lora_" in k for k in model.unet.state_dict()):
+            model.unet.fuse_lora()
+            model.unet.unload_lora()
+        self.model = model.eval().requires_grad_(False).to(cfg.device)
+        self.velocity_net = Velocity(self.model.unet, self.model.controlnet)
+        self.device = torch.device(cfg.device)
+        runtime = cfg.runtime
+        if runtime == "auto":
+            runtime = "onnx" if _onnx_available() else "torch"
+        self.runtime = runtime
+        self._sess_v = self._sess_d = None
+        if runtime == "onnx":
+            self._init_onnx(digest or _state_digest(self.model))
+
+    @classmethod
+    def load(cls, path: str | Path, cfg: RuntimeConfig) -> "Generator":
+        from .checkpoint import load_model
+
+        model, meta = load_model(path)
+        return cls(model, cfg, digest=meta.get("sha256") or None)
+
+    # -- onnxruntime ---------------------------------------------------------------------
+    def _init_onnx(self, digest: str) -> None:
+        import onnxruntime as ort
+
+        mc = self.model_cfg
+        folder = cache_dir() / "onnx" / digest[:16]
+        folder.mkdir(parents=True, exist_ok=True)
+        v_path, d_path = folder / "velocity.onnx", folder / "decoder.onnx"
+        z = torch.zeros(1, *mc.latent_shape)
+        if not v_path.exists():
+            args = (z, torch.full((1,), 0.5), torch.zeros(1, mc.heatmap_channels, mc.heatmap_size, mc.heatmap_size),
+                    torch.zeros(1, mc.identity_tokens, mc.cross_attention_dim))
+            self._export(self.velocity_net.cpu(), args, v_path, ["z", "t", "heat", "tokens"], ["v"])
+        if not d_path.exists():
+            self._export(_Decoder(self.model).cpu(), (z,), d_path, ["z"], ["image"])
+        self.model.to(self.device)
+        opts = ort.SessionOptions()
+        if self.cfg.threads > 0:
+            opts.intra_op_num_threads = self.cfg.threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if self.cfg.device == "cuda":
+            avail = ort.get_available_providers()
+            providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in avail] + providers
+        try:
+            self._sess_v = ort.InferenceSession(str(v_path), opts, providers=providers)
+            self._sess_d = ort.InferenceSession(str(d_path), opts, providers=providers)
+        except Exception as exc:
+            raise WeightsError(f"onnxruntime could not load the exported model in {folder} ({exc}); "
+                               "delete that folder or use --runtime torch") from None
+        self.providers = self._sess_v.get_providers()
+
+    @staticmethod
+    def _export(module, args, path: Path, inputs, outputs) -> None:
+        tmp = path.with_suffix(".tmp.onnx")
+        dyn = {n: {0: "batch"} for n in inputs + outputs}
+        with torch.no_grad():
+            torch.onnx.export(module, args, str(tmp), input_names=inputs, output_names=outputs,
+                              dynamic_axes=dyn, opset_version=17, dynamo=False)
+        tmp.replace(path)
+
+    # -- public calls ----------------------------------------------------------------------
+    @torch.no_grad()
+    def identity_tokens(self, embedding: np.ndarray) -> torch.Tensor:
+        """(D,) identity embedding -> (1, K, W) float32 tokens on the runtime's device."""
+        e = torch.as_tensor(np.asarray(embedding, np.float32)).reshape(1, -1).to(self.device)
+        return self.model.identity(e)
+
+    def velocity(self, heat: torch.Tensor, tokens: torch.Tensor):
+        """The callable ``v(z, t)`` for the sampler, with heatmaps (B, Ch, H, H) and tokens bound."""
+        if self._sess_v is not None:
+            sess = self._sess_v
+            feeds = {"heat": heat.cpu().numpy(), "tokens": tokens.expand(heat.shape[0], -1, -1).cpu().numpy()}
+
+            def v(z: torch.Tensor, t: float) -> torch.Tensor:
+                feeds["z"] = z.numpy()
+                feeds["t"] = np.full((z.shape[0],), t, np.float32)
+                return torch.from_numpy(sess.run(None, feeds)[0])
+            return v
+
+        net, tok = self.velocity_net, tokens.expand(heat.shape[0], -1, -1)
+        heat = heat.to(self.device)
+
+        def v(z: torch.Tensor, t: float) -> torch.Tensor:
+            return net(z, torch.full((z.shape[0],), t, device=z.device), heat, tok)
+        return v
+
+    @torch.no_grad()
+    def generate(self, heat: np.ndarray | torch.Tensor, tokens: torch.Tensor, noise: torch.Tensor,
+                 z_prev: torch.Tensor | None = None, t0: float = 0.0, steps: int | None = None) -> torch.Tensor:
+        """Latents (B, C, h, w) for heatmaps (B, Ch, H, H) in [0, 1].
+
+        noise: (B or 1, C, h, w) fixed identity noise; z_prev: the track's previous latent for a
+        warm start at flow time t0 (None = cold start from noise at t = 0).
+        """
+        heat = torch.as_tensor(heat, dtype=torch.float32)
+        if heat.dim() == 3:
+            heat = heat[None]
+        noise = noise.expand(heat.shape[0], -1, -1, -1).to(self.device if self._sess_v is None else "cpu")
+        return sample(self.velocity(heat, tokens), noise, steps or self.cfg.steps, z_prev=z_prev, t0=t0)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> np.ndarray:
+        """Latents (B, C, h, w) -> RGB crops (B, S, S, 3) uint8."""
+        if self._sess_d is not None:
+            img = torch.from_numpy(self._sess_d.run(None, {"z": z.cpu().numpy().astype(np.float32)})[0])
+        else:
+            img = self.model.decode(z.to(self.device)).cpu()
+        img = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return img.permute(0, 2, 3, 1).contiguous().numpy()

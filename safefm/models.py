@@ -1,0 +1,163 @@
+"""The SAFE-FM generator stack, built from a :class:`~safefm.config.ModelConfig`.
+
+- ``AutoencoderTiny`` (diffusers): image (B, 3, S, S) in [-1, 1] <-> latent (B, C, S/8, S/8).
+- ``UNet2DConditionModel`` (diffusers): the flow-matching base, velocity in latent space,
+  conditioned on identity tokens through cross-attention. Frozen once adapters are trained.
+- ``ControlNetModel.from_unet``: the expression adapter fed the heatmaps; its connections to
+  the UNet are zero-initialised convolutions, so an untrained adapter changes nothing.
+- LoRA (peft ``LoraConfig``) on the UNet's attention projections: the identity/expression
+  adapter on the frozen base.
+- :class:`IdentityProjector`: identity embedding (B, D) -> cross-attention tokens (B, K, W).
+
+All sizes come from the config; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TIME_SCALE = 1000.0  # flow time t in [0, 1] is fed to the UNet as t * 1000 (its sinusoidal embedding)
+
+
+def build_autoencoder(cfg: ModelConfig):
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny(
+        in_channels=3, out_channels=3,
+        encoder_block_out_channels=(cfg.ae_width,) * len(cfg.ae_blocks),
+        decoder_block_out_channels=(cfg.ae_width,) * len(cfg.ae_blocks),
+        num_encoder_blocks=tuple(cfg.ae_blocks),
+        num_decoder_blocks=tuple(reversed(cfg.ae_blocks)),
+        latent_channels=cfg.latent_channels,
+    )
+
+
+def build_unet(cfg: ModelConfig):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_channels)
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
+    up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
+    heads = tuple(max(1, c // cfg.unet_attention_head_dim) for c in cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.latent_size,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        block_out_channels=tuple(cfg.unet_channels),
+        down_block_types=down,
+        up_block_types=up,
+        layers_per_block=cfg.unet_layers_per_block,
+        cross_attention_dim=cfg.cross_attention_dim,
+        attention_head_dim=heads,
+        norm_num_groups=min(32, min(cfg.unet_channels)),
+    )
+
+
+def build_controlnet(cfg: ModelConfig, unet):
+    from diffusers import ControlNetModel
+
+    return ControlNetModel.from_unet(
+        unet,
+        conditioning_embedding_out_channels=tuple(cfg.controlnet_embedding_channels),
+        conditioning_channels=cfg.heatmap_channels,
+        load_weights_from_unet=True,
+    )
+
+
+def lora_config(cfg: ModelConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                      target_modules=LORA_TARGETS)
+
+
+class IdentityProjector(nn.Module):
+    """Identity embedding (B, D) -> K cross-attention tokens (B, K, W). Input is L2-normalised."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tokens, self.width = cfg.identity_tokens, cfg.cross_attention_dim
+        self.net = nn.Sequential(
+            nn.Linear(cfg.identity_dim, 256), nn.SiLU(),
+            nn.Linear(256, cfg.identity_tokens * cfg.cross_attention_dim),
+        )
+        self.norm = nn.LayerNorm(cfg.cross_attention_dim)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        return self.norm(self.net(emb).view(-1, self.tokens, self.width))
+
+
+class Velocity(nn.Module):
+    """v(z_t, t | heatmaps, identity tokens): the UNet with the ControlNet's residuals added.
+
+    z: (B, C, h, w) latent at flow time t (B,) in [0, 1]; heat: (B, Ch, H, H) in [0, 1];
+    tokens: (B, K, W). Returns the velocity (B, C, h, w). ``controlnet=None`` is the bare base.
+    """
+
+    def __init__(self, unet, controlnet=None):
+        super().__init__()
+        self.unet = unet
+        self.controlnet = controlnet
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, heat: torch.Tensor | None,
+                tokens: torch.Tensor) -> torch.Tensor:
+        ts = t.reshape(-1).expand(z.shape[0]) * TIME_SCALE
+        down = mid = None
+        if self.controlnet is not None and heat is not None:
+            down, mid = self.controlnet(z, ts, encoder_hidden_states=tokens, controlnet_cond=heat,
+                                        return_dict=False)
+        return self.unet(z, ts, encoder_hidden_states=tokens, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, return_dict=False)[0]
+
+
+class SafeFMModel(nn.Module):
+    """Every trained part in one module, so one state dict is one checkpoint.
+
+    ``latent_mean``/``latent_std`` normalise autoencoder latents to roughly unit variance for
+    flow matching (fitted on the training crops): ``z_flow = (z_ae - mean) / std``.
+    """
+
+    def __init__(self, cfg: ModelConfig, with_controlnet: bool = True, with_lora: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.autoencoder = build_autoencoder(cfg)
+        self.unet = build_unet(cfg)
+        self.identity = IdentityProjector(cfg)
+        self.controlnet = build_controlnet(cfg, self.unet) if with_controlnet else None
+        if with_lora:
+            self.unet.add_adapter(lora_config(cfg))
+        self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels))
+        self.register_buffer("latent_std", torch.ones(cfg.latent_channels))
+
+    @property
+    def velocity(self) -> Velocity:
+        return Velocity(self.unet, self.controlnet)
+
+    def to_flow_latent(self, z_ae: torch.Tensor) -> torch.Tensor:
+        return (z_ae - self.latent_mean.view(1, -1, 1, 1)) / self.latent_std.view(1, -1, 1, 1)
+
+    def from_flow_latent(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.latent_std.view(1, -1, 1, 1) + self.latent_mean.view(1, -1, 1, 1)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [-1, 1] -> flow latent (B, C, S/8, S/8)."""
+        return self.to_flow_latent(self.autoencoder.encoder((images + 1) / 2))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Flow latent (B, C, s, s) -> images (B, 3, S, S) in [-1, 1]."""
+        return (self.autoencoder.decoder(self.from_flow_latent(z)) * 2 - 1).clamp(-1, 1)
+
+
+def count_parameters(module: nn.Module | None, trainable_only: bool = False) -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def lora_parameters(unet) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in unet.state_dict().items() if "lora_" in k}

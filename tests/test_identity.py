@@ -1,0 +1,81 @@
+"""Identity files: round trip, validation of corrupt or foreign files, no code execution."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from safefm.errors import IdentityFileError
+from safefm.identity import Identity, describe, load_identity, random_shape, save_identity
+
+
+def _identity(seed=3):
+    rng = np.random.default_rng(seed)
+    template = np.stack([rng.uniform(0.2, 0.8, 478), rng.uniform(0.2, 0.8, 478), rng.normal(0, 0.03, 478)], 1)
+    emb = rng.normal(size=128).astype(np.float32)
+    return Identity(embedding=emb, shape=random_shape(template.astype(np.float32), rng), seed=seed,
+                    name="alex", attributes={"gender": "female"})
+
+
+def test_round_trip(tmp_path):
+    ident = _identity()
+    p = save_identity(ident, tmp_path / "id.pt")
+    back = load_identity(p, embedding_dim=128)
+    assert np.array_equal(back.embedding, ident.embedding) and np.array_equal(back.shape, ident.shape)
+    assert (back.seed, back.name, back.attributes) == (3, "alex", {"gender": "female"})
+    assert torch.equal(back.noise((4, 16, 16)), ident.noise((4, 16, 16)))  # fixed noise per identity
+    assert "seed:       3" in describe(back)
+
+
+def test_random_shapes_differ_per_seed_but_stay_face_sized():
+    template = _identity().shape
+    a = random_shape(template, np.random.default_rng(1))
+    b = random_shape(template, np.random.default_rng(2))
+    assert np.abs(a - b).max() > 0.005
+    assert np.abs(a - template).max() < 0.1
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.pop("format"), "not a SAFE-FM identity"),
+    (lambda d: d.update(version=99), "unsupported"),
+    (lambda d: d.update(embedding=torch.zeros(64)), "embedding"),
+    (lambda d: d.update(embedding=d["embedding"].double()), "float32"),
+    (lambda d: d["embedding"].__setitem__(0, float("nan")), "NaN"),
+    (lambda d: d.update(shape=torch.zeros(468, 3)), r"\(478, 3\)"),
+    (lambda d: d.update(seed=-1), "seed"),
+])
+def test_invalid_fields_are_named(tmp_path, mutate, message):
+    p = save_identity(_identity(), tmp_path / "id.pt")
+    data = torch.load(p, weights_only=True)
+    mutate(data)
+    torch.save(data, p)
+    with pytest.raises(IdentityFileError, match=message):
+        load_identity(p, embedding_dim=128)
+
+
+def test_missing_truncated_and_garbage_files(tmp_path):
+    with pytest.raises(IdentityFileError, match="not found"):
+        load_identity(tmp_path / "nope.pt")
+    p = save_identity(_identity(), tmp_path / "id.pt")
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(IdentityFileError, match="not a readable identity file"):
+        load_identity(p)
+    (tmp_path / "g.pt").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(IdentityFileError):
+        load_identity(tmp_path / "g.pt")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (open, ("/tmp/safefm_pwned", "w"))
+
+
+def test_loading_never_unpickles_code(tmp_path):
+    import os
+    p = tmp_path / "evil.pt"
+    with open(p, "wb") as f:
+        pickle.dump({"format": "safefm-identity", "x": _Evil()}, f)
+    with pytest.raises(IdentityFileError):
+        load_identity(p)
+    assert not os.path.exists("/tmp/safefm_pwned")
