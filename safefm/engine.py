@@ -151,9 +151,9 @@ class Engine:
         M = alignment.align_matrix(tr.landmarks, S)
         M_inv = alignment.invert_affine(M)
         lm_crop = alignment.transform_points(tr.landmarks, M)
-        pose = retarget.pose_fit(lm_crop, self.template * S)
+        pose = retarget.pose_fit(lm_crop, self.template)  # canonical = the template's unit crop frame
         neutral = st.neutral.update(retarget.to_canonical(lm_crop, pose))
-        ret_crop = retarget.retarget(lm_crop, neutral, self.identity.shape, cfg.expression_gain)
+        ret_crop = retarget.retarget(lm_crop, neutral, self.identity.shape, cfg.expression_gain, pose=pose)
         st.heat = heatmaps.render_heatmaps(ret_crop, S, self.mcfg.heatmap_size, out=st.heat)
         t_b = time.perf_counter()
         timings["retarget_heatmaps"] += t_b - t_a
