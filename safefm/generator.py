@@ -6,9 +6,11 @@
 - ``generate(heat, tokens, noise, z_prev, t0, steps)``  the Euler ODE (:mod:`safefm.sampler`)
 - ``decode(z) -> (B, S, S, 3) uint8``                   latent to RGB crops
 
-LoRA is fused into the base weights at load (inference needs no adapter bookkeeping). With the
-onnxruntime runtime the velocity network (UNet + ControlNet) and the decoder are exported once
-to ONNX (opset 17, cached by the weights' checksum) and run by onnxruntime sessions.
+LoRA is fused into the base weights at load (inference needs no adapter bookkeeping). The
+ControlNet's heatmap encoder runs once per frame, not once per Euler step: it is split off
+(``cond_embed``) and the velocity network takes its output. With the onnxruntime runtime the
+three graphs (heatmap encoder, velocity = UNet + ControlNet, decoder) are exported once to ONNX
+(opset 17, cached by the weights' checksum) and run by onnxruntime sessions.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .paths import cache_dir
 from .sampler import sample
 
 log = logging.getLogger(__name__)
+ONNX_GRAPHS = "g2"  # bump when the exported graphs change, so stale caches are not reused
 
 
 def _onnx_available() -> bool:
@@ -68,13 +71,17 @@ class Generator:
             model.unet.fuse_lora()
             model.unet.unload_lora()
         self.model = model.eval().requires_grad_(False).to(cfg.device)
+        self.cond_embed = None
+        if model.controlnet is not None:  # heatmaps (B, Ch, H, H) -> (B, C0, h, w), once per frame
+            self.cond_embed = model.controlnet.controlnet_cond_embedding
+            model.controlnet.controlnet_cond_embedding = torch.nn.Identity()
         self.velocity_net = Velocity(self.model.unet, self.model.controlnet)
         self.device = torch.device(cfg.device)
         runtime = cfg.runtime
         if runtime == "auto":
             runtime = "onnx" if _onnx_available() else "torch"
         self.runtime = runtime
-        self._sess_v = self._sess_d = None
+        self._sess_v = self._sess_d = self._sess_c = None
         if runtime == "onnx":
             self._init_onnx(digest or _state_digest(self.model))
 
@@ -90,14 +97,17 @@ class Generator:
         import onnxruntime as ort
 
         mc = self.model_cfg
-        folder = cache_dir() / "onnx" / digest[:16]
+        folder = cache_dir() / "onnx" / f"{digest[:16]}-{ONNX_GRAPHS}-{torch.__version__.split('+')[0]}"
         folder.mkdir(parents=True, exist_ok=True)
-        v_path, d_path = folder / "velocity.onnx", folder / "decoder.onnx"
+        v_path, d_path, c_path = folder / "velocity.onnx", folder / "decoder.onnx", folder / "cond.onnx"
         z = torch.zeros(1, *mc.latent_shape)
+        heat = torch.zeros(1, mc.heatmap_channels, mc.heatmap_size, mc.heatmap_size)
+        if self.cond_embed is not None and not c_path.exists():
+            self._export(self.cond_embed.cpu(), (heat,), c_path, ["heat"], ["cond"])
         if not v_path.exists():
-            args = (z, torch.full((1,), 0.5), torch.zeros(1, mc.heatmap_channels, mc.heatmap_size, mc.heatmap_size),
-                    torch.zeros(1, mc.identity_tokens, mc.cross_attention_dim))
-            self._export(self.velocity_net.cpu(), args, v_path, ["z", "t", "heat", "tokens"], ["v"])
+            cond = self.cond_embed(heat) if self.cond_embed is not None else heat
+            args = (z, torch.full((1,), 0.5), cond, torch.zeros(1, mc.identity_tokens, mc.cross_attention_dim))
+            self._export(self.velocity_net.cpu(), args, v_path, ["z", "t", "cond", "tokens"], ["v"])
         if not d_path.exists():
             self._export(_Decoder(self.model).cpu(), (z,), d_path, ["z"], ["image"])
         self.model.to(self.device)
@@ -112,6 +122,8 @@ class Generator:
         try:
             self._sess_v = ort.InferenceSession(str(v_path), opts, providers=providers)
             self._sess_d = ort.InferenceSession(str(d_path), opts, providers=providers)
+            if self.cond_embed is not None:
+                self._sess_c = ort.InferenceSession(str(c_path), opts, providers=providers)
         except Exception as exc:
             raise WeightsError(f"onnxruntime could not load the exported model in {folder} ({exc}); "
                                "delete that folder or use --runtime torch") from None
@@ -133,11 +145,21 @@ class Generator:
         e = torch.as_tensor(np.asarray(embedding, np.float32)).reshape(1, -1).to(self.device)
         return self.model.identity(e)
 
+    @torch.no_grad()
+    def embed_heatmaps(self, heat: torch.Tensor) -> torch.Tensor:
+        """The ControlNet's heatmap encoder, once per frame: (B, Ch, H, H) -> (B, C0, h, w)."""
+        if self.cond_embed is None:
+            return heat
+        if self._sess_c is not None:
+            return torch.from_numpy(self._sess_c.run(None, {"heat": heat.cpu().numpy()})[0])
+        return self.cond_embed(heat.to(self.device))
+
     def velocity(self, heat: torch.Tensor, tokens: torch.Tensor):
         """The callable ``v(z, t)`` for the sampler, with heatmaps (B, Ch, H, H) and tokens bound."""
+        cond = self.embed_heatmaps(heat)
         if self._sess_v is not None:
             sess = self._sess_v
-            feeds = {"heat": heat.cpu().numpy(), "tokens": tokens.expand(heat.shape[0], -1, -1).cpu().numpy()}
+            feeds = {"cond": cond.cpu().numpy(), "tokens": tokens.expand(heat.shape[0], -1, -1).cpu().numpy()}
 
             def v(z: torch.Tensor, t: float) -> torch.Tensor:
                 feeds["z"] = z.numpy()
@@ -146,10 +168,9 @@ class Generator:
             return v
 
         net, tok = self.velocity_net, tokens.expand(heat.shape[0], -1, -1)
-        heat = heat.to(self.device)
 
         def v(z: torch.Tensor, t: float) -> torch.Tensor:
-            return net(z, torch.full((z.shape[0],), t, device=z.device), heat, tok)
+            return net(z, torch.full((z.shape[0],), t, device=z.device), cond, tok)
         return v
 
     @torch.no_grad()
