@@ -64,6 +64,7 @@ class ModelConfig:
 class RuntimeConfig:
     steps: int = 4
     warm_start: bool = True
+    seed: int = -1
     warm_t0: float = 0.5
     runtime: str = "auto"
     device: str = "cpu"

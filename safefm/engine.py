@@ -81,7 +81,8 @@ class Engine:
                                     f"embedding; this model needs {self.mcfg.identity_dim}")
         self.identity = identity
         self.tokens = self.gen.identity_tokens(identity.embedding)
-        self.noise = identity.noise(self.mcfg.latent_shape)
+        seed = self.cfg.seed if self.cfg.seed >= 0 else identity.seed
+        self.noise = Identity(identity.embedding, identity.shape, seed).noise(self.mcfg.latent_shape)
         for st in self._states.values():  # a new face: no warm start from the old one
             st.z_prev = None
 

@@ -1,0 +1,111 @@
+"""Helpers shared by the ``safefm-*`` commands.
+
+- :func:`add_runtime_args` / :func:`runtime_config_from_args`: the ``--identity --steps --seed
+  --device --runtime --config`` group, turned into a :class:`~safefm.config.RuntimeConfig`.
+- :func:`add_logging_args` / :func:`setup_logging`: ``-v`` / ``-q``.
+- :func:`cli_main`: parse, run, and turn errors into one ``error: <message>`` line on stderr
+  plus an exit code (:data:`EXIT_ERROR`, :data:`EXIT_INTERRUPTED`); tracebacks only with ``-v``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from ..config import RuntimeConfig, load_runtime_config
+from ..errors import SafeFMError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2          # argparse's own code for bad arguments
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+
+log = logging.getLogger("safefm")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, identity: bool = True):
+    """Add the engine options group; returns the group (for extra options)."""
+    g = parser.add_argument_group("engine")
+    if identity:
+        g.add_argument("--identity", metavar="FILE", default=None,
+                       help="synthetic identity file (default: the shipped default identity)")
+    g.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="Euler steps per frame (default from the runtime config, usually 4)")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="noise seed of the face (default: the identity's own)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default=None, help="compute device")
+    g.add_argument("--runtime", choices=("auto", "torch", "onnx"), default=None,
+                   help="inference runtime (auto: onnxruntime when installed)")
+    g.add_argument("--config", metavar="FILE", default=None,
+                   help="runtime TOML (default: configs/runtime_default.toml)")
+    return g
+
+
+def runtime_config_from_args(args: argparse.Namespace, **extra) -> RuntimeConfig:
+    """RuntimeConfig from ``--config`` plus the options the user gave (and ``extra``)."""
+    overrides = {"steps": getattr(args, "steps", None), "device": getattr(args, "device", None),
+                 "runtime": getattr(args, "runtime", None), "seed": getattr(args, "seed", None), **extra}
+    return load_runtime_config(getattr(args, "config", None), **overrides)
+
+
+def add_logging_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv for debug); tracebacks on errors")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar, only warnings and errors")
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """Send the ``safefm`` loggers to stderr: warnings by default, info with -v, debug with
+    -vv, errors only with -q. Calling it again replaces the previous set-up."""
+    levels = (logging.WARNING, logging.INFO, logging.DEBUG)
+    level = logging.ERROR if quiet else levels[min(verbose, 2)]
+    for h in [h for h in log.handlers if getattr(h, "_safefm_cli", False)]:
+        log.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler._safefm_cli = True
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
+def one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    else:
+        text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def report_error(exc: BaseException, verbose: int = 0) -> int:
+    """Print one ``error: ...`` line (traceback too when ``verbose``); return the exit code."""
+    if isinstance(exc, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if verbose:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, (SafeFMError, OSError)):
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+    else:
+        print(f"error: internal error ({type(exc).__name__}: {one_line(exc)}); "
+              "rerun with -v for the traceback", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def cli_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None],
+             argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, set up logging, call ``run(args)``; errors become one line + exit code."""
+    args = parser.parse_args(argv)
+    verbose = getattr(args, "verbose", 0)
+    setup_logging(verbose, getattr(args, "quiet", False))
+    try:
+        code = run(args)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI boundary
+        return report_error(exc, verbose)
+    return EXIT_OK if code is None else int(code)

@@ -1,0 +1,334 @@
+"""Compositing: paste a synthetic face back into the frame, and the opaque fallbacks.
+
+Conventions: images are ``uint8`` RGB ``(H, W, 3)``; landmarks are ``float32 (478, 3)``
+MediaPipe FaceMesh points in frame pixels (x, y, z). Every function is pure except that
+``out=`` (where offered) names the array to write into; ``out=None`` returns a new one.
+Work is done on the face's region of interest only, so the per-frame cost is small.
+
+Fail-closed rules this module guarantees (see ``tests/test_composite.py``):
+
+- :func:`face_mask` is exactly ``1.0`` over the whole dilated face-oval hull; the feather
+  lies *outside* it, so no raw-face pixel is blended into the output.
+- :func:`paste` never keeps raw content where the mask is set but the warped crop does not
+  reach: those pixels get the placeholder colour.
+- :func:`cover_placeholder` replaces every pixel of its region (flat fill + an icon, no blur).
+- :func:`color_match` only transfers per-channel mean/std, never texture.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import cv2
+import numpy as np
+
+PLACEHOLDER_RGB = (128, 128, 128)   # flat mid-grey fill of the placeholder
+ICON_RGB = (168, 168, 168)          # the placeholder's person icon
+TEXT_RGB = (235, 235, 235)
+BADGE_RGB = (200, 30, 30)
+
+# FaceMesh indices used to size a face (cheeks and forehead/chin on the oval).
+_CHEEK_L, _CHEEK_R, _FOREHEAD, _CHIN = 234, 454, 10, 152
+_SHIFT = 4                          # sub-pixel bits for cv2 polygon filling
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+@functools.lru_cache(maxsize=1)
+def face_oval_indices() -> np.ndarray:
+    """``(36,) int64`` sorted FaceMesh indices of the face oval (``FACEMESH_FACE_OVAL``)."""
+    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_FACE_OVAL
+
+    return np.array(sorted({i for edge in FACEMESH_FACE_OVAL for i in edge}), np.int64)
+
+
+def face_width(landmarks: np.ndarray) -> float:
+    """Face size in pixels: cheek-to-cheek distance, floored at 3/4 of forehead-to-chin so a
+    turned head still gets a margin. ``landmarks``: ``(478, 2|3)``."""
+    p = np.asarray(landmarks, np.float64)[:, :2]
+    width = np.linalg.norm(p[_CHEEK_L] - p[_CHEEK_R])
+    height = np.linalg.norm(p[_FOREHEAD] - p[_CHIN])
+    return float(max(width, 0.75 * height, 1.0))
+
+
+def _checked_points(landmarks: np.ndarray) -> np.ndarray:
+    pts = np.asarray(landmarks, np.float32)
+    if pts.ndim != 2 or pts.shape[1] < 2 or not np.isfinite(pts[:, :2]).all():
+        raise ValueError(f"landmarks must be finite (N, 2|3) points, got shape {pts.shape}")
+    return pts
+
+
+def _fill_poly(canvas: np.ndarray, pts_xy: np.ndarray, value) -> None:
+    """Fill the convex hull of ``pts_xy`` (float, canvas pixels) into ``canvas``."""
+    hull = cv2.convexHull(np.round(pts_xy * (1 << _SHIFT)).astype(np.int32))
+    cv2.fillConvexPoly(canvas, hull, value, lineType=cv2.LINE_8, shift=_SHIFT)
+
+
+def _grow_hull(pts_xy: np.ndarray, radius: float, n: int = 16) -> np.ndarray:
+    """Points whose convex hull contains the hull of ``pts_xy`` grown by ``radius`` pixels.
+
+    The disc is replaced by its circumscribed ``n``-gon, so the result is a (tight) superset.
+    Returns ``(len(hull) * n, 2) float32`` (the input points when ``radius <= 0``).
+    """
+    if radius <= 0:
+        return pts_xy.astype(np.float32)
+    hull = cv2.convexHull(pts_xy.astype(np.float32)).reshape(-1, 2)
+    ang = np.arange(n) * (2 * np.pi / n)
+    ring = np.stack([np.cos(ang), np.sin(ang)], 1) * (radius / np.cos(np.pi / n))
+    return (hull[:, None, :] + ring[None].astype(np.float32)).reshape(-1, 2)
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Bounding box ``(x0, y0, x1, y1)`` (exclusive ends) of ``mask > 0``, or None if empty."""
+    rows = np.flatnonzero(mask.max(axis=1) > 0)
+    if rows.size == 0:
+        return None
+    y0, y1 = int(rows[0]), int(rows[-1]) + 1
+    cols = np.flatnonzero(mask[y0:y1].max(axis=0) > 0)
+    return int(cols[0]), y0, int(cols[-1]) + 1, y1
+
+
+def face_mask(landmarks_list, shape, dilate: float, feather: float,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """Compositing mask covering every given face.
+
+    ``landmarks_list``: list of ``(478, 2|3)`` landmark sets in frame pixels (the engine passes
+    the real and the retargeted landmarks, so the union covers the real face); None entries
+    are skipped. ``shape``: ``(H, W[, C])`` of the frame. The union of the filled convex hulls
+    of the sets' face ovals is grown by ``dilate * w`` pixels, where the mask is exactly
+    ``1.0``; it then falls smoothly to ``0`` over a further ``feather * w`` pixels (outward
+    feather). ``w`` is the largest :func:`face_width` among the sets (so the margin never
+    shrinks because a set is small).
+
+    Returns ``(H, W) float32`` in ``[0, 1]`` (written into ``out`` when given).
+    """
+    H, W = int(shape[0]), int(shape[1])
+    if out is None:
+        out = np.zeros((H, W), np.float32)
+    else:
+        out.fill(0.0)
+    oval = face_oval_indices()
+    sets = [_checked_points(lm) for lm in landmarks_list if lm is not None]
+    if not sets:
+        return out
+    w = max(face_width(p) for p in sets)
+    ovals = [p[oval, :2] for p in sets]
+    grow, soft = max(dilate, 0.0) * w, max(feather, 0.0) * w
+    m = int(np.ceil(grow + soft)) + 2
+    allpts = np.concatenate(ovals)
+    # Canvas: the ovals' box plus margin, clipped to the frame plus margin (so hull parts just
+    # outside the frame still count for the distance of in-frame pixels).
+    cx0 = max(int(np.floor(allpts[:, 0].min())) - m, -m)
+    cy0 = max(int(np.floor(allpts[:, 1].min())) - m, -m)
+    cx1 = min(int(np.ceil(allpts[:, 0].max())) + m + 1, W + m)
+    cy1 = min(int(np.ceil(allpts[:, 1].max())) + m + 1, H + m)
+    fx0, fy0, fx1, fy1 = max(cx0, 0), max(cy0, 0), min(cx1, W), min(cy1, H)
+    if fx0 >= fx1 or fy0 >= fy1:
+        return out
+    canvas = np.full((cy1 - cy0, cx1 - cx0), 255, np.uint8)
+    origin = np.array([cx0, cy0], np.float32)
+    for pts in ovals:
+        _fill_poly(canvas, pts - origin, 0)
+    # Distance (px) of every canvas pixel to the union of hulls (0 inside them).
+    dist = cv2.distanceTransform(canvas, cv2.DIST_L2, cv2.DIST_MASK_5)
+    dist = dist[fy0 - cy0:fy1 - cy0, fx0 - cx0:fx1 - cx0]
+    if soft > 0.5:
+        # 1.0 up to `grow`, then a smoothstep down to 0 at `grow + soft` (256-entry table).
+        idx = cv2.convertScaleAbs(cv2.max(dist, grow), alpha=255.0 / soft,
+                                  beta=-grow * 255.0 / soft)
+        val = cv2.LUT(idx, _FEATHER_LUT)
+    else:
+        val = (dist <= grow + soft).astype(np.float32)
+    out[fy0:fy1, fx0:fx1] = val.reshape(fy1 - fy0, fx1 - fx0)
+    return out
+
+
+def _smoothstep_lut() -> np.ndarray:
+    t = np.linspace(0.0, 1.0, 256, dtype=np.float64)
+    lut = 1.0 - t * t * (3.0 - 2.0 * t)
+    lut[0], lut[-1] = 1.0, 0.0
+    return lut.astype(np.float32).reshape(1, 256)
+
+
+_FEATHER_LUT = _smoothstep_lut()
+
+
+def color_match(generated: np.ndarray, reference: np.ndarray, mask: np.ndarray,
+                ring: float = 0.15, max_gain: float = 1.25) -> np.ndarray:
+    """Shift the generated face's colours into the real frame's lighting.
+
+    ``generated``, ``reference``: ``(h, w, 3) uint8`` RGB on the same pixel grid (e.g. the
+    generated crop and the real frame warped into crop space); ``mask``: ``(h, w)`` face mask.
+    Per Lab channel, the mean/std of ``generated`` inside ``mask > 0.5`` are matched to those of
+    ``reference`` over a ring of ``ring * mask width`` pixels either side of the mask edge
+    (skipping near-black and blown-out pixels); the std gain is clamped to
+    ``[1/max_gain, max_gain]``. Only these 6 numbers come from the reference: no texture.
+    Returns a new ``(h, w, 3) uint8``; ``generated`` unchanged if either region is too small.
+    """
+    inside = (np.asarray(mask) > 0.5).astype(np.uint8)
+    if int(cv2.countNonZero(inside)) < 16:
+        return generated.copy()
+    _, _, bw, bh = cv2.boundingRect(inside)
+    r = max(1.0, ring * max(bw, bh))
+    # Band of pixels within r of the mask edge, on either side.
+    d_out = cv2.distanceTransform(1 - inside, cv2.DIST_L2, cv2.DIST_MASK_3)
+    d_in = cv2.distanceTransform(inside, cv2.DIST_L2, cv2.DIST_MASK_3)
+    lab_r = cv2.cvtColor(reference.astype(np.float32) * (1 / 255), cv2.COLOR_RGB2Lab)
+    usable = cv2.inRange(lab_r, (8.0, -128.0, -128.0), (97.0, 128.0, 128.0))  # not black/blown
+    band = cv2.bitwise_and(usable, ((d_out <= r) & (d_in <= r)).view(np.uint8))
+    if int(cv2.countNonZero(band)) < 16:
+        return generated.copy()
+    lab_g = cv2.cvtColor(generated.astype(np.float32) * (1 / 255), cv2.COLOR_RGB2Lab)
+    mu_g, sd_g = (v.ravel() for v in cv2.meanStdDev(lab_g, mask=inside))
+    mu_r, sd_r = (v.ravel() for v in cv2.meanStdDev(lab_r, mask=band))
+    gain = np.clip(sd_r / np.maximum(sd_g, 1e-3), 1 / max_gain, max_gain)
+    affine = np.zeros((3, 4), np.float32)      # lab -> (lab - mu_g) * gain + mu_r, per channel
+    affine[:, :3] = np.diag(gain)
+    affine[:, 3] = mu_r - gain * mu_g
+    rgb = cv2.cvtColor(cv2.transform(lab_g, affine), cv2.COLOR_Lab2RGB)
+    return cv2.convertScaleAbs(cv2.max(rgb, 0.0), alpha=255.0)
+
+
+def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarray,
+          out: np.ndarray | None = None,
+          box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Warp ``crop`` into the frame and alpha-blend it under ``mask``.
+
+    ``frame``: ``(H, W, 3) uint8``; ``crop``: ``(S, S, 3) uint8``; ``M_inv``: ``(2, 3)`` affine
+    mapping crop pixels to frame pixels; ``mask``: ``(H, W) float32`` in [0, 1] (from
+    :func:`face_mask`); ``box``: optional ``(x0, y0, x1, y1)`` bounding ``mask > 0`` (saves a
+    scan). Where the mask is set but the warped crop does not reach, the placeholder colour is
+    used, so masked pixels never keep raw content. Returns ``(H, W, 3) uint8`` (``out`` if
+    given; ``out`` may be ``frame`` to paste in place).
+    """
+    if out is None:
+        out = frame.copy()
+    elif out is not frame:
+        np.copyto(out, frame)
+    roi = mask_box(mask) if box is None else box
+    if roi is None:
+        return out
+    x0, y0, x1, y1 = roi
+    M = np.asarray(M_inv, np.float64).reshape(2, 3).copy()
+    M[0, 2] -= x0
+    M[1, 2] -= y0
+    src = cv2.warpAffine(crop, M, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=PLACEHOLDER_RGB)
+    weight = np.ascontiguousarray(mask[y0:y1, x0:x1], np.float32)
+    dst = out[y0:y1, x0:x1]
+    cv2.blendLinear(src, dst, weight, 1.0 - weight, dst=dst)
+    return out
+
+
+def _region(frame_shape, landmarks_or_box, margin: float):
+    """(x0, y0, x1, y1, polygon points or None) of a placeholder region, clipped to the frame."""
+    H, W = frame_shape[:2]
+    arr = np.asarray(landmarks_or_box, np.float32)
+    if arr.ndim == 1 and arr.size == 4:
+        x0, y0, x1, y1 = (float(v) for v in arr)
+        pad = margin * max(x1 - x0, y1 - y0)
+        box = (int(np.floor(x0 - pad)), int(np.floor(y0 - pad)),
+               int(np.ceil(x1 + pad)), int(np.ceil(y1 + pad)))
+        poly = None
+    else:
+        pts = _checked_points(arr)[:, :2]
+        size = face_width(pts) if len(pts) > max(_CHEEK_L, _CHEEK_R, _CHIN) else float(
+            np.ptp(pts, axis=0).max())
+        poly = _grow_hull(pts, margin * size)
+        box = (int(np.floor(poly[:, 0].min())), int(np.floor(poly[:, 1].min())),
+               int(np.ceil(poly[:, 0].max())) + 1, int(np.ceil(poly[:, 1].max())) + 1)
+    x0, y0 = max(box[0], 0), max(box[1], 0)
+    x1, y1 = min(box[2], W), min(box[3], H)
+    return x0, y0, x1, y1, poly
+
+
+def _draw_icon(patch: np.ndarray) -> None:
+    """Draw a simple person icon centred in ``patch`` ``(h, w, 3)`` (in place)."""
+    h, w = patch.shape[:2]
+    s = min(h, w)
+    if s < 12:
+        return
+    cx, cy = w // 2, h // 2
+    head = max(2, int(0.17 * s))
+    cv2.circle(patch, (cx, cy - int(0.12 * s)), head, ICON_RGB, -1, cv2.LINE_AA)
+    cv2.ellipse(patch, (cx, cy + int(0.34 * s)), (int(0.3 * s), int(0.22 * s)), 0, 180, 360,
+                ICON_RGB, -1, cv2.LINE_AA)
+
+
+def cover_placeholder(frame: np.ndarray, landmarks_or_box, out: np.ndarray | None = None,
+                      margin: float = 0.15) -> np.ndarray:
+    """Opaque placeholder over one face region (fail-closed fallback).
+
+    ``landmarks_or_box``: a box ``(x0, y0, x1, y1)`` in frame pixels, grown by
+    ``margin * max(box side)`` each side; or landmarks ``(N, 2|3)``, whose convex hull is grown
+    by ``margin * face width``. Every pixel of the region becomes the flat placeholder grey or
+    the icon drawn on it (no blur of the original). Returns ``(H, W, 3) uint8`` (``out`` if
+    given; ``out`` may be ``frame``).
+    """
+    if out is None:
+        out = frame.copy()
+    elif out is not frame:
+        np.copyto(out, frame)
+    x0, y0, x1, y1, poly = _region(frame.shape, landmarks_or_box, margin)
+    if x0 >= x1 or y0 >= y1:
+        return out
+    patch = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+    patch[:] = PLACEHOLDER_RGB
+    _draw_icon(patch)
+    dst = out[y0:y1, x0:x1]
+    if poly is None:
+        dst[:] = patch
+    else:
+        region = np.zeros(patch.shape[:2], np.uint8)
+        _fill_poly(region, poly - np.array([x0, y0], np.float32), 255)
+        cv2.copyTo(patch, region, dst)
+    return out
+
+
+def _fit_text(text: str, max_w: float, max_h: float):
+    """(scale, thickness) so that ``text`` fits in ``max_w x max_h`` pixels."""
+    (tw, th), base = cv2.getTextSize(text, _FONT, 1.0, 2)
+    scale = max(0.3, min(max_w / max(tw, 1), max_h / max(th + base, 1)))
+    return scale, max(2, int(round(scale * 2.0)))
+
+
+def status_frame(width: int, height: int, text: str) -> np.ndarray:
+    """A full placeholder frame ``(height, width, 3) uint8``: flat grey, ``text`` centred
+    (``"\\n"`` separates lines). Used while the engine starts or when it cannot run."""
+    img = np.empty((int(height), int(width), 3), np.uint8)
+    img[:] = PLACEHOLDER_RGB
+    lines = text.split("\n") or [""]
+    longest = max(lines, key=len) or " "
+    scale, thick = _fit_text(longest, 0.8 * width, 0.12 * height)
+    scale = min(scale, 1.5 * height / 480)
+    (_, th), base = cv2.getTextSize("Ag", _FONT, scale, thick)
+    step = int((th + base) * 1.4)
+    y = int(height / 2 - step * (len(lines) - 1) / 2 + th / 2)
+    for line in lines:
+        (tw, _), _ = cv2.getTextSize(line, _FONT, scale, thick)
+        cv2.putText(img, line, (int((width - tw) / 2), y), _FONT, scale, TEXT_RGB, thick,
+                    cv2.LINE_AA)
+        y += step
+    return img
+
+
+def badge(frame: np.ndarray, text: str = "NOT ANONYMIZED",
+          out: np.ndarray | None = None) -> np.ndarray:
+    """A small red badge with white ``text`` in the top-left corner.
+
+    ``frame``: ``(H, W, 3) uint8``. Returns ``(H, W, 3) uint8`` (``out`` if given; ``out`` may
+    be ``frame`` to draw in place)."""
+    if out is None:
+        out = frame.copy()
+    elif out is not frame:
+        np.copyto(out, frame)
+    H, W = out.shape[:2]
+    scale = max(0.35, 0.55 * H / 480)
+    thick = max(1, int(round(scale * 1.6)))
+    (tw, th), base = cv2.getTextSize(text, _FONT, scale, thick)
+    pad = max(3, int(6 * scale))
+    x0 = y0 = max(4, int(0.015 * min(H, W)))
+    x1, y1 = min(W, x0 + tw + 2 * pad), min(H, y0 + th + base + 2 * pad)
+    cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), BADGE_RGB, -1)
+    cv2.putText(out, text, (x0 + pad, y0 + pad + th), _FONT, scale, TEXT_RGB, thick,
+                cv2.LINE_AA)
+    return out
