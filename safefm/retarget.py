@@ -1,0 +1,202 @@
+"""Expression retargeting: the generator never sees the user's own face shape.
+
+A face's landmarks are split into a head pose (3D similarity of the template onto the
+stable :data:`~safefm.alignment.ALIGN_INDICES`), a neutral shape (what the face looks like
+at rest, estimated over time by :class:`NeutralEstimator`) and the expression (the
+canonical landmarks minus the neutral). :func:`retarget` puts that expression, weighted by
+region, on the *identity's* shape and places it back with the user's pose:
+
+    out = from_canonical(identity_shape + gain * w * (to_canonical(landmarks) - neutral), pose)
+
+All shapes called "canonical" are (478, 3) in the template's unit crop coordinates.
+
+Video: the neutral is the rest shape of the last ``window`` frames (closed-mouth frames;
+see :class:`NeutralEstimator`), so the user's own face shape cancels out of the expression.
+
+Single images (one frame) have no history, so their neutral is the template (the neutral,
+closed-mouth mean face): the expression is then the face's deviation from the mean face,
+and the region weights (:func:`expression_weights`: 1 on lips, eyelids, irises and brows,
+0.5 on the jaw line, falling smoothly to 0.15 on the rigid oval, cheeks and nose) keep most
+of the user's rigid shape out; the shape of the user's lips, eyelids and brows does leak
+into a single-image result (a privacy limit of single images, not of video).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from .alignment import ALIGN_INDICES, check_landmarks, load_template, umeyama
+
+Pose = tuple[float, np.ndarray, np.ndarray]   # (s, R (3, 3), t (3,)): points = s * R @ canon + t
+
+# Expressive regions (FaceMesh indices): these carry the full expression.
+LIPS = (0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185,
+        191, 267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405,
+        409, 415)
+EYELIDS = (7, 33, 133, 144, 145, 153, 154, 155, 157, 158, 159, 160, 161, 163, 173, 246,
+           249, 263, 362, 373, 374, 380, 381, 382, 384, 385, 386, 387, 388, 390, 398, 466)
+IRISES = tuple(range(468, 478))
+BROWS = (46, 52, 53, 55, 63, 65, 66, 70, 105, 107, 276, 282, 283, 285, 293, 295, 296, 300,
+         334, 336)
+# Lower face oval (jaw line and chin): moves when the mouth opens, but also carries identity.
+JAW = (58, 132, 136, 148, 149, 150, 152, 172, 176, 288, 361, 365, 377, 378, 379, 397, 400)
+
+FULL_WEIGHT_REGIONS = LIPS + EYELIDS + IRISES + BROWS
+# (upper, lower) point pairs across the mouth opening and the two eye openings.
+MOUTH_PAIRS = ((13, 14), (82, 87), (81, 178), (80, 88), (191, 95),
+               (312, 317), (311, 402), (310, 318), (415, 324))
+EYE_PAIRS = ((159, 145), (158, 153), (160, 144), (157, 154), (161, 163), (173, 155), (246, 7),
+             (386, 374), (385, 380), (387, 373), (384, 381), (388, 390), (398, 382), (466, 249))
+JAW_WEIGHT = 0.5
+RIGID_WEIGHT = 0.15
+FALLOFF = 0.03        # Gaussian falloff (unit crop units) of the full weight around expressive points
+
+
+def _check_canonical(shape: np.ndarray, what: str) -> np.ndarray:
+    """(478, 3) float32 view of a canonical shape; a clear error for pixel-scale input."""
+    shape = np.asarray(shape, dtype=np.float32)
+    if shape.shape != (478, 3):
+        raise ValueError(f"{what} must be (478, 3), got {shape.shape}")
+    width = float(np.ptp(shape[:, 0]))
+    if not 0.1 < width < 10.0:
+        raise ValueError(f"{what} must be canonical (unit crop coordinates, width ~0.7), got width "
+                         f"{width:.3g}: fit poses with pose_fit(landmarks, load_template())")
+    return shape
+
+
+def pose_fit(landmarks: np.ndarray, template: np.ndarray) -> Pose:
+    """3D similarity of the canonical ``template`` (478, 3) onto ``landmarks`` (478, 3, any
+    pixel frame) over the stable :data:`ALIGN_INDICES`: landmarks ~ s * R @ template + t."""
+    idx = list(ALIGN_INDICES)
+    return umeyama(np.asarray(template)[idx], check_landmarks(np.asarray(landmarks)[idx]))
+
+
+def to_canonical(landmarks: np.ndarray, pose: Pose) -> np.ndarray:
+    """(478, 3) pixel landmarks -> (478, 3) float32 canonical shape (pose removed)."""
+    s, r, t = pose
+    return (((np.asarray(landmarks, dtype=np.float64) - t) @ r) / s).astype(np.float32)
+
+
+def from_canonical(canon: np.ndarray, pose: Pose) -> np.ndarray:
+    """(478, 3) canonical shape -> (478, 3) float32 landmarks in the pose's pixel frame."""
+    s, r, t = pose
+    return (s * np.asarray(canon, dtype=np.float64) @ r.T + t).astype(np.float32)
+
+
+def mouth_opening(shape: np.ndarray) -> float:
+    """Mean vertical gap between the inner lips of a canonical (478, 3) shape (crop units)."""
+    up, lo = np.array(MOUTH_PAIRS).T
+    return float((shape[lo, 1] - shape[up, 1]).mean())
+
+
+def close_gaps(shape: np.ndarray) -> np.ndarray:
+    """Canonical (478, 3) shape with no negative mouth or eye opening: an (upper, lower) pair
+    whose lower point is above its upper point meets in the middle. Returns a copy."""
+    out = np.array(shape, dtype=np.float32)
+    up, lo = np.array(MOUTH_PAIRS + EYE_PAIRS).T
+    mid = 0.5 * (out[up, 1] + out[lo, 1])
+    crossed = out[lo, 1] < out[up, 1]
+    out[up[crossed], 1] = mid[crossed]
+    out[lo[crossed], 1] = mid[crossed]
+    return out
+
+
+def canonical_shape(landmarks: np.ndarray) -> np.ndarray:
+    """Canonical (478, 3) float32 shape of one face's landmarks (e.g. an identity's shape)."""
+    return to_canonical(landmarks, pose_fit(landmarks, load_template()))
+
+
+@lru_cache(maxsize=1)
+def _weights_cached() -> np.ndarray:
+    tmpl = load_template()
+    full = tmpl[list(FULL_WEIGHT_REGIONS), :2]
+    d2 = ((tmpl[:, None, :2] - full[None]) ** 2).sum(axis=2).min(axis=1)     # (478,)
+    w = RIGID_WEIGHT + (1.0 - RIGID_WEIGHT) * np.exp(-d2 / (2 * FALLOFF ** 2))
+    w[list(JAW)] = np.maximum(w[list(JAW)], JAW_WEIGHT)
+    w[list(FULL_WEIGHT_REGIONS)] = 1.0
+    w = w.astype(np.float32)
+    w.setflags(write=False)
+    return w
+
+
+def expression_weights() -> np.ndarray:
+    """(478,) float32 in [RIGID_WEIGHT, 1]: how much of each point's expression is transferred."""
+    return _weights_cached().copy()
+
+
+class NeutralEstimator:
+    """Running robust estimate of one track's neutral (rest) canonical shape.
+
+    Keeps a ring buffer of canonical shapes sampled every ``stride`` updates (at most 30
+    samples spanning the last ``window`` frames). The rest shape is the per-coordinate
+    median of the buffered frames whose mouth is among the least open quarter
+    (:func:`mouth_opening`): a talking user's mouth is open more often than not, but a
+    resting mouth is closed, so a plain median would make every closed mouth look like
+    pursed lips. While there is little history the estimate is pulled to the template:
+    ``neutral = template + min(1, n / warmup) * (rest - template)``, ``n`` the frames seen,
+    ``warmup = window // 3``. Before any frame (and nearly so after one) the neutral is the
+    template, which is also the single-image behaviour.
+    """
+
+    MAX_SAMPLES = 30
+    REST_QUANTILE = 0.25
+
+    def __init__(self, window: int, template: np.ndarray | None = None):
+        if window < 1:
+            raise ValueError(f"NeutralEstimator window must be >= 1, got {window}")
+        self.window = window
+        self.template = (load_template() if template is None else np.asarray(template)).astype(np.float32)
+        self.stride = max(1, window // self.MAX_SAMPLES)
+        self.warmup = max(1, window // 3)
+        n = min(window, self.MAX_SAMPLES)
+        self._buf = np.empty((n,) + self.template.shape, np.float32)
+        self._open = np.empty(n, np.float64)
+        self.reset()
+
+    def reset(self) -> None:
+        self._seen = 0
+        self._stored = 0
+        self._next = 0
+        self._rest = self.template.copy()
+        self._neutral = self.template.copy()
+
+    @property
+    def neutral(self) -> np.ndarray:
+        """Current (478, 3) float32 neutral estimate (a copy)."""
+        return self._neutral.copy()
+
+    def update(self, canon: np.ndarray) -> np.ndarray:
+        """Add one frame's canonical (478, 3) shape; returns the updated neutral (a copy)."""
+        canon = _check_canonical(canon, "NeutralEstimator.update input")
+        if self._seen % self.stride == 0:
+            self._buf[self._next] = canon
+            self._open[self._next] = mouth_opening(canon)
+            self._next = (self._next + 1) % len(self._buf)
+            self._stored = min(self._stored + 1, len(self._buf))
+            opening = self._open[:self._stored]
+            rest = opening <= np.quantile(opening, self.REST_QUANTILE)
+            self._rest = np.median(self._buf[:self._stored][rest], axis=0)
+        self._seen += 1
+        w = min(1.0, self._seen / self.warmup)
+        self._neutral = (self.template + w * (self._rest - self.template)).astype(np.float32)
+        return self._neutral.copy()
+
+
+def retarget(landmarks: np.ndarray, neutral: np.ndarray, identity_shape: np.ndarray,
+             gain: float = 1.0, pose: Pose | None = None) -> np.ndarray:
+    """The user's expression on the identity's face, in the user's pose.
+
+    landmarks: (478, 3) user landmarks in some pixel frame; neutral, identity_shape: (478, 3)
+    canonical; pose: the landmarks' :func:`pose_fit` if already known. Returns (478, 3)
+    float32 landmarks in the same pixel frame: same head pose (rotation, position, scale),
+    the identity's face shape, the user's expression scaled by ``gain``; lips and eyelids
+    never cross (:func:`close_gaps`).
+    """
+    if pose is None:
+        pose = pose_fit(landmarks, load_template())
+    neutral = _check_canonical(neutral, "neutral")
+    identity_shape = _check_canonical(identity_shape, "identity_shape")
+    expression = (to_canonical(landmarks, pose) - neutral) * _weights_cached()[:, None]
+    return from_canonical(close_gaps(identity_shape + gain * expression), pose)

@@ -1,0 +1,197 @@
+"""Retargeting: the user's expression and pose on the identity's face shape."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import needs_data
+
+from safefm.alignment import load_template
+from safefm.retarget import (EYELIDS, IRISES, JAW, LIPS, NeutralEstimator, canonical_shape,
+                             expression_weights, from_canonical, pose_fit, retarget, to_canonical)
+
+LOWER_LIPS = (14, 17, 84, 87, 88, 91, 95, 146, 178, 181, 314, 317, 318, 321, 324, 375, 402, 405)
+UPPER_LIDS = (157, 158, 159, 160, 161, 384, 385, 386, 387, 388)
+
+
+def rot3(yaw=0.0, pitch=0.0, roll=0.0) -> np.ndarray:
+    y, p, r = np.radians([yaw, pitch, roll])
+    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
+    rx = np.array([[1, 0, 0], [0, np.cos(p), -np.sin(p)], [0, np.sin(p), np.cos(p)]])
+    rz = np.array([[np.cos(r), -np.sin(r), 0], [np.sin(r), np.cos(r), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def person_offsets(seed: int, amplitude: float = 0.008) -> np.ndarray:
+    """(478, 3) smooth random shape offsets (a person's own face shape), unit crop units."""
+    rng = np.random.default_rng(seed)
+    p = load_template()[:, :2] - 0.5
+    out = np.zeros((478, 3))
+    for _ in range(6):
+        k, phase = rng.normal(0, 5.0, size=2), rng.uniform(0, 2 * np.pi)
+        out += np.sin(p @ k + phase)[:, None] * rng.normal(0, amplitude, size=3)
+    return out.astype(np.float32)
+
+
+def expression(mouth: float = 0.0, blink: float = 0.0) -> np.ndarray:
+    """(478, 3) expression offsets: lower lips + jaw down by ``mouth``, upper lids down by ``blink``."""
+    e = np.zeros((478, 3), np.float32)
+    e[list(LOWER_LIPS + JAW), 1] += mouth
+    e[list(UPPER_LIDS), 1] += blink
+    return e
+
+
+def pose_of(yaw, pitch, roll, scale=260.0, shift=(320.0, 240.0, 0.0)):
+    return scale, rot3(yaw, pitch, roll), np.array(shift)
+
+
+def observe(shape: np.ndarray, pose) -> np.ndarray:
+    """Canonical shape seen by the camera: (478, 3) frame pixels."""
+    return from_canonical(shape, pose)
+
+
+def run_person(offsets, pose, frames: int = 45, rng=None, expr=None):
+    """Neutral frames (with a few small expressions, landmark noise) then one expression frame;
+    returns the last frame's retargeted landmarks and its true pose."""
+    rng = rng or np.random.default_rng(0)
+    tmpl = load_template()
+    est = NeutralEstimator(window=90)
+    neutral = est.neutral
+    for i in range(frames):
+        wobble = expression(mouth=0.03) if i % 7 == 3 else 0.0     # talking now and then
+        lm = observe(tmpl + offsets + wobble, pose) + rng.normal(0, 0.3, (478, 3)).astype(np.float32)
+        neutral = est.update(canonical_shape(lm))
+    lm = observe(tmpl + offsets + (expr if expr is not None else expression(0.04, 0.012)), pose)
+    return retarget(lm, neutral, identity_shape=tmpl), lm
+
+
+def test_pose_round_trip_and_known_pose_is_recovered():
+    tmpl = load_template()
+    pose = pose_of(20.0, -10.0, 5.0)
+    lm = observe(tmpl, pose)
+    s, r, t = pose_fit(lm, tmpl)
+    assert s == pytest.approx(pose[0], rel=1e-5)
+    np.testing.assert_allclose(r, pose[1], atol=1e-5)
+    np.testing.assert_allclose(to_canonical(lm, (s, r, t)), tmpl, atol=1e-5)
+    np.testing.assert_allclose(from_canonical(to_canonical(lm, (s, r, t)), (s, r, t)), lm, atol=1e-3)
+
+
+def test_expression_weights_are_full_on_expressive_parts_and_small_on_rigid_ones():
+    w = expression_weights()
+    assert w.shape == (478,) and w.dtype == np.float32
+    assert np.all(w[list(LIPS + EYELIDS + IRISES)] == 1.0)
+    assert w[4] < 0.3 and w[10] < 0.3 and w[234] < 0.3              # nose tip, forehead, face side
+    assert 0.4 <= w[152] <= 1.0                                     # chin follows the jaw partly
+
+
+def test_neutral_starts_at_the_template_and_converges_to_the_rest_shape():
+    tmpl = load_template()
+    rest = tmpl + person_offsets(3)
+    est = NeutralEstimator(window=90)
+    np.testing.assert_array_equal(est.neutral, tmpl)
+    one = est.update(rest)
+    assert np.abs(one - tmpl).max() < 0.05 * np.abs(rest - tmpl).max()   # one frame: ~template
+    for _ in range(40):
+        n = est.update(rest)
+    np.testing.assert_allclose(n, rest, atol=1e-6)
+    est.reset()
+    np.testing.assert_array_equal(est.neutral, tmpl)
+
+
+def test_neutral_ignores_expressions_held_less_than_half_the_time():
+    tmpl = load_template()
+    rest = tmpl + person_offsets(4)
+    est = NeutralEstimator(window=60)
+    for i in range(60):
+        n = est.update(rest + (expression(mouth=0.05) if i % 3 == 0 else 0.0))
+    np.testing.assert_allclose(n, rest, atol=1e-6)
+
+
+def test_two_people_with_the_same_expression_get_the_same_conditioning():
+    tmpl = load_template()
+    a, lm_a = run_person(person_offsets(10), pose_of(25.0, 8.0, -6.0, scale=240.0),
+                         rng=np.random.default_rng(1))
+    b, lm_b = run_person(person_offsets(11), pose_of(-15.0, -5.0, 10.0, scale=310.0, shift=(200, 300, 5)),
+                         rng=np.random.default_rng(2))
+    ca, cb = canonical_shape(a), canonical_shape(b)                  # pose removed
+    raw_gap = np.abs(canonical_shape(lm_a) - canonical_shape(lm_b)).mean()
+    gap = np.abs(ca - cb).mean()
+    assert gap < 0.15 * raw_gap                                     # the people's own shapes are gone
+    assert gap < 0.002                                              # < 0.26 px in a 128 crop
+    # ... and the expression survived: mouth open and eyes half closed vs the identity's rest shape
+    mouth = ca[14, 1] - ca[13, 1] - (tmpl[14, 1] - tmpl[13, 1])
+    assert mouth == pytest.approx(0.04, abs=0.006)
+    lid = ca[159, 1] - tmpl[159, 1]
+    assert lid == pytest.approx(0.012, abs=0.004)
+
+
+def test_retargeted_shape_does_not_correlate_with_the_users_own_shape():
+    tmpl = load_template()
+    rng = np.random.default_rng(5)
+    own, out = [], []
+    for seed in range(6):
+        off = person_offsets(100 + seed)
+        ret, _ = run_person(off, pose_of(*rng.uniform(-20, 20, 3)), frames=35, rng=rng, expr=expression())
+        own.append(off - off.mean(0))
+        out.append(canonical_shape(ret) - tmpl)
+    own, out = np.concatenate(own).ravel(), np.concatenate(out).ravel()
+    assert abs(np.corrcoef(own, out)[0, 1]) < 0.1
+    # Without the neutral estimate (single image: neutral = template) the shape does leak through.
+    leaky = [canonical_shape(retarget(observe(tmpl + person_offsets(100 + s), pose_of(0, 0, 0)),
+                                      tmpl, tmpl)) - tmpl for s in range(6)]
+    assert np.corrcoef(own, np.concatenate(leaky).ravel())[0, 1] > 0.3
+
+
+def test_head_pose_is_kept_and_gain_scales_the_expression():
+    tmpl = load_template()
+    identity = tmpl + person_offsets(7)
+    pose = pose_of(30.0, -12.0, 15.0, scale=200.0, shift=(100.0, 80.0, 3.0))
+    lm = observe(tmpl + person_offsets(8) + expression(mouth=0.04), pose)
+    neutral = tmpl + person_offsets(8)
+    ret = retarget(lm, neutral, identity)
+    s, r, _ = pose_fit(ret, tmpl)
+    s0, r0, _ = pose_fit(observe(identity, pose), tmpl)              # the identity's own face, same pose
+    angle = np.degrees(np.arccos(np.clip((np.trace(r.T @ r0) - 1) / 2, -1, 1)))
+    assert angle < 1.5 and s == pytest.approx(s0, rel=0.03)
+    still = retarget(lm, neutral, identity, gain=0.0)
+    np.testing.assert_allclose(canonical_shape(still), canonical_shape(observe(identity, pose)), atol=2e-3)
+    half, full = (canonical_shape(retarget(lm, neutral, identity, gain=g)) for g in (0.5, 1.0))
+    open_half, open_full = half[14, 1] - half[13, 1], full[14, 1] - full[13, 1]
+    rest_gap = identity[14, 1] - identity[13, 1]
+    assert open_half - rest_gap == pytest.approx(0.5 * (open_full - rest_gap), rel=0.1)
+
+
+@needs_data
+@pytest.mark.shared
+def test_real_clip_mouth_and_eye_motion_survive_retargeting(clip_frames):
+    from safefm.landmarks import FaceMeshDetector
+
+    tmpl = load_template()
+    identity = tmpl + person_offsets(9)
+    est = NeutralEstimator(window=30)                               # warm-up: 10 frames
+    raw_mouth, ret_mouth, raw_eye, ret_eye = [], [], [], []
+    with FaceMeshDetector(max_faces=1) as det:
+        for i, frame in enumerate(clip_frames):
+            (lm,) = det.detect(frame)
+            pose = pose_fit(lm, tmpl)
+            canon = to_canonical(lm, pose)
+            neutral = est.update(canon)
+            if i < est.warmup:
+                continue
+            out = canonical_shape(retarget(lm, neutral, identity, pose=pose))
+            raw_mouth.append(canon[14, 1] - canon[13, 1])
+            ret_mouth.append(out[14, 1] - out[13, 1])
+            raw_eye.append(canon[145, 1] - canon[159, 1] + canon[374, 1] - canon[386, 1])
+            ret_eye.append(out[145, 1] - out[159, 1] + out[374, 1] - out[386, 1])
+    assert np.std(raw_mouth) > 0.005                               # the clip does talk
+    assert np.corrcoef(raw_mouth, ret_mouth)[0, 1] > 0.9
+    assert np.corrcoef(raw_eye, ret_eye)[0, 1] > 0.8
+
+
+def test_pixel_scale_shapes_are_a_clear_error():
+    tmpl = load_template()
+    lm = observe(tmpl, pose_of(0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="canonical"):
+        NeutralEstimator(window=30).update(to_canonical(lm, pose_fit(lm, tmpl * 128)))
+    with pytest.raises(ValueError, match="canonical"):
+        retarget(lm, tmpl * 128, tmpl)
