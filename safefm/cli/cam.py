@@ -1,0 +1,274 @@
+"""``safefm-cam``: anonymize a camera live and send it to a virtual camera.
+
+    safefm-cam --identity id.pt                    # camera 0 -> "SAFE-FM Camera"
+    safefm-cam --preview --record out.mp4 --no-vcam
+    safefm-cam --source clip.mp4 --preview         # a video file played like a camera
+
+Until the model is warm and the first face is anonymized the virtual camera shows a
+"SAFE-FM starting..." card, never the raw camera; camera faults and engine errors show a
+card too. Pause (tray menu, preview key P, or SIGUSR1) sends the raw camera with a
+"NOT ANONYMIZED" badge until you resume.
+
+Virtual camera: Linux needs v4l2loopback:
+  sudo modprobe v4l2loopback devices=1 video_nr=10 card_label="SAFE-FM Camera" exclusive_caps=1
+Windows uses Unity Capture registered as "SAFE-FM Camera" if installed, else OBS Virtual
+Camera; macOS uses OBS Virtual Camera (OBS 27+ installed, its virtual camera started once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import DeviceError, IdentityFileError, InputError, SafeFMError, WeightsError
+from ..live.capture import open_source
+from ..live.pipeline import LiveConfig, Pipeline
+from ..live.preview import PreviewSink, PreviewWindow, display_available
+from ..live.stats import format_stats
+from ..live.tray import make_tray
+from ..live.vcam import RecorderSink, VirtualCamSink, vcam_candidates
+from ..paths import default_identity_path, identities_dir
+from .common import EXIT_OK, add_logging_args, cli_main, runtime_config_from_args
+
+EngineFactory = Callable[..., Any]
+
+log = logging.getLogger("safefm.live")
+DEFAULT_SIZE, DEFAULT_FPS = (640, 480), 30.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="safefm-cam", description="Anonymize a camera live and send it to a virtual camera.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    src = ap.add_argument_group("input")
+    src.add_argument("--camera", type=int, default=0, metavar="N", help="camera index (default 0)")
+    src.add_argument("--source", metavar="FILE|URL", help="read a video file or stream instead")
+    src.add_argument("--no-pace", action="store_true",
+                     help="read --source as fast as possible (tests, benchmarks)")
+    eng = ap.add_argument_group("engine")
+    eng.add_argument("--identity", metavar="FILE", help="synthetic identity file "
+                     "(default: weights/identities/default.pt)")
+    eng.add_argument("--model", metavar="FILE", help="model weights (default: weights/safefm_default.safetensors)")
+    eng.add_argument("--steps", type=int, metavar="N", help="Euler steps per frame (default from the runtime config)")
+    eng.add_argument("--seed", type=int, metavar="S", help="noise seed")
+    eng.add_argument("--runtime", choices=["auto", "torch", "onnx"], help="inference runtime")
+    eng.add_argument("--compute", choices=["cpu", "cuda"], help="compute device "
+                     "(--device names the virtual camera here)")
+    eng.add_argument("--config", metavar="FILE", help="runtime TOML (default: configs/runtime_default.toml)")
+    out = ap.add_argument_group("output")
+    out.add_argument("--device", help="virtual camera device (Linux: /dev/videoN; default: the "
+                                      "v4l2loopback device labelled 'SAFE-FM Camera')")
+    out.add_argument("--no-vcam", action="store_true", help="do not open a virtual camera")
+    out.add_argument("--preview", action="store_true", help="show the output in a window (P/I/Q keys)")
+    out.add_argument("--record", metavar="OUT.mp4", help="also write the output stream to a video file")
+    out.add_argument("--width", type=int, default=0, help="output width (default: the camera's)")
+    out.add_argument("--height", type=int, default=0, help="output height (default: the camera's)")
+    out.add_argument("--fps", type=float, default=0, help="output frame rate (default: the camera's)")
+    out.add_argument("--no-badge", action="store_true",
+                     help="no 'NOT ANONYMIZED' badge on frames sent while paused")
+    ui = ap.add_argument_group("interface")
+    ui.add_argument("--no-tray", action="store_true", help="no system-tray icon")
+    ui.add_argument("--stats", action="store_true",
+                    help="print FPS, per-stage latency and dropped frames once a second")
+    add_logging_args(ap)
+    return ap
+
+
+def _engine_factory(args, engine_factory: EngineFactory | None) -> Callable[[], Any]:
+    """A zero-argument factory the processing thread calls (so the model loads behind the
+    starting card)."""
+    ns = argparse.Namespace(**vars(args))
+    ns.device = args.compute                      # runtime_config_from_args reads .device
+    cfg = runtime_config_from_args(ns)
+
+    def build():
+        factory = engine_factory
+        if factory is None:
+            from ..engine import build_engine as factory
+        return factory(cfg, model_path=args.model, identity_path=args.identity, video=True)
+    return build
+
+
+def _vcam_plan(args) -> list | None:
+    """Virtual camera candidates, None to run without one; DeviceError when it is required."""
+    if args.no_vcam:
+        return None
+    try:
+        return vcam_candidates(device=args.device)
+    except DeviceError as exc:
+        if args.preview or args.record:
+            log.warning("no virtual camera, continuing with %s only (%s)",
+                        " and ".join(x for x, on in (("preview", args.preview), ("record", args.record)) if on),
+                        "pass --no-vcam to skip it on purpose")
+            return None
+        raise exc
+
+
+def _probe_source(args):
+    """Open the source once for its size and fps; a missing camera is retried later."""
+    try:
+        src = open_source(args.camera, args.source, args.width, args.height, args.fps)
+        return src, src.info.width, src.info.height, src.info.fps
+    except DeviceError as exc:
+        if args.source:
+            raise
+        w, h = (args.width, args.height) if args.width and args.height else DEFAULT_SIZE
+        log.warning("%s; sending a placeholder until it appears (%dx%d)", exc, w, h)
+        return None, w, h, args.fps or DEFAULT_FPS
+
+
+def run(args, engine_factory: EngineFactory | None = None) -> int:
+    """Run ``safefm-cam`` until Ctrl+C, SIGTERM, tray Quit, preview Q or the source's end."""
+    if args.preview and not display_available():
+        raise DeviceError("--preview needs a display (none found: DISPLAY is not set)")
+    if args.identity and not Path(args.identity).is_file():
+        raise IdentityFileError(f"identity file not found: {args.identity}")
+    if args.model and not Path(args.model).is_file():
+        raise WeightsError(f"model file not found: {args.model}")
+    plan = _vcam_plan(args)
+    if plan is None and not (args.preview or args.record):
+        raise InputError("nothing to send to: use the virtual camera, --preview or --record")
+    identity = Path(args.identity) if args.identity else default_identity_path()
+    factory = _engine_factory(args, engine_factory)
+
+    first, w, h, fps = _probe_source(args)
+    sinks: list = []
+    try:
+        cfg = LiveConfig(width=args.width or w, height=args.height or h, fps=args.fps or fps,
+                         pace=not args.no_pace, paused_badge=not args.no_badge)
+        if plan is not None:
+            try:
+                sinks.append(VirtualCamSink(cfg.width, cfg.height, cfg.fps, plan))
+            except DeviceError:
+                if not (args.preview or args.record):
+                    raise
+                log.warning("virtual camera unavailable, continuing without it")
+        if args.record:
+            sinks.append(RecorderSink(args.record, cfg.width, cfg.height, cfg.fps))
+    except BaseException:
+        for s in sinks:
+            s.close()
+        if first is not None:
+            first.close()
+        raise
+    preview_sink = PreviewSink() if display_available() else None
+    if preview_sink is not None:
+        sinks.append(preview_sink)
+
+    def reopen():
+        return open_source(args.camera, args.source, args.width, args.height, args.fps)
+
+    pipe = Pipeline(factory, reopen, sinks, cfg, first_source=first,
+                    identity_path=identity if identity.is_file() else None,
+                    on_stats=(lambda s: print(format_stats(s), flush=True)) if args.stats else None)
+    quit_ev, want_preview = threading.Event(), threading.Event()
+    if args.preview:
+        want_preview.set()
+    window = PreviewWindow(preview_sink, toggle_pause=pipe.toggle_pause,
+                           next_identity=lambda: pipe.next_identity(identities_dir()),
+                           quit=quit_ev.set) if preview_sink is not None else None
+    old = _install_signals(quit_ev, pipe)
+    tray = None
+    try:
+        pipe.start()
+        mac_tray = False
+        if not args.no_tray:
+            tray = make_tray(pipe, identities_dir(), quit_ev.set,
+                             want_preview.set if window is not None else None)
+            if tray is not None and platform.system() == "Darwin":
+                if args.preview:
+                    log.warning("tray skipped: on macOS the tray and the preview both need the main thread")
+                    tray = None
+                else:
+                    mac_tray = True
+            elif tray is not None and not tray.start():
+                tray = None
+        if not args.quiet:
+            to = ", ".join(_describe(s) for s in sinks if not isinstance(s, PreviewSink)) or "preview"
+            print(f"safefm-cam: running, {cfg.width}x{cfg.height} @ {cfg.fps:g} fps -> {to}; "
+                  "Ctrl+C to quit", file=sys.stderr, flush=True)
+        if mac_tray:
+            threading.Thread(target=_stop_tray_when, args=(tray, quit_ev, pipe), daemon=True).start()
+            tray.run()
+        else:
+            _main_loop(quit_ev, want_preview, window, pipe)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        joined = pipe.stop()
+        if tray is not None:
+            tray.stop()
+        if window is not None:
+            window.close()
+        _restore_signals(old)
+        if not joined:
+            log.warning("some threads did not stop within %.0f s", cfg.join_timeout)
+    if pipe.error:
+        raise SafeFMError(pipe.error)
+    return EXIT_OK
+
+
+def _describe(sink) -> str:
+    if isinstance(sink, VirtualCamSink):
+        return f"virtual camera {sink.device}"
+    if isinstance(sink, RecorderSink):
+        return f"recording {sink.path}"
+    return type(sink).__name__
+
+
+def _main_loop(quit_ev: threading.Event, want_preview: threading.Event, window, pipe) -> None:
+    while not quit_ev.is_set() and not pipe.done.is_set():
+        if window is not None and want_preview.is_set():
+            want_preview.clear()
+            window.show()
+        if window is not None and window.open:
+            window.tick(15)
+        else:
+            quit_ev.wait(0.05)
+
+
+def _stop_tray_when(tray, quit_ev: threading.Event, pipe) -> None:
+    while not quit_ev.wait(0.1) and not pipe.done.is_set():
+        pass
+    tray.stop()
+
+
+def _install_signals(quit_ev: threading.Event, pipe: Pipeline) -> dict:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old = {}
+
+    def on_quit(signum, frame):
+        quit_ev.set()
+
+    def on_usr1(signum, frame):
+        pipe.toggle_pause()
+
+    handlers = {signal.SIGINT: on_quit, signal.SIGTERM: on_quit}
+    if hasattr(signal, "SIGUSR1"):
+        handlers[signal.SIGUSR1] = on_usr1
+    for sig, fn in handlers.items():
+        old[sig] = signal.signal(sig, fn)
+    return old
+
+
+def _restore_signals(old: dict) -> None:
+    for sig, fn in old.items():
+        signal.signal(sig, fn)
+
+
+def main(argv: Sequence[str] | None = None, engine_factory: EngineFactory | None = None) -> int:
+    """``engine_factory(runtime_cfg, model_path=None, identity_path=None, video=True)`` defaults
+    to :func:`safefm.engine.build_engine` (tests pass fakes)."""
+    return cli_main(build_parser(), lambda args: run(args, engine_factory), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

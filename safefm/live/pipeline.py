@@ -1,0 +1,395 @@
+"""Live pipeline: capture -> process -> output, three threads joined by one-slot mailboxes.
+
+- capture (:class:`~safefm.live.capture.CaptureWorker`) keeps only the newest camera frame;
+- process runs the engine on the newest frame (or passes it through, badged, when paused);
+- output paces frames to the sinks at the output fps, repeating the last result while
+  processing lags and sending status cards while starting, on faults and on unsafe results.
+
+Nothing the sinks receive is ever a raw camera frame unless the user paused anonymization.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import cv2
+import numpy as np
+
+from ..composite import badge, status_frame
+from ..errors import ConfigError, SafeFMError
+from ..results import ANONYMIZED, STATUSES
+from .capture import CaptureWorker, FrameSource, Packet
+from .identities import list_identities, next_identity
+from .mailbox import Mailbox, Pacer
+from .stats import Stats
+
+log = logging.getLogger("safefm.live")
+
+# What an outgoing frame shows (OutFrame.kind).
+OUT_ANONYMIZED = "anonymized"   # the engine's safe image (may hold no face at all)
+OUT_PAUSED = "paused"           # the raw camera frame, by the user's choice, badged by default
+OUT_STARTING = "starting"       # card: model warming up / no face anonymized yet / resuming
+OUT_WITHHELD = "withheld"       # card: the engine raised or returned an unsafe result
+OUT_CAMERA_LOST = "camera_lost"  # card: the source failed, reconnecting
+CARD_TEXT = {
+    OUT_STARTING: "SAFE-FM starting...",
+    OUT_WITHHELD: "SAFE-FM: frame withheld",
+    OUT_CAMERA_LOST: "SAFE-FM: camera unavailable, retrying...",
+}
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """How the live pipeline runs (the engine has its own RuntimeConfig)."""
+    width: int                     # output frame size
+    height: int
+    fps: float                     # output frame rate
+    pace: bool = True              # pace finite sources (files) at their native fps
+    paused_badge: bool = True      # draw "NOT ANONYMIZED" on frames sent while paused
+    backoff_min: float = 0.25      # first reconnect delay after a capture fault (s)
+    backoff_max: float = 4.0       # longest reconnect delay (s)
+    join_timeout: float = 2.0      # stop() waits this long for all threads
+    stats_interval: float = 1.0    # seconds between on_stats calls
+
+    def __post_init__(self) -> None:
+        if self.width < 2 or self.height < 2:
+            raise ConfigError(f"output size must be at least 2x2, got {self.width}x{self.height}")
+        if not 0 < self.fps <= 240:
+            raise ConfigError(f"output fps must be in (0, 240], got {self.fps}")
+
+
+@dataclass(frozen=True)
+class OutFrame:
+    image: np.ndarray        # (height, width, 3) uint8 RGB, what the sinks send
+    frame_id: int            # captured frame it shows (or replaces); -1 before the first
+    kind: str                # one of the OUT_* values
+    fresh: bool              # False when the content repeats an earlier tick
+    t_capture: float | None  # time.monotonic() of the capture, None for cards without one
+
+
+class Sink(Protocol):
+    def send(self, frame: OutFrame) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Result:
+    frame_id: int
+    t_capture: float
+    kind: str                          # OUT_ANONYMIZED, OUT_PAUSED or OUT_WITHHELD
+    image: np.ndarray | None = None    # None when withheld
+    n_faces: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+class UnsafeResult(Exception):
+    """The engine returned something that cannot be proven safe to send."""
+
+
+def check_result(res: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """The engine result's image (a private copy) if it is well-formed, else UnsafeResult."""
+    img = getattr(res, "image", None)
+    if not isinstance(img, np.ndarray):
+        raise UnsafeResult("result has no image")
+    if img.dtype != np.uint8:
+        raise UnsafeResult(f"result image is {img.dtype}, not uint8")
+    if img.shape != tuple(shape):
+        raise UnsafeResult(f"result image is {img.shape}, frame is {tuple(shape)}")
+    if getattr(res, "anonymized", True) is not True or getattr(res, "safe", True) is not True:
+        raise UnsafeResult("result flagged unsafe")
+    for f in getattr(res, "faces", None) or []:
+        if getattr(f, "status", None) not in STATUSES:
+            raise UnsafeResult(f"face status {getattr(f, 'status', None)!r} is unknown")
+    return np.array(img, copy=True)   # the engine may reuse its buffer for the next frame
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+class Pipeline:
+    """Capture, process and output threads around one engine and a list of sinks.
+
+    ``engine`` is an engine object or a zero-argument factory (called in the processing
+    thread, so the sinks show the starting card while the model loads). The pipeline owns
+    the engine, the source and the sinks: each is closed by the thread that uses it.
+    """
+
+    def __init__(self, engine: Any, open_source: Callable[[], FrameSource], sinks: list[Sink],
+                 cfg: LiveConfig, *, first_source: FrameSource | None = None,
+                 identity_path: str | Path | None = None,
+                 load_identity: Callable[[Path], Any] | None = None,
+                 on_stats: Callable[[dict], None] | None = None) -> None:
+        self.cfg = cfg
+        self._engine_src = engine
+        self._sinks = list(sinks)
+        self._frames: Mailbox[Packet] = Mailbox()
+        self._results: Mailbox[_Result] = Mailbox()
+        self._identity_box: Mailbox[Any] = Mailbox()
+        self.capture = CaptureWorker(open_source, self._frames, pace=cfg.pace,
+                                     backoff=(cfg.backoff_min, cfg.backoff_max), first=first_source)
+        self._stop = threading.Event()
+        self.done = threading.Event()     # set when the output thread has finished
+        self._paused = False
+        self.identity_path = Path(identity_path).resolve() if identity_path else None
+        self._active_identity = self.identity_path   # what the engine really uses
+        self._load_identity = load_identity
+        self._on_stats = on_stats
+        self.stats = Stats()
+        self.error: str | None = None     # fatal error that stopped the pipeline, one line
+        self.started = False              # a face has been anonymized at least once
+        self._last_faces = 0
+        self._last_fault_t = -1e9
+        self._fault_msg, self._fault_logged_t = "", -1e9
+        self._cards: dict[str, np.ndarray] = {}
+        self._threads: list[threading.Thread] = []
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def start(self) -> "Pipeline":
+        for name, fn in (("capture", lambda: self.capture.run(self._stop)),
+                         ("process", self._process_loop), ("output", self._output_loop)):
+            t = threading.Thread(target=fn, name=f"safefm-{name}", daemon=True)
+            self._threads.append(t)
+            t.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop all threads; True when every one joined within ``timeout`` (default cfg)."""
+        self._stop.set()
+        self._frames.close()
+        self._results.close()
+        deadline = time.monotonic() + (self.cfg.join_timeout if timeout is None else timeout)
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            log.warning("threads still running after stop: %s", ", ".join(alive))
+        return not alive
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the output ends (source finished, stop or fatal error)."""
+        return self.done.wait(timeout)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def __enter__(self) -> "Pipeline":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _fail(self, msg: str) -> None:
+        if self.error is None:
+            self.error = msg
+            log.info("pipeline stopped: %s", msg)   # the caller reports self.error
+        self._stop.set()
+        self._frames.close()
+
+    # ---- controls (any thread) -------------------------------------------------------
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def set_paused(self, paused: bool) -> None:
+        if paused != self._paused:
+            self._paused = paused
+            log.warning("anonymization PAUSED: the raw camera is being sent" if paused
+                        else "anonymization resumed")
+
+    def toggle_pause(self) -> bool:
+        self.set_paused(not self._paused)
+        return self._paused
+
+    def set_identity(self, path: str | Path) -> None:
+        """Load ``path`` and hand it to the engine before its next frame (raises SafeFMError)."""
+        loader = self._load_identity
+        if loader is None:
+            from ..identity import load_identity as loader
+        identity = loader(Path(path))
+        self.identity_path = Path(path).resolve()
+        self._identity_box.put((self.identity_path, identity))
+        log.info("identity: %s", self.identity_path.name)
+
+    def next_identity(self, folder: str | Path) -> Path | None:
+        """Switch to the identity after the current one in ``folder``; None when empty."""
+        nxt = next_identity(list_identities(folder), self.identity_path)
+        if nxt is None:
+            log.warning("no identity files (*.pt) in %s", folder)
+            return None
+        self.set_identity(nxt)
+        return nxt
+
+    def status(self) -> str:
+        """starting | anonymizing | noface | paused | error (for the tray icon)."""
+        if self.error:
+            return "error"
+        if self._paused:
+            return "paused"
+        if (not self.capture.healthy and self.capture.fault) or \
+                time.monotonic() - self._last_fault_t < 1.0:
+            return "error"
+        if not self.started:
+            return "starting"
+        return "anonymizing" if self._last_faces else "noface"
+
+    def dropped(self) -> int:
+        return self._frames.dropped + self._results.dropped
+
+    def buffered_high_water(self) -> int:
+        """Most frames ever waiting between two stages (1: one-slot mailboxes)."""
+        return max(self._frames.high_water, self._results.high_water)
+
+    # ---- processing thread -----------------------------------------------------------
+    def _fault(self, msg: str) -> None:
+        now = time.monotonic()
+        self._last_fault_t = now
+        if msg != self._fault_msg or now - self._fault_logged_t > 5:
+            log.warning("frame withheld: %s", msg)
+            self._fault_msg, self._fault_logged_t = msg, now
+
+    @staticmethod
+    def _reset(engine: Any) -> None:
+        try:
+            engine.reset()
+        except Exception as exc:
+            log.warning("engine reset failed: %s", _one_line(exc))
+
+    def _process_loop(self) -> None:
+        engine = None
+        try:
+            try:
+                src = self._engine_src
+                is_factory = isinstance(src, type) or not hasattr(src, "process")
+                engine = src() if is_factory else src
+            except SafeFMError as exc:      # one line a user can act on
+                self._fail(_first_line(exc))
+                return
+            except Exception as exc:
+                self._fail(f"engine failed to start: {_one_line(exc)}")
+                return
+            session, was_paused = None, False
+            while not self._stop.is_set():
+                pkt = self._frames.take(0.1)
+                if pkt is None:
+                    if self._frames.closed:
+                        break
+                    continue
+                switch = self._identity_box.take_nowait()
+                if switch is not None:
+                    try:
+                        engine.set_identity(switch[1])
+                        self._active_identity = switch[0]
+                    except Exception as exc:   # keep the old identity
+                        self.identity_path = self._active_identity
+                        log.warning("identity switch failed: %s", _one_line(exc))
+                if session is not None and pkt.session != session:
+                    self._reset(engine)          # the camera reconnected: old tracks are stale
+                session = pkt.session
+                if self._paused:
+                    was_paused = True
+                    img = badge(pkt.image) if self.cfg.paused_badge else pkt.image
+                    self._results.put(_Result(pkt.frame_id, pkt.t_capture, OUT_PAUSED, img))
+                    continue
+                if was_paused:
+                    self._reset(engine)
+                    was_paused = False
+                self._results.put(self._run_engine(engine, pkt))
+        finally:
+            if engine is not None:
+                try:
+                    engine.close()
+                except Exception as exc:
+                    log.warning("engine close failed: %s", _one_line(exc))
+            self._results.close()
+
+    def _run_engine(self, engine: Any, pkt: Packet) -> _Result:
+        t0 = time.monotonic()
+        try:
+            res = engine.process(pkt.image, pkt.timestamp)
+            img = check_result(res, pkt.image.shape)
+            faces = list(res.faces or [])
+        except Exception as exc:            # never let the raw frame through
+            self._fault(_one_line(exc))
+            self._reset(engine)
+            self.stats.processed(None, time.monotonic() - t0, True)
+            return _Result(pkt.frame_id, pkt.t_capture, OUT_WITHHELD)
+        if any(f.status == ANONYMIZED for f in faces):
+            self.started = True
+        self._last_faces = len(faces)
+        self.stats.processed(getattr(res, "timings", None), time.monotonic() - t0, False)
+        return _Result(pkt.frame_id, pkt.t_capture, OUT_ANONYMIZED, img, len(faces))
+
+    # ---- output thread ---------------------------------------------------------------
+    def _card(self, kind: str, frame_id: int) -> OutFrame:
+        if kind not in self._cards:
+            self._cards[kind] = status_frame(self.cfg.width, self.cfg.height, CARD_TEXT[kind])
+        return OutFrame(self._cards[kind], frame_id, kind, False, None)
+
+    def _fit(self, img: np.ndarray) -> np.ndarray:
+        if img.shape[:2] != (self.cfg.height, self.cfg.width):
+            img = cv2.resize(img, (self.cfg.width, self.cfg.height), interpolation=cv2.INTER_AREA)
+        return img
+
+    def _compose(self, cur: _Result | None, fresh: bool) -> OutFrame:
+        fid = cur.frame_id if cur is not None else -1
+        if not self.capture.healthy and self.capture.fault:
+            return self._card(OUT_CAMERA_LOST, fid)
+        if cur is None:
+            return self._card(OUT_STARTING, fid)
+        if cur.kind == OUT_PAUSED:
+            if self._paused:
+                return OutFrame(self._fit(cur.image), fid, OUT_PAUSED, fresh, cur.t_capture)
+            return self._card(OUT_STARTING, fid)     # resumed: never resend a raw frame
+        if cur.kind == OUT_WITHHELD:
+            return self._card(OUT_WITHHELD, fid)
+        if not self.started:
+            return self._card(OUT_STARTING, fid)
+        return OutFrame(self._fit(cur.image), fid, OUT_ANONYMIZED, fresh, cur.t_capture)
+
+    def _output_loop(self) -> None:
+        pacer, cur, last_stats = Pacer(self.cfg.fps), None, time.monotonic()
+        try:
+            while not self._stop.is_set():
+                r = self._results.take_nowait()
+                fresh = r is not None and (cur is None or r.frame_id >= cur.frame_id)
+                if fresh:
+                    cur = r
+                elif r is None and self._results.closed:
+                    break                       # the source ended and every result was sent
+                out = self._compose(cur, fresh)
+                for sink in self._sinks:
+                    sink.send(out)
+                now = time.monotonic()
+                self.stats.sent(fresh=out.fresh, placeholder=out.kind not in
+                                (OUT_ANONYMIZED, OUT_PAUSED),
+                                latency=now - out.t_capture if out.t_capture else None)
+                if self._on_stats and now - last_stats >= self.cfg.stats_interval:
+                    last_stats = now
+                    self._on_stats(self.stats.snapshot(self.dropped()))
+                pacer.wait(self._stop)
+            if self._on_stats:                  # the last (partial) interval
+                self._on_stats(self.stats.snapshot(self.dropped()))
+        except Exception as exc:
+            self._fail(f"output failed: {_one_line(exc)}")
+        finally:
+            for sink in self._sinks:
+                try:
+                    sink.close()
+                except Exception as exc:
+                    log.warning("closing %s failed: %s", type(sink).__name__, _one_line(exc))
+            self._stop.set()
+            self._frames.close()
+            self.done.set()

@@ -1,0 +1,73 @@
+"""One-slot mailboxes, the pacer, identity cycling and the --stats line."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from safefm.live.identities import list_identities, next_identity
+from safefm.live.mailbox import Mailbox, Pacer
+from safefm.live.stats import Stats, format_stats
+
+
+def test_mailbox_keeps_only_the_newest():
+    box = Mailbox()
+    assert box.take(0) is None and box.pending == 0
+    for i in range(5):
+        box.put(i)
+    assert box.pending == 1 and box.high_water == 1 and box.dropped == 4
+    assert box.take(0) == 4 and box.take(0) is None
+    assert box.peek() == 4
+
+
+def test_mailbox_take_waits_and_close_wakes():
+    box = Mailbox()
+    threading.Timer(0.05, box.put, args=("x",)).start()
+    assert box.take(2) == "x"
+    t0 = time.monotonic()
+    threading.Timer(0.05, box.close).start()
+    assert box.take(2) is None and box.closed
+    assert time.monotonic() - t0 < 1
+
+
+def test_pacer_keeps_the_rate_without_bursts():
+    p = Pacer(100)
+    t0 = time.monotonic()
+    for _ in range(10):
+        p.wait()
+    assert 0.08 <= time.monotonic() - t0 < 0.3
+    time.sleep(0.1)                  # far behind: no catch-up burst afterwards
+    t1 = time.monotonic()
+    p.wait()
+    p.wait()
+    assert time.monotonic() - t1 >= 0.009
+    with pytest.raises(ValueError):
+        Pacer(0)
+
+
+def test_identity_cycling(tmp_path):
+    assert list_identities(tmp_path / "none") == [] and next_identity([], None) is None
+    for n in ("b", "a", "c"):
+        (tmp_path / f"{n}.pt").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("x")
+    ids = list_identities(tmp_path)
+    assert [p.stem for p in ids] == ["a", "b", "c"]
+    assert next_identity(ids, None).stem == "a"
+    assert next_identity(ids, tmp_path / "b.pt").stem == "c"
+    assert next_identity(ids, tmp_path / "c.pt").stem == "a"
+
+
+def test_stats_line():
+    s = Stats()
+    s.processed({"landmarks": 0.01, "generator": 0.05, "generator_steps": 4}, 0.07, False)
+    s.processed(None, 0.01, True)
+    s.sent(fresh=True, placeholder=False, latency=0.09)
+    s.sent(fresh=False, placeholder=True, latency=None)
+    snap = s.snapshot(dropped_total=7)
+    assert snap["dropped"] == 7 and snap["repeated"] == 1 and snap["errors"] == 1
+    assert snap["stages_ms"]["generator"] == pytest.approx(50) and "generator_steps" not in snap["stages_ms"]
+    line = format_stats(snap)
+    assert "e2e 90 ms" in line and "generator 50.0 ms" in line and "dropped 7" in line
+    assert s.snapshot(dropped_total=9)["dropped"] == 2
