@@ -1,0 +1,162 @@
+"""Stage 2: the flow-matching base (UNet + IdentityProjector) on cached latents.
+
+One step, with the convention of :mod:`safefm.flow` (x0 noise, x1 data, target x1 - x0)::
+
+    x1 = cached flow latent (B, C, h, w); x0 ~ N(0, I); t ~ logit-normal (flow.sample_time)
+    emb -> NULL_EMBEDDING (zeros) for a ``null_prob`` fraction (unconditional / CFG branch)
+    loss = flow_matching_loss(Velocity(unet)(interpolate(x0, x1, t), t, None, identity(emb)), x0, x1)
+
+An EMA of the UNet + projector is kept and is what later stages and the export use.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import flow
+from ..config import ModelConfig
+from ..models import SafeFMModel, Velocity, count_parameters
+from .common import (EMA, Deadline, History, config_dict, load_checkpoint, save_checkpoint,
+                     stage_dir, train_config_from_dict)
+
+NULL_EMBEDDING_VALUE = 0.0  # the dropped / unconditional identity embedding is all zeros
+
+
+@dataclass(frozen=True)
+class FlowTrainConfig:
+    batch: int = 32
+    lr: float = 3e-4
+    warmup: int = 50
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    null_prob: float = 0.1        # fraction of samples trained with the null identity
+    time_mean: float = 0.0        # logit-normal time distribution (flow.sample_time)
+    time_std: float = 1.0
+    warm_prob: float = 0.0        # fraction of times drawn from U(warm_t0, 1) (video warm start)
+    warm_t0: float = 0.5
+    max_steps: int = 200_000
+    ckpt_every: int = 100
+    seed: int = 0
+
+
+def sample_times(b: int, tcfg: FlowTrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """(B,) flow times: logit-normal, a ``warm_prob`` share uniform on [warm_t0, 1)."""
+    t = flow.sample_time(b, gen, mean=tcfg.time_mean, std=tcfg.time_std)
+    if tcfg.warm_prob > 0:
+        warm = torch.rand(b, generator=gen) < tcfg.warm_prob
+        tw = tcfg.warm_t0 + (1 - tcfg.warm_t0) * torch.rand(b, generator=gen)
+        t = torch.where(warm, tw, t)
+    return t
+
+
+def flow_loss(velocity: Velocity, identity: torch.nn.Module, batch: dict, tcfg: FlowTrainConfig,
+              gen: torch.Generator) -> torch.Tensor:
+    """Flow-matching loss of one batch: ``z`` (B, C, h, w) data latents, ``emb`` (B, D),
+    optional ``heat`` (B, Ch, H, H). Noise, times and identity dropout come from ``gen``."""
+    x1 = batch["z"]
+    b = x1.shape[0]
+    x0 = torch.randn(x1.shape, generator=gen)
+    t = sample_times(b, tcfg, gen)
+    drop = torch.rand(b, generator=gen) < tcfg.null_prob
+    emb = torch.where(drop[:, None], torch.full_like(batch["emb"], NULL_EMBEDDING_VALUE), batch["emb"])
+    v = velocity(flow.interpolate(x0, x1, t), t, batch.get("heat"), identity(emb))
+    return flow.flow_matching_loss(v, x0, x1)
+
+
+def base_model(cfg: ModelConfig) -> SafeFMModel:
+    return SafeFMModel(cfg, with_controlnet=False, with_lora=False)
+
+
+def base_keys(model: SafeFMModel) -> list[str]:
+    return [k for k in model.state_dict() if k.startswith(("unet.", "identity."))]
+
+
+def _lr(step: int, tcfg: FlowTrainConfig) -> float:
+    return tcfg.lr * min(1.0, (step + 1) / max(1, tcfg.warmup))
+
+
+def train_base(cfg: ModelConfig, tcfg: FlowTrainConfig, cache, *, ae_ckpt: dict | None = None,
+               run_dir: Path | None = None, max_minutes: float = 20, resume: bool = True,
+               log=print) -> dict:
+    """Train (or continue) the base on a :class:`safefm.data.LatentCache`; returns the checkpoint."""
+    from tqdm import tqdm
+
+    run_dir = Path(run_dir or stage_dir("base"))
+    ckpt_path = run_dir / "last.pt"
+    model = base_model(cfg)
+    if ae_ckpt is not None:
+        model.load_state_dict(ae_ckpt["state"]["model"], strict=False)
+    params = [p for n, p in model.named_parameters() if n.startswith(("unet.", "identity."))]
+    for p in model.autoencoder.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    ema = EMA(model, tcfg.ema_decay, base_keys(model))
+    step, history, metrics = 0, History(), {}
+    if resume and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path)
+        if ck["model_config"] != config_dict(cfg):
+            raise ValueError(f"{ckpt_path} was trained with another model config; use a new run dir")
+        tcfg = train_config_from_dict(FlowTrainConfig, {**config_dict(tcfg), "seed": ck["train_config"]["seed"]})
+        model.load_state_dict(ck["state"]["model"], strict=False)
+        opt.load_state_dict(ck["opt"])
+        ema.load_state_dict(ck["ema"])
+        step, history, metrics = ck["step"], History(ck["history"]), ck.get("metrics", {})
+        log(f"resumed {ckpt_path} at step {step}")
+    gen = torch.Generator().manual_seed(tcfg.seed * 1_000_003 + step)
+    rng = np.random.default_rng(tcfg.seed + 7919 * step)
+    velocity = Velocity(model.unet, None)
+    n_train = count_parameters(model.unet) + count_parameters(model.identity)
+    metrics["trainable_params"] = n_train
+    deadline = Deadline(max_minutes)
+
+    def save():
+        payload = {"stage": "base", "model_config": config_dict(cfg), "train_config": config_dict(tcfg),
+                   "step": step, "state": {"model": {k: v for k, v in model.state_dict().items()
+                                                     if k.startswith(("unet.", "identity."))}},
+                   "opt": opt.state_dict(), "ema": ema.state_dict(), "history": history.data,
+                   "metrics": metrics}
+        save_checkpoint(ckpt_path, payload)
+        history.plot(run_dir / "loss.png", ("loss",), f"base flow matching (step {step})")
+
+    model.train()
+    bar = tqdm(total=tcfg.max_steps, initial=step, desc="base", unit="step", mininterval=5)
+    t0, step0 = time.monotonic(), step
+    while step < tcfg.max_steps and not deadline.passed():
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, tcfg)
+        batch = cache.batch(rng.integers(0, len(cache), tcfg.batch))
+        loss = flow_loss(velocity, model.identity, batch, tcfg, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(model)
+        step += 1
+        history.log(step, loss=loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{history.mean_last('loss', 50):.4f}", refresh=False)
+        if step % tcfg.ckpt_every == 0:
+            save()
+    bar.close()
+    metrics["sec_per_step"] = (time.monotonic() - t0) / max(1, step - step0)
+    metrics["steps"] = step
+    metrics["loss_last100"] = history.mean_last("loss", 100)
+    save()
+    log(f"base: step {step}, loss (last 100) {metrics['loss_last100']:.4f}, "
+        f"{metrics['sec_per_step']:.2f} s/step, {n_train / 1e6:.2f} M trainable params")
+    return load_checkpoint(ckpt_path)
+
+
+def load_base(ck: dict, model: SafeFMModel, use_ema: bool = True) -> SafeFMModel:
+    """Load a base checkpoint's UNet + projector (EMA by default) into ``model``."""
+    state = ck["ema"]["shadow"] if use_ema and ck.get("ema") else ck["state"]["model"]
+    res = model.load_state_dict(state, strict=False)
+    bad = [k for k in res.missing_keys if k.startswith(("unet.", "identity.")) and "lora_" not in k]
+    if bad or res.unexpected_keys:
+        raise ValueError(f"base checkpoint does not fit the model: {bad[:2]} {res.unexpected_keys[:2]}")
+    return model

@@ -1,0 +1,188 @@
+"""Shared training machinery: run folders, resumable checkpoints, EMA, deadlines, plots.
+
+A checkpoint (``runs/<stage>/last.pt``, written atomically with ``torch.save`` and read with
+``weights_only=True``) is a dict::
+
+    {"stage": str, "model_config": dict, "train_config": dict, "step": int,
+     "state": {name: state_dict}, "opt": optimizer state, "ema": state_dict | None,
+     "history": {"step": [...], "loss": [...], ...}, "metrics": dict, "rng": tensor}
+
+so a run carries its own configuration (k-diffusion style) and continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, model_config_from_dict, to_dict
+from ..paths import REPO_ROOT
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get("SAFEFM_RUNS") or REPO_ROOT / "runs")
+
+
+def stage_dir(stage: str, root: Path | None = None) -> Path:
+    d = Path(root or runs_root()) / stage
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def set_threads(threads: int) -> None:
+    """Limit torch's intra-op threads (0 = leave torch's default)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def config_dict(cfg) -> dict:
+    """JSON-ready dict of any config dataclass (ModelConfig or a stage's TrainConfig)."""
+    if isinstance(cfg, ModelConfig):
+        return to_dict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def train_config_from_dict(cls, values: dict):
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def checkpoint_model_config(ckpt: dict) -> ModelConfig:
+    return model_config_from_dict(ckpt["model_config"])
+
+
+# ---------------------------------------------------------------------------------------
+# EMA
+
+
+class EMA:
+    """Exponential moving average of some of a module's state (default: all of it).
+
+    ``keys``: the state-dict names to average (e.g. only the trainable adapter weights).
+    ``decay`` is warmed up as ``min(decay, (1 + n) / (10 + n))`` so early averages are not
+    dominated by the initialisation.
+    """
+
+    def __init__(self, module: nn.Module, decay: float = 0.999, keys: list[str] | None = None):
+        self.decay = decay
+        self.num_updates = 0
+        state = module.state_dict()
+        self.shadow = {k: state[k].detach().clone().float() for k in (keys or state)}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        state = module.state_dict()
+        for k, s in self.shadow.items():
+            v = state[k]
+            if v.is_floating_point():
+                s.mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                s.copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.num_updates = state["decay"], state["num_updates"]
+        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+
+    def copy_to(self, module: nn.Module) -> nn.Module:
+        """Load the averaged values into ``module`` (other state untouched)."""
+        own = module.state_dict()
+        module.load_state_dict({k: v.to(dtype=own[k].dtype) for k, v in self.shadow.items()}, strict=False)
+        return module
+
+    def averaged(self, module: nn.Module) -> nn.Module:
+        """A deep copy of ``module`` carrying the averaged weights."""
+        return self.copy_to(deepcopy(module))
+
+
+# ---------------------------------------------------------------------------------------
+# Loop helpers
+
+
+class Deadline:
+    """``max_minutes`` of wall clock from construction (0 = no limit)."""
+
+    def __init__(self, max_minutes: float):
+        self.end = time.monotonic() + max_minutes * 60 if max_minutes and max_minutes > 0 else math.inf
+
+    def passed(self) -> bool:
+        return time.monotonic() >= self.end
+
+
+class History:
+    """Logged scalars per step; plotted to ``loss.png``."""
+
+    def __init__(self, data: dict | None = None):
+        self.data: dict[str, list[float]] = {k: list(v) for k, v in (data or {}).items()}
+
+    def log(self, step: int, **values: float) -> None:
+        """Record scalars at ``step``; every key keeps its own step list (``<key>.step``)."""
+        self.data.setdefault("step", []).append(int(step))
+        for k, v in values.items():
+            self.data.setdefault(k, []).append(float(v))
+            self.data.setdefault(f"{k}.step", []).append(int(step))
+
+    def mean_last(self, key: str, n: int = 50) -> float:
+        v = self.data.get(key, [])[-n:]
+        return sum(v) / len(v) if v else float("nan")
+
+    def plot(self, path: Path, keys: tuple[str, ...] = ("loss",), title: str = "") -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for k in keys:
+            v = self.data.get(k)
+            if not v:
+                continue
+            steps = self.data.get(f"{k}.step") or list(range(1, len(v) + 1))
+            steps = steps[-len(v):] if len(steps) >= len(v) else list(range(1, len(v) + 1))
+            ax.plot(steps, v, alpha=0.3, lw=0.8)
+            w = max(1, len(v) // 50)
+            sm = [sum(v[max(0, i - w):i + 1]) / len(v[max(0, i - w):i + 1]) for i in range(len(v))]
+            ax.plot(steps, sm, label=f"{k} (smoothed)")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+
+
+def trainable_fraction(params_trainable: int, params_total: int) -> float:
+    return params_trainable / max(1, params_total)

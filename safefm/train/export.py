@@ -1,0 +1,60 @@
+"""Export the trained stages as the shipped model file (one safetensors + JSON sidecar).
+
+:func:`export_default` assembles a full :class:`~safefm.models.SafeFMModel` from
+``runs/ae``, ``runs/base`` (EMA) and ``runs/adapters`` (EMA) and writes it with
+:func:`safefm.checkpoint.save_model`: the state dict with the LoRA as separate ``lora_`` keys,
+the model config JSON in the metadata, sha256 in the sidecar. The identity sampler
+(``runs/sampler/identity_sampler.safetensors``) is copied beside it when present.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .common import checkpoint_model_config, load_checkpoint, runs_root
+
+LICENSE_NOTE = ("Trained on UTKFace (non-commercial research use only) and LFW (research); "
+                "these weights inherit research-only terms.")
+
+
+def assemble(run_dir: Path | None = None):
+    """(SafeFMModel with every trained part loaded, summary dict) from a runs folder."""
+    from .adapters import adapter_model, load_adapters
+
+    run_dir = Path(run_dir or runs_root())
+    ae = load_checkpoint(run_dir / "ae" / "last.pt")
+    base = load_checkpoint(run_dir / "base" / "last.pt")
+    cfg = checkpoint_model_config(ae)
+    if checkpoint_model_config(base) != cfg:
+        raise ValueError("ae and base checkpoints have different model configs")
+    model = adapter_model(cfg, ae, base)
+    summary = {"ae_steps": ae["step"], "ae_psnr_holdout": ae["metrics"].get("psnr_holdout"),
+               "base_steps": base["step"], "base_loss": base["metrics"].get("loss_last100")}
+    ad_path = run_dir / "adapters" / "last.pt"
+    if ad_path.exists():
+        ad = load_checkpoint(ad_path)
+        if checkpoint_model_config(ad) != cfg:
+            raise ValueError("adapters checkpoint has a different model config")
+        load_adapters(ad, model)
+        summary.update(adapters_steps=ad["step"], adapters_loss=ad["metrics"].get("loss_last100"))
+    else:
+        summary["adapters_steps"] = 0  # untrained adapters: zero-conv ControlNet, B=0 LoRA = base
+    return model.eval(), summary
+
+
+def export_default(run_dir: Path | str | None, out_path: Path | str) -> Path:
+    """Write the shipped model to ``out_path`` (.safetensors + .json sidecar); returns out_path."""
+    from ..checkpoint import save_model
+
+    run_dir = Path(run_dir or runs_root())
+    model, summary = assemble(run_dir)
+    out_path = Path(out_path)
+    save_model(model, out_path, extra_meta={"license": LICENSE_NOTE, "training": json.dumps(summary)})
+    sampler = run_dir / "sampler" / "identity_sampler.safetensors"
+    if sampler.exists():
+        for src in (sampler, sampler.with_suffix(".json")):
+            if src.exists():
+                shutil.copy2(src, out_path.parent / src.name)
+    return out_path

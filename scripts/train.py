@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Train the SAFE-FM default model in stages (CPU-friendly, resumable, config in every checkpoint).
+
+    python scripts/train.py --stage ae       --max-minutes 20   # autoencoder + latent stats
+    python scripts/train.py --stage cache                       # encode crops once -> data_cache/latents.npz
+    python scripts/train.py --stage base     --max-minutes 20   # UNet + identity projector (flow matching)
+    python scripts/train.py --stage adapters --max-minutes 20   # ControlNet + LoRA, base frozen
+    python scripts/train.py --stage sampler                     # identity sampler over dlib embeddings
+    python scripts/train.py --stage export   [--out weights/safefm_default.safetensors]
+    python scripts/train.py --stage preview                     # runs/preview_*.png (recon + samples)
+
+Each stage continues from ``runs/<stage>/last.pt`` unless ``--fresh``; ``--max-minutes``
+bounds the wall clock of this invocation; run it again to continue. ``--stage ae`` also
+builds the latent cache when it finishes (``--no-cache`` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+STAGES = ("ae", "cache", "base", "adapters", "sampler", "export", "preview")
+
+
+def _overrides(tcfg, a):
+    vals = {k: getattr(a, k) for k in ("batch", "lr", "max_steps") if getattr(a, k) is not None}
+    return dataclasses.replace(tcfg, **vals)
+
+
+def _prepare_run(stage_dir: Path, fresh: bool) -> None:
+    if fresh and stage_dir.exists():
+        stale = stage_dir.with_name(f"{stage_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(stage_dir), stale)
+        print(f"--fresh: moved the previous run to {stale}")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+
+def stage_cache(a, root: Path) -> Path:
+    from safefm.data import cache_root, load_shards
+    from safefm.train.autoencoder import build_latent_cache, load_autoencoder
+    from safefm.train.common import load_checkpoint
+
+    ck = load_checkpoint(root / "ae" / "last.pt")
+    model = load_autoencoder(ck).eval()
+    data = load_shards(keys=("crops", "landmarks", "embeddings", "gender", "age", "race", "source", "person"))
+    print(f"{int(data['has_embedding'].sum())} of {len(data['crops'])} crops have a dlib embedding")
+    out = cache_root() / "latents.npz"
+    t0 = time.time()
+    build_latent_cache(model, data, out, limit=a.cache_limit, ae_step=ck["step"],
+                       exclude=ck["holdout_indices"].numpy())
+    print(f"latent cache: {out} ({time.time() - t0:.0f}s)")
+    return out
+
+
+def open_cache(ae_ck: dict):
+    from safefm.data import LatentCache, cache_root
+
+    from safefm.data import load_shards
+
+    cache = LatentCache(cache_root() / "latents.npz")
+    n_emb = cache.refresh_embeddings(load_shards(keys=("path", "embeddings")))
+    print(f"{n_emb} of {len(cache)} cached latents have a dlib embedding (the rest train as the null identity)")
+    if int(cache.a["ae_step"]) != int(ae_ck["step"]):
+        raise SystemExit(f"latent cache was built with the autoencoder at step {int(cache.a['ae_step'])}, "
+                         f"the checkpoint is at {ae_ck['step']}: run --stage cache")
+    print(f"latent cache: {len(cache)} latents")
+    return cache
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stage", choices=STAGES, required=True)
+    ap.add_argument("--runs", type=Path, default=None, help="runs folder (default: runs/)")
+    ap.add_argument("--config", type=Path, default=None, help="model config TOML (default configs/model_default.toml)")
+    ap.add_argument("--max-minutes", type=float, default=20.0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster than 2 on a busy shared machine)")
+    ap.add_argument("--fresh", action="store_true", help="start this stage over (moves the old run aside)")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--cache-limit", type=int, default=8192, help="crops to encode into the latent cache (0 = all)")
+    ap.add_argument("--no-cache", action="store_true", help="ae: do not build the latent cache afterwards")
+    ap.add_argument("--out", type=Path, default=None, help="export: output .safetensors")
+    a = ap.parse_args(argv)
+
+    from safefm.config import load_model_config
+    from safefm.train.common import load_checkpoint, runs_root, set_threads
+
+    set_threads(a.threads)
+    root = Path(a.runs or runs_root())
+    sdir = root / a.stage
+    if a.stage in ("ae", "base", "adapters", "sampler"):
+        _prepare_run(sdir, a.fresh)
+
+    if a.stage == "ae":
+        from safefm.data import load_shards
+        from safefm.train.autoencoder import AETrainConfig, train_autoencoder
+
+        cfg = load_model_config(a.config)
+        crops = load_shards(keys=("crops",))["crops"]
+        print(f"autoencoder on {len(crops)} crops")
+        train_autoencoder(cfg, _overrides(AETrainConfig(), a), crops, run_dir=sdir, max_minutes=a.max_minutes)
+        del crops
+        if not a.no_cache:
+            stage_cache(a, root)
+    elif a.stage == "cache":
+        stage_cache(a, root)
+    elif a.stage == "base":
+        from safefm.train.base import FlowTrainConfig, train_base
+        from safefm.train.common import checkpoint_model_config
+
+        ae = load_checkpoint(root / "ae" / "last.pt")
+        train_base(checkpoint_model_config(ae), _overrides(FlowTrainConfig(), a), open_cache(ae), ae_ckpt=ae,
+                   run_dir=sdir, max_minutes=a.max_minutes)
+    elif a.stage == "adapters":
+        from safefm.train.adapters import ADAPTER_DEFAULTS, train_adapters
+        from safefm.train.common import checkpoint_model_config
+
+        ae = load_checkpoint(root / "ae" / "last.pt")
+        base = load_checkpoint(root / "base" / "last.pt")
+        train_adapters(checkpoint_model_config(ae), _overrides(ADAPTER_DEFAULTS, a), open_cache(ae), ae_ckpt=ae,
+                       base_ckpt=base, run_dir=sdir, max_minutes=a.max_minutes)
+    elif a.stage == "sampler":
+        import numpy as np
+
+        from safefm.data import load_shards
+        from safefm.identity_sampler import IdentitySampler
+
+        d = load_shards(keys=("embeddings", "gender", "age", "person"), require_embeddings=True)
+        print(f"identity sampler over {len(d['embeddings'])} embedded training photos")
+        t0 = time.time()
+        s = IdentitySampler.fit(d["embeddings"], {k: d[k] for k in ("gender", "age", "person")})
+        path = s.save(sdir / "identity_sampler.safetensors")
+        rng = np.random.default_rng(0)
+        rates = {"any": s.acceptance_rate(rng, 500)}
+        rates.update({k: s.acceptance_rate(rng, 500, gender=k) for k in ("male", "female")})
+        info = {**s.info, "acceptance_rate": rates, "seconds": round(time.time() - t0, 1)}
+        (sdir / "summary.json").write_text(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2))
+        print(f"wrote {path}")
+    elif a.stage == "export":
+        from safefm.train.export import export_default
+
+        out = a.out or root / "export" / "safefm_default.safetensors"
+        export_default(root, out)
+        print(f"wrote {out} and {out.with_suffix('.json')}")
+    elif a.stage == "preview":
+        preview(root)
+    return 0
+
+
+def preview(root: Path) -> None:
+    """runs/preview_ae.png, preview_base.png, preview_adapters.png from the latest checkpoints."""
+    import numpy as np
+
+    from safefm.data import finished_shards, load_shards
+    from safefm.heatmaps import render_heatmaps
+    from safefm.train.autoencoder import load_autoencoder
+    from safefm.train.common import load_checkpoint
+    from safefm.train.preview import ae_preview, flow_preview
+
+    ae = load_checkpoint(root / "ae" / "last.pt")
+    held = load_shards(finished_shards()[:1])
+    k = 8
+    crops = held["crops"][:k]                     # the autoencoder's held-back rows
+    print("wrote", ae_preview(load_autoencoder(ae).eval(), crops, root / "preview_ae.png"))
+    emb = held["embeddings"][:k].astype(np.float32)
+    if (root / "base" / "last.pt").exists():
+        from safefm.train.adapters import adapter_model, load_adapters
+
+        base = load_checkpoint(root / "base" / "last.pt")
+        model = adapter_model(load_autoencoder(ae).cfg, ae, base).eval()
+        print("wrote", flow_preview(model, emb, root / "preview_base.png"))
+        if (root / "adapters" / "last.pt").exists():
+            load_adapters(load_checkpoint(root / "adapters" / "last.pt"), model)
+            cfg = model.cfg
+            heat = np.stack([render_heatmaps(l.astype(np.float32), cfg.image_size, cfg.heatmap_size)
+                             for l in held["landmarks"][:k]])
+            print("wrote", flow_preview(model, emb, root / "preview_adapters.png", heat=heat))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""``safefm-eval`` end to end on a tiny subset, SAFE-FM = the tiny seeded model (CI speed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from safefm.cli import eval as eval_cli
+from safefm.evaluation import EvalOptions, figure_caption, jsonable, tiny_engine_factory, variants
+from safefm.metrics import FEATURES
+from safefm.paths import shared_data_dir
+
+DATA = shared_data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "lfw").is_dir() or not (DATA / "videos").is_dir(),
+                                reason="../shared/data not present")
+
+PRIVACY_FIELDS = {"method", "steps", "photos", "rank1", "rank1_detected_only", "verification",
+                  "verification_detected_only", "face_detected_dlib", "face_detected_mediapipe",
+                  "located_fallback", "engine", "seconds"}
+CLIP_FIELDS = {"frames", "frames_with_input_face", "output_face_found", "fidelity", "flicker",
+               "output_change_mean", "input_change_mean", "identity_consistency", "identity_distance",
+               "leak_rate", "leak_rate_detected_only", "embedded_frames"}
+OVERALL_FIELDS = {"frames", "output_face_found", "fidelity", "fidelity_clip_mean",
+                  "fidelity_mean_pearson", "flicker", "identity_consistency", "identity_distance",
+                  "leak_rate", "leak_rate_detected_only", "embedded_frames"}
+ENGINE_FIELDS = {"frames", "ms_per_frame", "fps", "stage_ms", "generator_steps",
+                 "face_status_counts", "frames_without_engine_face"}
+
+
+def test_variants_and_caption():
+    o = EvalOptions(steps=(2, 4), methods=("safefm", "blur"))
+    assert variants(o) == [("safefm@2", "safefm", 2), ("safefm@4", "safefm", 4), ("blur", "blur", 2)]
+    assert variants(EvalOptions(methods=("safefm",)))[0][0] == "safefm"
+    meta = {"data": {"max_people": 3, "max_clips": None, "max_frames": 10}, "model": "m.safetensors",
+            "identity": "id", "steps": [4], "seed": 7}
+    cap = figure_caption(meta)
+    for word in ("data:", "model: m.safetensors", "identity: id", "steps: 4", "seed: 7"):
+        assert word in cap
+    assert jsonable({"a": float("nan"), "b": (1, 2)}) == {"a": None, "b": [1, 2]}
+
+
+def test_bad_method_is_one_error_line(capsys):
+    assert eval_cli.main(["--methods", "safefm,bogus", "--out", "/nonexistent/x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown method") and err.count("\n") == 1
+
+
+@needs_data
+@pytest.mark.shared
+@pytest.mark.slow
+def test_quick_eval_writes_every_field(tmp_path):
+    out = tmp_path / "eval"
+    opts_for_factory = EvalOptions(seed=0)
+    argv = ["--quick", "--out", str(out), "--max-people", "2", "--max-clips", "1",
+            "--max-frames", "6", "--embed-stride", "3", "--seed", "0", "--tiny-model", "-q"]
+    assert eval_cli.main(argv, engine_factory=tiny_engine_factory(opts_for_factory)) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["meta"]["resumed"] == []
+
+    # An interrupted run continues: every finished piece is reused, with the same numbers.
+    def no_engine(*a):
+        raise AssertionError("a resumed run must not rebuild finished methods")
+    assert eval_cli.main(argv + ["--resume"], engine_factory=no_engine) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert len(again["meta"]["resumed"]) == 1 + 4 + 1 + 4       # gallery, 4 methods, 1 clip, 4 methods
+    assert again["privacy"] == rep["privacy"] and again["video"] == rep["video"]
+    assert again["meta"]["identity"] == "tiny-0" and again["meta"]["seed"] == 0
+    meta = rep["meta"]
+    assert meta["schema"] == "safefm-eval/1" and meta["quick"] is True
+    assert meta["methods"] == ["safefm", "none", "blur", "pixelate"]
+    assert meta["steps"] == [4] and meta["seed"] == 0 and meta["identity"] == "tiny-0"
+    assert meta["command"].startswith("safefm-eval --quick")
+    assert {"privacy", "video", "total", "total_with_report"} <= set(meta["seconds"])
+    assert {"cpu_count", "platform"} <= set(meta["machine"])
+
+    priv = rep["privacy"]
+    assert priv["gallery"]["photos"] >= 3 and priv["gallery"]["threshold"] == 0.6
+    assert set(priv["methods"]) == {"safefm", "none", "blur", "pixelate"}
+    for m in priv["methods"].values():
+        assert PRIVACY_FIELDS <= set(m)
+        assert ENGINE_FIELDS <= set(m["engine"])
+    none = priv["methods"]["none"]
+    assert none["rank1"] == 1.0 and none["verification"] == 1.0     # the same images
+    assert none["face_detected_dlib"] == 1.0
+
+    vid = rep["video"]
+    assert vid["features"] == list(FEATURES)
+    assert set(vid["methods"]) == {"safefm", "none", "blur", "pixelate"}
+    for m in vid["methods"].values():
+        assert OVERALL_FIELDS <= set(m["overall"])
+        assert set(m["overall"]["fidelity"]) == set(FEATURES)
+        assert {"pearson", "mae", "n"} <= set(m["overall"]["fidelity"]["mouth_open"])
+        assert {"mean", "median", "p5", "min", "n"} <= set(m["overall"]["identity_consistency"])
+        for c in m["clips"].values():
+            assert CLIP_FIELDS <= set(c)
+    vn = vid["methods"]["none"]["overall"]
+    assert vn["flicker"] == pytest.approx(1.0) and vn["leak_rate"] == 1.0
+    assert vn["fidelity"]["yaw"]["mae"] == 0.0
+    assert vid["methods"]["safefm"]["engine"]["generator_steps"] == 4
+
+    for name in ("report.md", "privacy.png", "fidelity.png", "stability.png"):
+        assert (out / name).is_file(), name
+    assert set(meta["plots"]) >= {"privacy.png", "fidelity.png", "stability.png"}
+    md = (out / "report.md").read_text()
+    assert "rank-1" in md and "flicker" in md and "model: tiny random model" in md

@@ -1,0 +1,67 @@
+"""dlib recognition on real LFW photos of a person NOT in EVAL_IDENTITIES (skipped without data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from safefm.paths import shared_data_dir
+from safefm import recognition as rec
+
+
+def _two_photo_person():
+    lfw = shared_data_dir() / "lfw"
+    if not lfw.is_dir():
+        return None
+    evals = set((lfw / "EVAL_IDENTITIES.txt").read_text().split())
+    for d in sorted(p for p in lfw.iterdir() if p.is_dir()):
+        if d.name in evals:
+            continue
+        photos = sorted(d.glob("*.jpg"))
+        if len(photos) >= 2:
+            return photos
+    return None
+
+
+PHOTOS = _two_photo_person()
+needs_data = pytest.mark.skipif(PHOTOS is None, reason="shared LFW data absent")
+try:
+    rec.models_dir()
+    rec._import_dlib()
+    HAVE_DLIB = True
+except rec.RecognitionUnavailable:
+    HAVE_DLIB = False
+needs_dlib = pytest.mark.skipif(not HAVE_DLIB, reason="dlib or face_recognition_models missing")
+
+
+def test_distance_and_cosine():
+    a = np.zeros(128, np.float32); a[0] = 1
+    b = np.zeros(128, np.float32); b[1] = 1
+    assert rec.distance(a, a) == 0.0
+    assert rec.distance(a, b) == pytest.approx(np.sqrt(2))
+    assert rec.cosine(a, b) == pytest.approx(0.0)
+    assert rec.distance(np.stack([a, b]), np.stack([a, b, a])).shape == (2, 3)
+
+
+@needs_dlib
+def test_no_face_returns_none():
+    r = rec.FaceRecognizer()
+    assert r.embed(np.full((120, 120, 3), 127, np.uint8)) is None
+    assert r.embed_all(np.zeros((80, 80, 3), np.uint8)) == []
+
+
+@needs_data
+@needs_dlib
+def test_real_photos_same_person():
+    r = rec.FaceRecognizer()
+    img_a, img_b = rec.load_rgb(PHOTOS[0]), rec.load_rgb(PHOTOS[1])
+    boxes = r.detect(img_a)
+    assert boxes and all(0 <= b[0] < b[2] <= img_a.shape[1] for b in boxes)
+    ea = r.embed(img_a)
+    assert ea is not None and ea.shape == (128,) and ea.dtype == np.float32
+    assert rec.distance(ea, r.embed(img_a)) == 0.0
+    assert rec.distance(ea, r.embed(img_a, boxes[0])) == 0.0
+    eb = r.embed(img_b)
+    assert eb is not None
+    assert rec.distance(ea, eb) < 0.75  # same person: typically < 0.6
+    assert len(r.embed_all(img_a)) >= 1
