@@ -68,8 +68,10 @@ def load_identity(path: str | Path, embedding_dim: int | None = None) -> Identit
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise IdentityFileError(f"{path} is not a readable identity file ({first[:120]})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        detail = first[:100] if any(c.isalpha() for c in first) else type(exc).__name__
+        raise IdentityFileError(f"{path} is not a readable identity file: truncated, corrupt or not "
+                                f"made by safefm-identity ({detail})") from None
     return identity_from_dict(data, str(path), embedding_dim)
 
 
