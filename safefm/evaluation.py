@@ -261,11 +261,15 @@ class _Timer:
 
 class _Cache:
     """Finished pieces of a run, pickled under ``out/partial/``. With ``resume`` they are
-    reused when the run's signature (data subset, model, seed, runtime) is unchanged, so a
-    long run that was stopped continues where it was; otherwise they are cleared."""
+    reused when the run's data ``signature`` (subset sizes, stride) is unchanged, so a long
+    run that was stopped continues where it was; otherwise they are cleared. SAFE-FM pieces
+    are also keyed by ``safefm_tag`` (model, identity, seed, runtime): a new model re-runs
+    SAFE-FM only, the gallery, the clip analyses and the baselines are kept."""
 
-    def __init__(self, folder: Path, signature: dict, resume: bool, log: Callable[[str], None]):
+    def __init__(self, folder: Path, signature: dict, resume: bool, log: Callable[[str], None],
+                 safefm_tag: str = ""):
         self.dir, self.log = Path(folder), log
+        self.safefm_tag = safefm_tag
         self.reused: list[str] = []
         self.dir.mkdir(parents=True, exist_ok=True)
         sig_path = self.dir / "signature.json"
@@ -302,8 +306,8 @@ class _Cache:
         return json.loads(path.read_text()) if path.exists() else None
 
 
-def _key(part: str, method: str, steps: int) -> str:
-    return f"{part}_{method}" + (f"_s{steps}" if method == "safefm" else "")
+    def key(self, part: str, method: str, steps: int) -> str:
+        return f"{part}_{method}" + (f"_s{steps}_{self.safefm_tag}" if method == "safefm" else "")
 
 
 def _gallery(people, dl: "_Dlib", mp_det, log) -> dict:
@@ -392,7 +396,7 @@ def run_privacy(opts: EvalOptions, factory: EngineFactory, data_dir: Path,
                     return _privacy_method(engine, g, dl, mp_det, label, log)
                 finally:
                     engine.close()
-            m = cache.get_or(_key("privacy", method, steps), compute)
+            m = cache.get_or(cache.key("privacy", method, steps), compute)
             m = {"method": method, "steps": steps if method == "safefm" else None, **m}
             res["methods"][label] = m
             log(f"privacy {label}: rank1 {m['rank1']:.3f} verif {m['verification']:.3f} "
@@ -547,7 +551,7 @@ def run_video(opts: EvalOptions, factory: EngineFactory, data_dir: Path,
                     "clips": {n: {k: v for k, v in c.items() if not k.startswith("_")} for n, c in per.items()},
                     "engine": timer.summary(), "seconds": time.perf_counter() - t1,
                     "_plot": {n: c["_feats"] for n, c in per.items()}}
-        m = dict(cache.get_or(_key("video", method, steps), compute))
+        m = dict(cache.get_or(cache.key("video", method, steps), compute))
         plot[label] = {n: (inputs[n].feats, f) for n, f in m.pop("_plot").items()}
         res["methods"][label] = {"method": method, "steps": steps if method == "safefm" else None, **m}
         o = m["overall"]
@@ -624,12 +628,12 @@ def run(opts: EvalOptions, engine_factory: EngineFactory | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model_label = opts.model_label or _file_label(opts.model, default_model_path())
     signature = {"data": str(data_dir), "max_people": opts.max_people, "max_clips": opts.max_clips,
-                 "max_frames": opts.max_frames, "embed_stride": opts.embed_stride, "model": model_label,
-                 "identity": str(opts.identity), "seed": opts.seed, "runtime": opts.runtime}
-    cache = _Cache(out / "partial", signature, opts.resume, opts.log)
+                 "max_frames": opts.max_frames, "embed_stride": opts.embed_stride}
+    tag = hashlib.sha1(json.dumps([model_label, str(opts.identity), opts.seed, opts.runtime]).encode())
+    cache = _Cache(out / "partial", signature, opts.resume, opts.log, tag.hexdigest()[:10])
     meta = {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": opts.command,
-        "quick": opts.quick, "methods": [v[0] for v in variants(opts)],
+        "quick": opts.quick, "parts": list(opts.parts), "methods": [v[0] for v in variants(opts)],
         "model": model_label,
         "identity": None, "seed": None, "steps": list(opts.steps), "runtime": opts.runtime,
         "data": {"dir": str(data_dir), "max_people": opts.max_people, "max_clips": opts.max_clips,
@@ -651,9 +655,9 @@ def run(opts: EvalOptions, engine_factory: EngineFactory | None = None) -> dict:
         meta["seconds"]["video"] = time.perf_counter() - t1
     meta["seconds"]["total"] = time.perf_counter() - t0
     if factory.identity not in ("n/a", "unknown"):
-        cache.note("identity", [factory.identity, factory.seed])
-    elif "safefm" in opts.methods and cache.note("identity"):
-        factory.identity, factory.seed = cache.note("identity")
+        cache.note(f"identity_{cache.safefm_tag}", [factory.identity, factory.seed])
+    elif "safefm" in opts.methods and cache.note(f"identity_{cache.safefm_tag}"):
+        factory.identity, factory.seed = cache.note(f"identity_{cache.safefm_tag}")
     meta["identity"], meta["seed"] = factory.identity, factory.seed
     meta["resumed"] = cache.reused
     write_report(report, out, plot)
@@ -686,10 +690,14 @@ def jsonable(x):
 def figure_caption(meta: dict) -> str:
     """The line every figure carries: data, model, identity, steps, seed."""
     d = meta["data"]
-    data = (f"LFW eval ids{'' if d['max_people'] is None else ' (' + str(d['max_people']) + ' people)'}"
-            f" + liveportrait clips{'' if d['max_clips'] is None else ' (' + str(d['max_clips']) + ')'}"
-            f"{'' if d['max_frames'] is None else ', <=' + str(d['max_frames']) + ' frames'}")
-    return (f"data: {data} | model: {meta['model']} | identity: {meta['identity']} | "
+    parts = meta.get("parts", PARTS)
+    data = []
+    if "privacy" in parts:
+        data.append("LFW eval ids" + ("" if d["max_people"] is None else f" ({d['max_people']} people)"))
+    if "video" in parts:
+        data.append("liveportrait clips" + ("" if d["max_clips"] is None else f" ({d['max_clips']})")
+                    + ("" if d["max_frames"] is None else f", <={d['max_frames']} frames"))
+    return (f"data: {' + '.join(data)} | model: {meta['model']} | identity: {meta['identity']} | "
             f"steps: {','.join(map(str, meta['steps']))} | seed: {meta['seed']}")
 
 
@@ -807,14 +815,23 @@ def write_plots(report: dict, out: Path, plot: dict) -> list[Path]:
         save(fig, "privacy.png")
         sf = [(m["steps"], m) for m in ms.values() if m["method"] == "safefm"]
         if len(sf) > 1:
-            fig, ax = plt.subplots(figsize=(6, 3.8))
+            fig, ax = plt.subplots(figsize=(7, 3.8))
             sf.sort(key=lambda t: t[0])
-            for q in ("rank1", "verification", "face_detected_dlib"):
-                ax.plot([s for s, _ in sf], [m[q] for _, m in sf], marker="o", label=q)
+            xs = [s for s, _ in sf]
+            for q, name in (("rank1", "rank-1 re-ID"), ("verification", "verification"),
+                            ("face_detected_dlib", "face detected (dlib)"),
+                            ("face_detected_mediapipe", "face detected (MediaPipe)")):
+                line = ax.plot(xs, [m[q] for _, m in sf], marker="o", label=name)[0]
+                if q == "rank1":
+                    for k, style in (("blur", "--"), ("pixelate", ":")):
+                        if k in ms and ms[k][q] is not None:
+                            ax.axhline(ms[k][q], ls=style, lw=1, color=line.get_color(),
+                                       label=f"rank-1 re-ID, {k} baseline")
+            ax.set_xticks(xs)
             ax.set_xlabel("Euler steps")
             ax.set_ylim(0, 1.05)
-            ax.set_title("SAFE-FM privacy vs steps")
-            ax.legend(fontsize=8)
+            ax.set_title("SAFE-FM privacy vs steps (LFW eval identities)")
+            ax.legend(fontsize=7)
             save(fig, "privacy_vs_steps.png")
     if "video" in report:
         v = report["video"]
@@ -880,6 +897,17 @@ def write_plots(report: dict, out: Path, plot: dict) -> list[Path]:
             axes[0].set_title(f"Expression transfer on {c}: input vs output series")
             axes[1].set_xlabel("frame")
             save(fig, f"series_{c}.png")
+    return written
+
+
+def rewrite_report(out: Path) -> list[Path]:
+    """Re-render report.md and the plots of ``out/report.json`` (e.g. after a change to the
+    report code); the per-frame series plot needs the run itself and is left as it is."""
+    out = Path(out)
+    report = json.loads((out / "report.json").read_text())
+    report["meta"].setdefault("parts", [p for p in PARTS if p in report])
+    written = write_plots(report, out, {})
+    (out / "report.md").write_text(write_markdown(report))
     return written
 
 

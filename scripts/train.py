@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--cache-limit", type=int, default=8192, help="crops to encode into the latent cache (0 = all)")
     ap.add_argument("--no-cache", action="store_true", help="ae: do not build the latent cache afterwards")
+    ap.add_argument("--sampler-bank", type=int, default=0,
+                    help="sampler: store N pre-vetted samples per group INSTEAD of the training "
+                         "embeddings (no real-face descriptors in the file); 0 = keep them")
     ap.add_argument("--out", type=Path, default=None, help="export: output .safetensors")
     a = ap.parse_args(argv)
 
@@ -137,7 +140,10 @@ def main(argv=None) -> int:
         print(f"identity sampler over {len(d['embeddings'])} embedded training photos")
         t0 = time.time()
         s = IdentitySampler.fit(d["embeddings"], {k: d[k] for k in ("gender", "age", "person")})
-        path = s.save(sdir / "identity_sampler.safetensors")
+        if a.sampler_bank > 0:   # ship pre-vetted samples only, no descriptor of a real face
+            path = s.save(sdir / "identity_sampler.safetensors", include_reference=False, bank_size=a.sampler_bank)
+        else:
+            path = s.save(sdir / "identity_sampler.safetensors")
         rng = np.random.default_rng(0)
         rates = {"any": s.acceptance_rate(rng, 500)}
         rates.update({k: s.acceptance_rate(rng, 500, gender=k) for k in ("male", "female")})

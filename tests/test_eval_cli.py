@@ -66,6 +66,20 @@ def test_quick_eval_writes_every_field(tmp_path):
     assert len(again["meta"]["resumed"]) == 1 + 4 + 1 + 4       # gallery, 4 methods, 1 clip, 4 methods
     assert again["privacy"] == rep["privacy"] and again["video"] == rep["video"]
     assert again["meta"]["identity"] == "tiny-0" and again["meta"]["seed"] == 0
+    # A different model (here: another seed) re-runs SAFE-FM only; data and baselines are reused.
+    calls = []
+
+    def only_safefm(method, steps, video):
+        calls.append(method)
+        return tiny_engine_factory(EvalOptions(seed=1))(method, steps, video)
+    assert eval_cli.main([a if a != "0" else "1" for a in argv] + ["--resume"], engine_factory=only_safefm) == 0
+    assert set(calls) == {"safefm"}
+    third = json.loads((out / "report.json").read_text())
+    assert third["meta"]["seed"] == 1 and len(third["meta"]["resumed"]) == 1 + 3 + 1 + 3
+
+    (out / "privacy.png").unlink()
+    assert eval_cli.main(["--replot", "--out", str(out)]) == 0      # re-render from report.json
+    assert (out / "privacy.png").is_file()
     meta = rep["meta"]
     assert meta["schema"] == "safefm-eval/1" and meta["quick"] is True
     assert meta["methods"] == ["safefm", "none", "blur", "pixelate"]

@@ -32,8 +32,6 @@ def _crops(n=24, size=32, seed=0):
 
 
 def _fixed_batch(n=8):
-    from safefm.alignment import load_template
-
     g = torch.Generator().manual_seed(1)
     return {"z": torch.randn(n, *TINY.latent_shape, generator=g) * 0.5 + 0.3,
             "emb": torch.randn(n, 128, generator=g) * 0.1,
@@ -191,3 +189,32 @@ def test_identity_sampler_person_means():
     out, g, a = identity_table(e, np.array([0, 1, -1, -1]), np.array([5, 6, -1, -1]), np.array(["", "", "X", "X"]))
     assert out.shape == (3, 128)
     np.testing.assert_allclose(out[2], e[2:].mean(0))
+
+
+def test_export_refuses_mismatched_stages():
+    from safefm.train.export import _check_lineage
+
+    _check_lineage("base", {"metrics": {"ae_step": 5}}, ae_step=5)
+    _check_lineage("base", {"metrics": {}}, ae_step=5)            # older checkpoint: unknown
+    with pytest.raises(ValueError, match="retrain base"):
+        _check_lineage("base", {"metrics": {"ae_step": 4}}, ae_step=5)
+
+
+def test_identity_sampler_bank_mode_ships_no_reference(tmp_path):
+    from safetensors import safe_open
+
+    from safefm.identity_sampler import IdentitySampler
+    from safefm.recognition import distance
+
+    rng = np.random.default_rng(1)
+    embs = _fake_embeddings(400, rng)
+    s = IdentitySampler.fit(embs, {"gender": np.arange(400) % 2, "age": rng.integers(1, 90, 400)}, min_group=100)
+    p = s.save(tmp_path / "bank.safetensors", include_reference=False, bank_size=8)
+    with safe_open(str(p), framework="np") as f:
+        assert "reference" not in set(f.keys())
+    s2 = IdentitySampler.load(p)
+    assert s2.reference is None
+    x = s2.sample(np.random.default_rng(0), gender="female")
+    assert x.shape == (128,) and distance(embs, x).min() >= 0.6
+    with pytest.raises(ValueError):
+        s.save(tmp_path / "x.safetensors", include_reference=False)

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true",
                     help="reuse the finished parts saved in OUT/partial/ by an interrupted run "
                          "with the same settings")
+    ap.add_argument("--replot", action="store_true",
+                    help="only re-render report.md and the plots from OUT/report.json")
     ap.add_argument("--tiny-model", action="store_true",
                     help="SAFE-FM = the seeded tiny random model (pipeline check without weights)")
     add_logging_args(ap)
@@ -87,8 +89,12 @@ def main(argv: list[str] | None = None, engine_factory=None) -> int:
     def run(args):
         from ..errors import ConfigError
         from ..evaluation import run as run_eval
-        from ..evaluation import tiny_engine_factory
+        from ..evaluation import rewrite_report, tiny_engine_factory
 
+        if args.replot:
+            written = rewrite_report(args.out)
+            print(f"rewrote {args.out / 'report.md'} and {len(written)} plots", file=sys.stderr)
+            return 0
         try:
             opts = options_from_args(args, argv)
         except ValueError as exc:

@@ -11,7 +11,7 @@ landmarks; ``warm_prob`` oversamples late times t in [warm_t0, 1) (the video war
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +99,7 @@ def train_adapters(cfg: ModelConfig, tcfg: FlowTrainConfig, cache, *, ae_ckpt: d
         step, history, metrics = ck["step"], History(ck["history"]), ck.get("metrics", {})
         log(f"resumed {ckpt_path} at step {step}")
     metrics.update(trainable_report(model))
+    metrics["ae_step"], metrics["base_step"] = int(ae_ckpt["step"]), int(base_ckpt["step"])
     log(f"adapters: trainable {metrics['trainable'] / 1e6:.2f} M of {metrics['total'] / 1e6:.2f} M "
         f"({100 * metrics['trainable_fraction']:.1f} %; LoRA {metrics['lora'] / 1e3:.1f} k)")
     gen = torch.Generator().manual_seed(tcfg.seed * 1_000_003 + step + 17)

@@ -6,6 +6,7 @@ so patches train it at a fraction of the cost) ``x`` in [-1, 1], (B, 3, P, P)::
     z = model.encode(x)                      (B, C, P/8, P/8), latent_mean 0 / std 1 here
     y = decoder(z) * 2 - 1                   SafeFMModel.decode without its final clamp
     loss = |y - x| + grad_weight * |grad y - grad x| + latent_weight * z^2
+           + color_weight * |avgpool8 y - avgpool8 x|     (colour: short runs otherwise go sepia)
 
 After training, :func:`fit_latent_stats` sets ``latent_mean/std`` (per channel) so flow
 latents are ~N(0, 1), and :func:`build_latent_cache` encodes the crops once for stages 2-3.
@@ -36,6 +37,7 @@ class AETrainConfig:
     weight_decay: float = 0.0
     grad_weight: float = 0.5     # image-gradient L1 (sharpness) weight
     latent_weight: float = 1e-4  # small L2 on the latent (keeps it bounded / centred)
+    color_weight: float = 1.0    # L1 of 8x-average-pooled images: colour / low frequencies
     max_steps: int = 100_000
     ckpt_every: int = 50
     eval_every: int = 200
@@ -105,8 +107,10 @@ def ae_loss(model: SafeFMModel, x: torch.Tensor, tcfg: AETrainConfig) -> tuple[t
     hx, hy = image_gradients(y)
     grad = 0.5 * ((hx - gx).abs().mean() + (hy - gy).abs().mean())
     lat = z.pow(2).mean()
-    loss = l1 + tcfg.grad_weight * grad + tcfg.latent_weight * lat
-    return loss, {"loss": loss.item(), "l1": l1.item(), "grad": grad.item(), "z_rms": lat.sqrt().item()}
+    color = (F.avg_pool2d(y, 8) - F.avg_pool2d(x, 8)).abs().mean()
+    loss = l1 + tcfg.grad_weight * grad + tcfg.latent_weight * lat + tcfg.color_weight * color
+    return loss, {"loss": loss.item(), "l1": l1.item(), "grad": grad.item(), "color": color.item(),
+                  "z_rms": lat.sqrt().item()}
 
 
 @torch.no_grad()

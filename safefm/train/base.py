@@ -112,6 +112,8 @@ def train_base(cfg: ModelConfig, tcfg: FlowTrainConfig, cache, *, ae_ckpt: dict 
     velocity = Velocity(model.unet, None)
     n_train = count_parameters(model.unet) + count_parameters(model.identity)
     metrics["trainable_params"] = n_train
+    if ae_ckpt is not None:
+        metrics["ae_step"] = int(ae_ckpt["step"])   # the latents this base was trained on
     deadline = Deadline(max_minutes)
 
     def save():

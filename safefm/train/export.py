@@ -19,6 +19,16 @@ LICENSE_NOTE = ("Trained on UTKFace (non-commercial research use only) and LFW (
                 "these weights inherit research-only terms.")
 
 
+def _check_lineage(name: str, ck: dict, **expected: int) -> None:
+    """Refuse to combine stages trained on another autoencoder / base than the ones exported
+    (recorded as ``metrics['ae_step']`` / ``['base_step']``; older checkpoints lack them)."""
+    for key, want in expected.items():
+        got = ck.get("metrics", {}).get(key)
+        if got is not None and int(got) != int(want):
+            raise ValueError(f"{name} checkpoint was trained on {key.replace('_step', '')} step {got}, "
+                             f"but runs/ holds step {want}: retrain {name} (or restore the matching checkpoint)")
+
+
 def assemble(run_dir: Path | None = None):
     """(SafeFMModel with every trained part loaded, summary dict) from a runs folder."""
     from .adapters import adapter_model, load_adapters
@@ -29,6 +39,7 @@ def assemble(run_dir: Path | None = None):
     cfg = checkpoint_model_config(ae)
     if checkpoint_model_config(base) != cfg:
         raise ValueError("ae and base checkpoints have different model configs")
+    _check_lineage("base", base, ae_step=ae["step"])
     model = adapter_model(cfg, ae, base)
     summary = {"ae_steps": ae["step"], "ae_psnr_holdout": ae["metrics"].get("psnr_holdout"),
                "base_steps": base["step"], "base_loss": base["metrics"].get("loss_last100")}
@@ -37,6 +48,7 @@ def assemble(run_dir: Path | None = None):
         ad = load_checkpoint(ad_path)
         if checkpoint_model_config(ad) != cfg:
             raise ValueError("adapters checkpoint has a different model config")
+        _check_lineage("adapters", ad, ae_step=ae["step"], base_step=base["step"])
         load_adapters(ad, model)
         summary.update(adapters_steps=ad["step"], adapters_loss=ad["metrics"].get("loss_last100"))
     else:
