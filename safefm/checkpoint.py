@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, model_config_from_dict, to_dict
+from .config import ModelConfig, stored_model_config, to_dict
 from .errors import ConfigError, WeightsError
 
 FORMAT = "safefm-model"
@@ -106,7 +106,7 @@ def load_model(path: str | Path, device: str = "cpu"):
     meta = read_metadata(path)
     digest = verify_checksum(path)
     try:
-        cfg: ModelConfig = model_config_from_dict(json.loads(meta["config"]))
+        cfg: ModelConfig = stored_model_config(json.loads(meta["config"]))
     except (KeyError, ValueError, ConfigError) as exc:
         raise WeightsError(f"{path} has no usable model config ({exc})") from None
     state = load_file(str(path), device="cpu")

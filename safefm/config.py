@@ -36,6 +36,9 @@ class ModelConfig:
     controlnet_embedding_channels: tuple[int, ...] = (16, 32, 64, 128)
     lora_rank: int = 4
     lora_alpha: int = 4
+    decoder: str = "fast"
+    decoder_widths: tuple[int, ...] = (128, 64, 32)
+    decoder_blocks: tuple[int, ...] = (3, 2, 1)
 
     @property
     def latent_size(self) -> int:
@@ -53,6 +56,15 @@ class ModelConfig:
                 f"{2 ** (len(self.ae_blocks) - 1)}, not latent_downscale={self.latent_downscale}")
         if self.image_size % self.latent_downscale:
             raise ConfigError("image_size must be a multiple of latent_downscale")
+        if self.decoder not in ("tiny", "fast"):
+            raise ConfigError(f"decoder must be 'tiny' or 'fast', got {self.decoder!r}")
+        if self.decoder == "fast":
+            if len(self.decoder_widths) != len(self.decoder_blocks) or not self.decoder_widths:
+                raise ConfigError("decoder_widths and decoder_blocks need one entry per resolution")
+            if 2 ** len(self.decoder_widths) != self.latent_downscale:
+                raise ConfigError(
+                    f"the fast decoder upsamples by 2 ** len(decoder_widths) = {2 ** len(self.decoder_widths)} "
+                    f"(the last 2x by pixel shuffle), not latent_downscale={self.latent_downscale}")
         cn_down = 2 ** (len(self.controlnet_embedding_channels) - 1)
         if self.heatmap_size != self.latent_size * cn_down:
             raise ConfigError(
@@ -112,6 +124,14 @@ def _coerce(cls, values: Mapping[str, Any]):
 
 def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
     return _coerce(ModelConfig, values)
+
+
+def stored_model_config(values: Mapping[str, Any]) -> ModelConfig:
+    """The ModelConfig stored with a checkpoint or weights file.
+
+    A stored config without a ``decoder`` field predates the fast decoder: it was trained with
+    AutoencoderTiny's own decoder, so it reads as ``decoder = "tiny"``."""
+    return _coerce(ModelConfig, {"decoder": "tiny", **values})
 
 
 def runtime_config_from_dict(values: Mapping[str, Any]) -> RuntimeConfig:

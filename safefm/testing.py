@@ -19,7 +19,8 @@ def tiny_model_config() -> ModelConfig:
                        ae_blocks=(1, 1, 1), unet_channels=(8, 16), unet_layers_per_block=1,
                        unet_attention_head_dim=8, identity_dim=128, identity_tokens=2,
                        cross_attention_dim=16, heatmap_channels=9, heatmap_size=16,
-                       controlnet_embedding_channels=(8, 8), lora_rank=2, lora_alpha=2)
+                       controlnet_embedding_channels=(8, 8), lora_rank=2, lora_alpha=2,
+                       decoder="fast", decoder_widths=(8, 8), decoder_blocks=(1, 1))
 
 
 def tiny_model(seed: int = 0, cfg: ModelConfig | None = None):

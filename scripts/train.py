@@ -3,6 +3,7 @@
 
     python scripts/train.py --stage ae       --max-minutes 20   # autoencoder + latent stats
     python scripts/train.py --stage cache                       # encode crops once -> data_cache/latents.npz
+    python scripts/train.py --stage decoder  --max-minutes 20   # (optional) faster decoder on the frozen latents
     python scripts/train.py --stage base     --max-minutes 20   # UNet + identity projector (flow matching)
     python scripts/train.py --stage adapters --max-minutes 20   # ControlNet + LoRA, base frozen
     python scripts/train.py --stage sampler                     # identity sampler over dlib embeddings
@@ -26,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-STAGES = ("ae", "cache", "base", "adapters", "sampler", "export", "preview")
+STAGES = ("ae", "cache", "decoder", "base", "adapters", "sampler", "export", "preview")
 
 
 def _overrides(tcfg, a):
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     set_threads(a.threads)
     root = Path(a.runs or runs_root())
     sdir = root / a.stage
-    if a.stage in ("ae", "base", "adapters", "sampler"):
+    if a.stage in ("ae", "decoder", "base", "adapters", "sampler"):
         _prepare_run(sdir, a.fresh)
 
     if a.stage == "ae":
@@ -115,6 +116,17 @@ def main(argv=None) -> int:
             stage_cache(a, root)
     elif a.stage == "cache":
         stage_cache(a, root)
+    elif a.stage == "decoder":
+        from safefm.data import LatentCache, cache_root, load_shards
+        from safefm.train.decoder import DecoderTrainConfig, train_decoder
+
+        ae = load_checkpoint(root / "ae" / "last.pt")
+        cache = LatentCache(cache_root() / "latents.npz")
+        if int(cache.a["ae_step"]) != int(ae["step"]):
+            raise SystemExit("latent cache was built with another autoencoder step: run --stage cache")
+        data = load_shards(keys=("crops", "path"))
+        train_decoder(ae, load_model_config(a.config), _overrides(DecoderTrainConfig(), a), cache, data,
+                      run_dir=sdir, max_minutes=a.max_minutes)
     elif a.stage == "base":
         from safefm.train.base import FlowTrainConfig, train_base
         from safefm.train.common import checkpoint_model_config

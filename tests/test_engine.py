@@ -156,3 +156,10 @@ def test_frame_without_face_is_returned_unchanged():
     blank = np.full((120, 160, 3), 90, np.uint8)
     res = eng.process(blank)
     assert res.faces == [] and np.array_equal(res.image, blank)
+
+
+def test_warmup_runs_the_model_without_touching_the_stream(clip_frames):
+    warm, cold = tiny_engine(seed=0), tiny_engine(seed=0)
+    assert warm.warmup() > 0 and not warm._states and warm._frame_index == 0
+    for i, f in enumerate(clip_frames[:3]):            # same frames out as an engine never warmed
+        assert np.array_equal(warm.process(f, i / 25).image, cold.process(f, i / 25).image)

@@ -23,7 +23,7 @@ import pyvirtualcam
 
 from safefm.composite import badge, status_frame
 from safefm.errors import DeviceError, SafeFMError
-from safefm.live.capture import SourceInfo, open_source
+from safefm.live.capture import EndOfStream, SourceInfo, open_source
 from safefm.live.pipeline import (CARD_TEXT, OUT_ANONYMIZED, OUT_CAMERA_LOST, OUT_PAUSED,
                                   OUT_STARTING, OUT_WITHHELD, LiveConfig, Pipeline, UnsafeResult,
                                   check_result)
@@ -482,6 +482,50 @@ def test_starting_card_until_the_first_face_is_anonymized(clip):
     card = status_frame(256, 256, CARD_TEXT[OUT_STARTING])
     assert all(np.array_equal(f, card) for f in backend.frames[:first])
     assert meta.frames[first][1] >= 25                     # the first face, not a no-face frame
+
+
+class _FileSource:
+    """A finite, non-live source (what ``--source FILE`` opens): frames once, then the end."""
+
+    def __init__(self, frames, fps=50.0):
+        h, w = frames[0].shape[:2]
+        self.frames, self.info, self.i, self.first_read = frames, SourceInfo(w, h, fps, False, "clip.mp4"), 0, None
+
+    def read(self):
+        if self.i >= len(self.frames):
+            raise EndOfStream()
+        if self.first_read is None:
+            self.first_read = time.monotonic()
+        self.i += 1
+        return self.frames[self.i - 1].copy(), None
+
+    def close(self):
+        pass
+
+
+@needs_video
+def test_file_source_waits_for_the_warm_engine_so_the_whole_clip_is_anonymized(clip):
+    _, _, frames, box = clip
+    frames = frames[:30]
+    src = _FileSource(frames)
+    eng = FakeEngine(box, delay=0.001)
+    warmed = []
+    eng.warmup = lambda: warmed.append(time.monotonic()) or 0.0
+
+    def slow_factory():
+        time.sleep(0.8)                    # model loading: 40 frames' worth at 50 fps
+        return eng
+
+    meta = MetaSink()
+    p = Pipeline(slow_factory, lambda: src, [meta], cfg_for(frames), first_source=src).start()
+    try:
+        assert p.wait(10)
+    finally:
+        assert p.stop()
+    assert warmed and src.first_read >= warmed[0]          # not read before the warm-up
+    anon = sorted({fid for kind, fid, *_ in meta.frames if kind == OUT_ANONYMIZED})
+    assert anon[0] == 0 and eng.calls == len(frames)       # from the first frame, none skipped
+    assert len(anon) >= len(frames) - 2
 
 
 def test_engine_factory_error_stops_with_its_message():

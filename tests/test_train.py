@@ -13,7 +13,8 @@ from safefm.models import SafeFMModel, Velocity
 TINY = ModelConfig(image_size=32, latent_channels=4, latent_downscale=8, ae_width=8, ae_blocks=(1, 1, 1, 1),
                    unet_channels=(8, 16), unet_layers_per_block=1, unet_attention_head_dim=8,
                    identity_dim=128, identity_tokens=2, cross_attention_dim=16, heatmap_channels=9,
-                   heatmap_size=32, controlnet_embedding_channels=(4, 8, 8, 16), lora_rank=2, lora_alpha=2)
+                   heatmap_size=32, controlnet_embedding_channels=(4, 8, 8, 16), lora_rank=2, lora_alpha=2,
+                   decoder="tiny")   # AutoencoderTiny's decoder; the fast one is trained on top below
 
 
 @pytest.fixture(autouse=True)
@@ -148,6 +149,37 @@ def test_stages_end_to_end_resume_and_export(tmp_path):
     assert loaded.controlnet is not None and any("lora_" in k for k in loaded.state_dict())
     assert meta["sha256"] and "research" in meta["license"]
     torch.testing.assert_close(loaded.latent_std, model.latent_std, atol=1e-3, rtol=1e-3)
+    assert loaded.cfg.decoder == "tiny"
+
+    # stage 1b: a fast decoder on the same frozen latents replaces the old one at export,
+    # leaving the encoder, latent statistics, base and adapters untouched
+    from safefm.train.decoder import DecoderTrainConfig, train_decoder
+
+    target = ModelConfig(**{**TINY.__dict__, "decoder": "fast", "decoder_widths": (8, 8, 8), "decoder_blocks": (1, 1, 1)})
+    dc = DecoderTrainConfig(batch=4, max_steps=3, ckpt_every=2, eval_every=2, holdout=4)
+    dk = train_decoder(ck, target, dc, cache, arrays, run_dir=tmp_path / "decoder", log=quiet)
+    assert dk["step"] == 3 and dk["metrics"]["ae_step"] == ck["step"]
+    assert all(k.startswith("autoencoder.decoder.") for k in dk["state"]["model"])
+    assert {"psnr_holdout", "psnr_old_decoder"} <= set(dk["metrics"])
+    dk = train_decoder(ck, target, DecoderTrainConfig(**{**dc.__dict__, "max_steps": 4}), cache, arrays,
+                       run_dir=tmp_path / "decoder", log=quiet)
+    assert dk["step"] == 4                                   # resumed, not restarted
+    fast, meta = load_model(export_default(tmp_path, tmp_path / "export" / "f.safetensors"))
+    assert fast.cfg.decoder == "fast" and '"decoder_steps": 4' in meta["training"]
+    for k, v in loaded.state_dict().items():
+        if not k.startswith("autoencoder.decoder."):
+            torch.testing.assert_close(fast.state_dict()[k], v)
+    z = torch.randn(2, *TINY.latent_shape)
+    assert fast.decode(z).shape == (2, 3, 32, 32)
+
+
+def test_stored_configs_without_a_decoder_field_mean_the_tiny_decoder():
+    from safefm.config import load_model_config, stored_model_config, to_dict
+
+    d = to_dict(load_model_config())
+    assert stored_model_config(d).decoder == "fast"
+    d.pop("decoder")
+    assert stored_model_config(d).decoder == "tiny"           # weights from before the field
 
 
 def _fake_embeddings(n, rng, scale=0.08):

@@ -129,8 +129,12 @@ class CaptureWorker:
 
     def __init__(self, open_fn: Callable[[], FrameSource], out: Mailbox[Packet], *,
                  pace: bool = True, backoff: tuple[float, float] = (0.25, 4.0),
-                 first: FrameSource | None = None) -> None:
+                 first: FrameSource | None = None, ready: threading.Event | None = None) -> None:
         self._open_fn, self._out, self._pace = open_fn, out, pace
+        # A finite source (a file) is not read until ``ready`` is set (the engine is warm), so
+        # its first frames are anonymized instead of played past under the starting card.
+        # A live camera is read at once (its frames are dropped until then).
+        self._ready = ready
         self._backoff = backoff
         self._src = first
         self.info: SourceInfo | None = first.info if first is not None else None
@@ -166,6 +170,9 @@ class CaptureWorker:
                         delay = min(delay * 2, self._backoff[1])
                         continue
                     self.info, self.session, pacer = self._src.info, self.session + 1, None
+                if self._ready is not None and not self._src.info.live and not self._ready.is_set():
+                    self._ready.wait(0.05)
+                    continue
                 if self._pace and not self._src.info.live:
                     pacer = pacer or Pacer(self._src.info.fps)
                     pacer.wait(stop)

@@ -137,8 +137,10 @@ class Pipeline:
         self._frames: Mailbox[Packet] = Mailbox()
         self._results: Mailbox[_Result] = Mailbox()
         self._identity_box: Mailbox[Any] = Mailbox()
+        self.engine_ready = threading.Event()   # set once the engine is built and warmed up
         self.capture = CaptureWorker(open_source, self._frames, pace=cfg.pace,
-                                     backoff=(cfg.backoff_min, cfg.backoff_max), first=first_source)
+                                     backoff=(cfg.backoff_min, cfg.backoff_max), first=first_source,
+                                     ready=self.engine_ready)
         self._stop = threading.Event()
         self.done = threading.Event()     # set when the output thread has finished
         self._paused = False
@@ -192,6 +194,7 @@ class Pipeline:
         self.stop()
 
     def _fail(self, msg: str) -> None:
+        self.engine_ready.set()   # nothing waits for an engine that will not come
         if self.error is None:
             self.error = msg
             log.info("pipeline stopped: %s", msg)   # the caller reports self.error
@@ -280,6 +283,13 @@ class Pipeline:
             except Exception as exc:
                 self._fail(f"engine failed to start: {_one_line(exc)}")
                 return
+            warm = getattr(engine, "warmup", None)
+            if callable(warm):
+                try:
+                    log.info("engine warm-up: %.2f s", warm())
+                except Exception as exc:      # the first frames will pay for it instead
+                    log.warning("engine warm-up failed: %s", _one_line(exc))
+            self.engine_ready.set()
             session, was_paused = None, False
             while not self._stop.is_set():
                 pkt = self._frames.take(0.1)

@@ -20,7 +20,7 @@ import torch
 from ..config import ModelConfig
 from ..models import SafeFMModel, build_controlnet, count_parameters, lora_config
 from .base import FlowTrainConfig, flow_loss, load_base
-from .common import (EMA, Deadline, History, config_dict, load_checkpoint, save_checkpoint,
+from .common import (EMA, Deadline, History, checkpoint_model_config, config_dict, load_checkpoint, save_checkpoint,
                      stage_dir, train_config_from_dict)
 
 ADAPTER_DEFAULTS = FlowTrainConfig(batch=16, lr=2e-4, warmup=50, weight_decay=0.0,
@@ -90,7 +90,7 @@ def train_adapters(cfg: ModelConfig, tcfg: FlowTrainConfig, cache, *, ae_ckpt: d
     step, history, metrics = 0, History(), {}
     if resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
-        if ck["model_config"] != config_dict(cfg):
+        if checkpoint_model_config(ck) != cfg:
             raise ValueError(f"{ckpt_path} was trained with another model config; use a new run dir")
         tcfg = train_config_from_dict(FlowTrainConfig, {**config_dict(tcfg), "seed": ck["train_config"]["seed"]})
         model.load_state_dict(ck["state"]["model"], strict=False)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..models import SafeFMModel
-from .common import (Deadline, History, config_dict, load_checkpoint, save_checkpoint,
+from .common import (Deadline, History, checkpoint_model_config, config_dict, load_checkpoint, save_checkpoint,
                      stage_dir, train_config_from_dict)
 
 
@@ -45,30 +45,32 @@ class AETrainConfig:
     seed: int = 0
 
 
-def init_autoencoder(model: SafeFMModel) -> None:
-    """Re-initialise the AutoencoderTiny for training from scratch.
-
-    With PyTorch's default init the signal shrinks through its ~40 un-normalised ReLU convs;
-    the latent collapses (std ~0.04) and training sits on the "predict the mean colour"
-    plateau (measured: no progress in 200 steps on one fixed batch). Here: He-normal convs,
-    every residual block's last conv zeroed (blocks start as identities), a linear-gain
-    latent projection, a small last decoder conv, and its bias set so ``SafeFMModel.decode``
-    (which maps ``* 2 - 1`` on top of DecoderTiny's own ``* 2 - 1``) starts at mid-grey.
-    """
+def _block_types():
     from diffusers.models.autoencoders.vae import AutoencoderTinyBlock
 
-    ae = model.autoencoder
-    for m in ae.modules():
+    from ..models import _ResBlock
+
+    return (AutoencoderTinyBlock, _ResBlock)
+
+
+def _he_init(module: torch.nn.Module) -> None:
+    """He-normal convs, zero biases, and every residual block's last conv zeroed (identity)."""
+    for m in module.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             if m.bias is not None:
                 torch.nn.init.zeros_(m.bias)
-    for m in ae.modules():
-        if isinstance(m, AutoencoderTinyBlock):
+    for m in module.modules():
+        if isinstance(m, _block_types()):
             torch.nn.init.zeros_(m.conv[-1].weight)
-    enc_last = [m for m in ae.encoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    torch.nn.init.kaiming_normal_(enc_last.weight, nonlinearity="linear")
-    last = [m for m in ae.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+
+
+def init_decoder(model: SafeFMModel) -> None:
+    """Re-initialise only ``model.autoencoder.decoder`` (see :func:`init_autoencoder`): He init,
+    identity blocks, a small last conv whose bias makes ``SafeFMModel.decode`` start at mid-grey."""
+    dec = model.autoencoder.decoder
+    _he_init(dec)
+    last = [m for m in dec.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     with torch.no_grad():
         last.weight.mul_(0.05)
         probe = torch.zeros(1, model.cfg.latent_channels, 2, 2)
@@ -77,6 +79,22 @@ def init_autoencoder(model: SafeFMModel) -> None:
         last.bias.fill_(1.0)
         slope = decode_raw(model, probe).mean() - y0   # d output / d bias
         last.bias.fill_(float(-y0 / slope) if abs(float(slope)) > 1e-6 else 0.0)
+
+
+def init_autoencoder(model: SafeFMModel) -> None:
+    """Re-initialise the autoencoder for training from scratch.
+
+    With PyTorch's default init the signal shrinks through its ~40 un-normalised ReLU convs;
+    the latent collapses (std ~0.04) and training sits on the "predict the mean colour"
+    plateau (measured: no progress in 200 steps on one fixed batch). Here: He-normal convs,
+    every residual block's last conv zeroed (blocks start as identities), a linear-gain
+    latent projection, and the decoder set up by :func:`init_decoder`.
+    """
+    ae = model.autoencoder
+    _he_init(ae.encoder)
+    enc_last = [m for m in ae.encoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    torch.nn.init.kaiming_normal_(enc_last.weight, nonlinearity="linear")
+    init_decoder(model)
 
 
 def ae_model(cfg: ModelConfig, init: bool = True) -> SafeFMModel:
@@ -101,16 +119,23 @@ def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def ae_loss(model: SafeFMModel, x: torch.Tensor, tcfg: AETrainConfig) -> tuple[torch.Tensor, dict]:
     """x: (B, 3, P, P) in [-1, 1] -> (scalar loss, logs)."""
     z = model.encode(x)
-    y = decode_raw(model, z)
+    rec, logs = recon_terms(decode_raw(model, z), x, tcfg.grad_weight, tcfg.color_weight)
+    lat = z.pow(2).mean()
+    loss = rec + tcfg.latent_weight * lat
+    return loss, {**logs, "loss": loss.item(), "z_rms": lat.sqrt().item()}
+
+
+def recon_terms(y: torch.Tensor, x: torch.Tensor, grad_weight: float, color_weight: float
+                ) -> tuple[torch.Tensor, dict]:
+    """Reconstruction loss of y against x, both (B, 3, P, P) in [-1, 1]:
+    L1 + grad_weight * image-gradient L1 + color_weight * L1 of 8x-average-pooled images."""
     l1 = (y - x).abs().mean()
     gx, gy = image_gradients(x)
     hx, hy = image_gradients(y)
     grad = 0.5 * ((hx - gx).abs().mean() + (hy - gy).abs().mean())
-    lat = z.pow(2).mean()
     color = (F.avg_pool2d(y, 8) - F.avg_pool2d(x, 8)).abs().mean()
-    loss = l1 + tcfg.grad_weight * grad + tcfg.latent_weight * lat + tcfg.color_weight * color
-    return loss, {"loss": loss.item(), "l1": l1.item(), "grad": grad.item(), "color": color.item(),
-                  "z_rms": lat.sqrt().item()}
+    loss = l1 + grad_weight * grad + color_weight * color
+    return loss, {"loss": loss.item(), "l1": l1.item(), "grad": grad.item(), "color": color.item()}
 
 
 @torch.no_grad()
@@ -171,7 +196,7 @@ def train_autoencoder(cfg: ModelConfig, tcfg: AETrainConfig, crops: np.ndarray, 
     step, history, metrics = 0, History(), {}
     if resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
-        if ck["model_config"] != config_dict(cfg):
+        if checkpoint_model_config(ck) != cfg:
             raise ValueError(f"{ckpt_path} was trained with another model config; use a new run dir")
         tcfg = train_config_from_dict(AETrainConfig, {**config_dict(tcfg), **{
             k: v for k, v in ck["train_config"].items() if k in ("seed", "holdout")}})
@@ -238,7 +263,7 @@ def train_autoencoder(cfg: ModelConfig, tcfg: AETrainConfig, crops: np.ndarray, 
 def load_autoencoder(ckpt_or_path, model: SafeFMModel | None = None) -> SafeFMModel:
     """Load the autoencoder + latent statistics of an ``ae`` checkpoint into ``model``
     (default: a fresh adapter-free SafeFMModel of the checkpoint's config)."""
-    from .common import checkpoint_model_config
+
 
     ck = load_checkpoint(ckpt_or_path) if isinstance(ckpt_or_path, (str, Path)) else ckpt_or_path
     if model is None:

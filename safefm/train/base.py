@@ -21,7 +21,7 @@ import torch
 from .. import flow
 from ..config import ModelConfig
 from ..models import SafeFMModel, Velocity, count_parameters
-from .common import (EMA, Deadline, History, config_dict, load_checkpoint, save_checkpoint,
+from .common import (EMA, Deadline, History, checkpoint_model_config, config_dict, load_checkpoint, save_checkpoint,
                      stage_dir, train_config_from_dict)
 
 NULL_EMBEDDING_VALUE = 0.0  # the dropped / unconditional identity embedding is all zeros
@@ -99,7 +99,7 @@ def train_base(cfg: ModelConfig, tcfg: FlowTrainConfig, cache, *, ae_ckpt: dict 
     step, history, metrics = 0, History(), {}
     if resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
-        if ck["model_config"] != config_dict(cfg):
+        if checkpoint_model_config(ck) != cfg:
             raise ValueError(f"{ckpt_path} was trained with another model config; use a new run dir")
         tcfg = train_config_from_dict(FlowTrainConfig, {**config_dict(tcfg), "seed": ck["train_config"]["seed"]})
         model.load_state_dict(ck["state"]["model"], strict=False)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ModelConfig, model_config_from_dict, to_dict
+from ..config import ModelConfig, stored_model_config, to_dict
 from ..paths import REPO_ROOT
 
 
@@ -75,7 +75,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def checkpoint_model_config(ckpt: dict) -> ModelConfig:
-    return model_config_from_dict(ckpt["model_config"])
+    return stored_model_config(ckpt["model_config"])
 
 
 # ---------------------------------------------------------------------------------------

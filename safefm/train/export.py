@@ -1,7 +1,8 @@
 """Export the trained stages as the shipped model file (one safetensors + JSON sidecar).
 
 :func:`export_default` assembles a full :class:`~safefm.models.SafeFMModel` from
-``runs/ae``, ``runs/base`` (EMA) and ``runs/adapters`` (EMA) and writes it with
+``runs/ae`` (with ``runs/decoder``'s faster decoder when present), ``runs/base`` (EMA) and
+``runs/adapters`` (EMA) and writes it with
 :func:`safefm.checkpoint.save_model`: the state dict with the LoRA as separate ``lora_`` keys,
 the model config JSON in the metadata, sha256 in the sidecar. The identity sampler
 (``runs/sampler/identity_sampler.safetensors``) is copied beside it when present.
@@ -14,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from .common import checkpoint_model_config, load_checkpoint, runs_root
+from .decoder import without_decoder
 
 LICENSE_NOTE = ("Trained on UTKFace (non-commercial research use only) and LFW (research); "
                 "these weights inherit research-only terms.")
@@ -40,9 +42,17 @@ def assemble(run_dir: Path | None = None):
     if checkpoint_model_config(base) != cfg:
         raise ValueError("ae and base checkpoints have different model configs")
     _check_lineage("base", base, ae_step=ae["step"])
-    model = adapter_model(cfg, ae, base)
     summary = {"ae_steps": ae["step"], "ae_psnr_holdout": ae["metrics"].get("psnr_holdout"),
                "base_steps": base["step"], "base_loss": base["metrics"].get("loss_last100")}
+    dec_path = run_dir / "decoder" / "last.pt"
+    dec = load_checkpoint(dec_path) if dec_path.exists() else None
+    if dec is not None:   # a faster decoder trained on this autoencoder's frozen latents
+        _check_lineage("decoder", dec, ae_step=ae["step"])
+        ae = {**ae, "state": {"model": {**without_decoder(ae["state"]["model"]), **dec["state"]["model"]}}}
+        summary.update(decoder=checkpoint_model_config(dec).decoder, decoder_steps=dec["step"],
+                       decoder_psnr_holdout=dec["metrics"].get("psnr_holdout"),
+                       old_decoder_psnr_holdout=dec["metrics"].get("psnr_old_decoder"))
+    model = adapter_model(checkpoint_model_config(dec) if dec is not None else cfg, ae, base)
     ad_path = run_dir / "adapters" / "last.pt"
     if ad_path.exists():
         ad = load_checkpoint(ad_path)
