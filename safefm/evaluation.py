@@ -54,6 +54,7 @@ class EvalOptions:
     model: Path | None = None
     identity: Path | None = None
     runtime: str = "auto"
+    runtime_config: Path | None = None   # runtime TOML (None: configs/runtime_default.toml)
     max_people: int | None = None    # LFW eval people (None: all 400)
     max_clips: int | None = None     # video clips (None: all)
     max_frames: int | None = None    # frames per clip (None: all)
@@ -96,7 +97,7 @@ def default_engine_factory(opts: EvalOptions) -> EngineFactory:
     from .config import load_runtime_config
 
     def make(method: str, steps: int, video: bool):
-        cfg = load_runtime_config(steps=steps, runtime=opts.runtime)
+        cfg = load_runtime_config(opts.runtime_config, steps=steps, runtime=opts.runtime)
         if method != "safefm":
             return build_baseline(method, cfg, video=video)
         from .engine import build_engine
@@ -114,7 +115,8 @@ def tiny_engine_factory(opts: EvalOptions) -> EngineFactory:
     from .config import load_runtime_config
 
     def make(method: str, steps: int, video: bool):
-        cfg = load_runtime_config(steps=steps, runtime="torch" if opts.runtime == "auto" else opts.runtime)
+        cfg = load_runtime_config(opts.runtime_config, steps=steps,
+                                  runtime="torch" if opts.runtime == "auto" else opts.runtime)
         if method != "safefm":
             return build_baseline(method, cfg, video=video)
         from .testing import tiny_engine
@@ -629,13 +631,16 @@ def run(opts: EvalOptions, engine_factory: EngineFactory | None = None) -> dict:
     model_label = opts.model_label or _file_label(opts.model, default_model_path())
     signature = {"data": str(data_dir), "max_people": opts.max_people, "max_clips": opts.max_clips,
                  "max_frames": opts.max_frames, "embed_stride": opts.embed_stride}
-    tag = hashlib.sha1(json.dumps([model_label, str(opts.identity), opts.seed, opts.runtime]).encode())
+    rt_label = _file_label(opts.runtime_config, None) if opts.runtime_config else "configs/runtime_default.toml"
+    tag = hashlib.sha1(json.dumps([model_label, str(opts.identity), opts.seed, opts.runtime]
+                                  + ([rt_label] if opts.runtime_config else [])).encode())
     cache = _Cache(out / "partial", signature, opts.resume, opts.log, tag.hexdigest()[:10])
     meta = {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": opts.command,
         "quick": opts.quick, "parts": list(opts.parts), "methods": [v[0] for v in variants(opts)],
         "model": model_label,
         "identity": None, "seed": None, "steps": list(opts.steps), "runtime": opts.runtime,
+        "runtime_config": rt_label,
         "data": {"dir": str(data_dir), "max_people": opts.max_people, "max_clips": opts.max_clips,
                  "max_frames": opts.max_frames, "embed_stride": opts.embed_stride},
         "baselines": {"blur": "Gaussian, sigma = 0.1 x face box side, box = FaceMesh box + 10 %",

@@ -118,3 +118,17 @@ def test_quick_eval_writes_every_field(tmp_path):
     assert set(meta["plots"]) >= {"privacy.png", "fidelity.png", "stability.png"}
     md = (out / "report.md").read_text()
     assert "rank-1" in md and "flicker" in md and "model: tiny random model" in md
+
+
+def test_runtime_config_file_reaches_the_engines(tmp_path):
+    from safefm.config import CONFIG_DIR
+
+    text = (CONFIG_DIR / "runtime_default.toml").read_text()
+    assert "warm_start = true" in text
+    cfg = tmp_path / "cold.toml"
+    cfg.write_text(text.replace("warm_start = true", "warm_start = false"))
+    make = tiny_engine_factory(EvalOptions(out=tmp_path, runtime_config=cfg))
+    assert make("safefm", 3, True).cfg.warm_start is False and make("safefm", 3, True).cfg.steps == 3
+    assert make("blur", 3, True) is not None
+    assert tiny_engine_factory(EvalOptions(out=tmp_path))("safefm", 3, True).cfg.warm_start is True
+    assert eval_cli.build_parser().parse_args(["--config", str(cfg)]).config == cfg

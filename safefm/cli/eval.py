@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None,
                     help="identity noise seed (default: the identity file's)")
     ap.add_argument("--runtime", choices=("auto", "torch", "onnx"), default="auto")
+    ap.add_argument("--config", type=Path, default=None,
+                    help="runtime TOML (warm start, compositing, ...; default configs/runtime_default.toml)")
     ap.add_argument("--methods", type=_names, default=METHODS,
                     help=f"comma list of {','.join(METHODS)} (default all)")
     ap.add_argument("--parts", type=_names, default=PARTS, help="privacy,video (default both)")
@@ -79,6 +81,7 @@ def options_from_args(args: argparse.Namespace, argv=None):
     cmd = "safefm-eval " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     return EvalOptions(out=args.out, methods=args.methods, steps=args.steps, seed=args.seed,
                        model=args.model, identity=args.identity, runtime=args.runtime,
+                       runtime_config=args.config,
                        parts=args.parts, quick=args.quick, resume=args.resume, command=cmd,
                        model_label="tiny random model (safefm.testing)" if args.tiny_model else None,
                        **sizes)
