@@ -78,6 +78,7 @@ class RuntimeConfig:
     warm_start: bool = True
     seed: int = -1
     warm_t0: float = 0.5
+    controlnet_scale: float = 1.0
     runtime: str = "auto"
     device: str = "cpu"
     threads: int = 0
@@ -101,6 +102,8 @@ class RuntimeConfig:
             raise ConfigError(f"steps must be in 1..50, got {self.steps}")
         if not 0.0 <= self.warm_t0 < 1.0:
             raise ConfigError(f"warm_t0 must be in [0, 1), got {self.warm_t0}")
+        if not 0.0 <= self.controlnet_scale <= 20.0:
+            raise ConfigError(f"controlnet_scale must be in [0, 20], got {self.controlnet_scale}")
         if self.runtime not in ("auto", "torch", "onnx"):
             raise ConfigError(f"runtime must be auto, torch or onnx, got {self.runtime!r}")
         if self.device not in ("cpu", "cuda"):

@@ -24,7 +24,7 @@ import torch
 
 from .config import ModelConfig, RuntimeConfig
 from .errors import DeviceError, WeightsError
-from .models import SafeFMModel, Velocity
+from .models import SafeFMModel, Velocity, scale_controlnet
 from .paths import cache_dir
 from .sampler import sample
 
@@ -67,6 +67,10 @@ class Generator:
             raise DeviceError("--device cuda was asked for, but torch sees no CUDA GPU (use --device cpu)")
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        if cfg.controlnet_scale != 1.0 and model.controlnet is not None:
+            scale_controlnet(model.controlnet, cfg.controlnet_scale)
+            if digest:   # other weights than the file's: their own ONNX export
+                digest = hashlib.sha256(f"{digest}:cn{cfg.controlnet_scale!r}".encode()).hexdigest()
         if any("lora_" in k for k in model.unet.state_dict()):
             model.unet.fuse_lora()
             model.unet.unload_lora()

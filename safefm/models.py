@@ -161,6 +161,20 @@ class Velocity(nn.Module):
                          mid_block_additional_residual=mid, return_dict=False)[0]
 
 
+@torch.no_grad()
+def scale_controlnet(controlnet, scale: float):
+    """Multiply the ControlNet's zero-convolution outputs (down blocks and mid block) by
+    ``scale`` in place: the same as diffusers' ``conditioning_scale``, baked into the weights so
+    exported graphs need no extra input. 1.0 leaves the trained adapter as it is."""
+    if controlnet is None or scale == 1.0:
+        return controlnet
+    for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+        conv.weight.mul_(scale)
+        if conv.bias is not None:
+            conv.bias.mul_(scale)
+    return controlnet
+
+
 class SafeFMModel(nn.Module):
     """Every trained part in one module, so one state dict is one checkpoint.
 

@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler-bank", type=int, default=0,
                     help="sampler: store N pre-vetted samples per group INSTEAD of the training "
                          "embeddings (no real-face descriptors in the file); 0 = keep them")
+    ap.add_argument("--controlnet-scale", type=float, default=1.0,
+                    help="export: bake this conditioning scale into the ControlNet (see scripts/probe_control.py)")
     ap.add_argument("--out", type=Path, default=None, help="export: output .safetensors")
     a = ap.parse_args(argv)
 
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
         from safefm.train.export import export_default
 
         out = a.out or root / "export" / "safefm_default.safetensors"
-        export_default(root, out)
+        export_default(root, out, controlnet_scale=a.controlnet_scale)
         print(f"wrote {out} and {out.with_suffix('.json')}")
     elif a.stage == "preview":
         preview(root)

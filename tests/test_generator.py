@@ -73,3 +73,35 @@ def test_cuda_request_without_gpu_is_a_clear_error(tmp_path, monkeypatch):
     from safefm.errors import DeviceError
     with pytest.raises(DeviceError, match="no CUDA"):
         Generator(tiny_model(), load_runtime_config(device="cuda"))
+
+
+def test_controlnet_scale_multiplies_the_adapter_residuals(tmp_path, monkeypatch, heat):
+    from safefm.models import scale_controlnet
+
+    model = tiny_model(3)
+    with torch.no_grad():  # a trained-looking adapter: non-zero zero-convs
+        for conv in [*model.controlnet.controlnet_down_blocks, model.controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.05)
+            conv.bias.normal_(0, 0.05)
+    z, ts = torch.randn(1, 4, 8, 8), torch.tensor([300.0])
+    tokens = model.identity(torch.randn(1, 128))
+    with torch.no_grad():
+        down1, mid1 = model.controlnet(z, ts, encoder_hidden_states=tokens, controlnet_cond=heat, return_dict=False)
+        scale_controlnet(model.controlnet, 2.5)
+        down2, mid2 = model.controlnet(z, ts, encoder_hidden_states=tokens, controlnet_cond=heat, return_dict=False)
+    for a, b in zip([*down1, mid1], [*down2, mid2]):
+        torch.testing.assert_close(b, 2.5 * a, atol=1e-5, rtol=1e-4)
+
+    # through the runtime config: scale 0 is the bare base (heatmaps ignored)
+    monkeypatch.setenv("SAFEFM_CACHE", str(tmp_path))
+    trained = tiny_model(3)
+    with torch.no_grad():
+        for conv in [*trained.controlnet.controlnet_down_blocks, trained.controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.05)
+    gen = Generator(trained, load_runtime_config(runtime="torch", controlnet_scale=0.0))
+    for conv in [*gen.model.controlnet.controlnet_down_blocks, gen.model.controlnet.controlnet_mid_block]:
+        assert not conv.weight.any()
+    tok = gen.identity_tokens(np.ones(128, np.float32))
+    v = gen.velocity(heat, tok)(z, 0.3)
+    v0 = gen.velocity(torch.zeros_like(heat), tok)(z, 0.3)
+    assert torch.equal(v, v0)

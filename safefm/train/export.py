@@ -66,12 +66,20 @@ def assemble(run_dir: Path | None = None):
     return model.eval(), summary
 
 
-def export_default(run_dir: Path | str | None, out_path: Path | str) -> Path:
-    """Write the shipped model to ``out_path`` (.safetensors + .json sidecar); returns out_path."""
+def export_default(run_dir: Path | str | None, out_path: Path | str, controlnet_scale: float = 1.0) -> Path:
+    """Write the shipped model to ``out_path`` (.safetensors + .json sidecar); returns out_path.
+
+    ``controlnet_scale`` multiplies the ControlNet's residuals (its zero-convolution weights,
+    :func:`safefm.models.scale_controlnet`) before saving: the conditioning scale chosen by
+    measurement (``scripts/probe_control.py``), recorded in the training notes."""
     from ..checkpoint import save_model
+    from ..models import scale_controlnet
 
     run_dir = Path(run_dir or runs_root())
     model, summary = assemble(run_dir)
+    if controlnet_scale != 1.0:
+        scale_controlnet(model.controlnet, controlnet_scale)
+        summary["controlnet_scale_baked"] = controlnet_scale
     out_path = Path(out_path)
     save_model(model, out_path, extra_meta={"license": LICENSE_NOTE, "training": json.dumps(summary)})
     sampler = run_dir / "sampler" / "identity_sampler.safetensors"
