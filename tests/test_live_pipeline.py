@@ -507,17 +507,17 @@ class _FileSource:
 def test_file_source_waits_for_the_warm_engine_so_the_whole_clip_is_anonymized(clip):
     _, _, frames, box = clip
     frames = frames[:30]
-    src = _FileSource(frames)
+    src = _FileSource(frames, fps=20.0)
     eng = FakeEngine(box, delay=0.001)
     warmed = []
     eng.warmup = lambda: warmed.append(time.monotonic()) or 0.0
 
     def slow_factory():
-        time.sleep(0.8)                    # model loading: 40 frames' worth at 50 fps
+        time.sleep(0.8)                    # model loading: 16 frames' worth at 20 fps
         return eng
 
     meta = MetaSink()
-    p = Pipeline(slow_factory, lambda: src, [meta], cfg_for(frames), first_source=src).start()
+    p = Pipeline(slow_factory, lambda: src, [meta], cfg_for(frames, fps=20.0), first_source=src).start()
     try:
         assert p.wait(10)
     finally:
@@ -525,7 +525,7 @@ def test_file_source_waits_for_the_warm_engine_so_the_whole_clip_is_anonymized(c
     assert warmed and src.first_read >= warmed[0]          # not read before the warm-up
     anon = sorted({fid for kind, fid, *_ in meta.frames if kind == OUT_ANONYMIZED})
     assert anon[0] == 0 and eng.calls == len(frames)       # from the first frame, none skipped
-    assert len(anon) >= len(frames) - 2
+    assert len(anon) >= 0.8 * len(frames)                 # the sink saw (nearly) every one
 
 
 def test_engine_factory_error_stops_with_its_message():
