@@ -250,3 +250,9 @@ def test_identity_sampler_bank_mode_ships_no_reference(tmp_path):
     assert x.shape == (128,) and distance(embs, x).min() >= 0.6
     with pytest.raises(ValueError):
         s.save(tmp_path / "x.safetensors", include_reference=False)
+    # only the bank may be copied next to exported weights; the full sampler never is
+    from safefm.train.export import shippable_sampler
+
+    full = s.save(tmp_path / "full.safetensors")
+    assert shippable_sampler(p) and not shippable_sampler(full)
+    assert not shippable_sampler(tmp_path / "missing.safetensors")

@@ -5,7 +5,8 @@
 ``runs/adapters`` (EMA) and writes it with
 :func:`safefm.checkpoint.save_model`: the state dict with the LoRA as separate ``lora_`` keys,
 the model config JSON in the metadata, sha256 in the sidecar. The identity sampler
-(``runs/sampler/identity_sampler.safetensors``) is copied beside it when present.
+(``runs/sampler/identity_sampler.safetensors``) is copied beside it only when it is a bank
+without real-photo embeddings (:func:`shippable_sampler`).
 """
 
 from __future__ import annotations
@@ -83,8 +84,20 @@ def export_default(run_dir: Path | str | None, out_path: Path | str, controlnet_
     out_path = Path(out_path)
     save_model(model, out_path, extra_meta={"license": LICENSE_NOTE, "training": json.dumps(summary)})
     sampler = run_dir / "sampler" / "identity_sampler.safetensors"
-    if sampler.exists():
+    if shippable_sampler(sampler):
         for src in (sampler, sampler.with_suffix(".json")):
-            if src.exists():
-                shutil.copy2(src, out_path.parent / src.name)
+            shutil.copy2(src, out_path.parent / src.name)
     return out_path
+
+
+def shippable_sampler(path: Path) -> bool:
+    """True for an identity sampler that may ship: a bank of vetted synthetic embeddings whose
+    sidecar says it holds no embedding of a real photo (``reference_photos`` 0). The full
+    sampler keeps every training photo's embedding and is never copied next to the weights."""
+    side = Path(path).with_suffix(".json")
+    if not Path(path).exists() or not side.exists():
+        return False
+    try:
+        return int(json.loads(side.read_text()).get("reference_photos", -1)) == 0
+    except (ValueError, OSError):
+        return False
