@@ -75,7 +75,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     steps: int = 4
-    warm_start: bool = True
+    warm_start: bool = False
     seed: int = -1
     warm_t0: float = 0.5
     controlnet_scale: float = 1.0

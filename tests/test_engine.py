@@ -59,7 +59,9 @@ def test_every_frame_is_anonymized_and_the_face_replaced(clip_frames):
 @needs_data
 def test_warm_start_keeps_the_face_steady(clip_frames):
     """Same input frame twice: the warm-started second output stays close to the first."""
-    eng = tiny_engine(seed=0)
+    from safefm.config import load_runtime_config
+
+    eng = tiny_engine(load_runtime_config(runtime="torch", warm_start=True), seed=0)
     f = clip_frames[0]
     a = eng.process(f, 0.0).image.astype(float)
     b = eng.process(f, 0.04).image.astype(float)

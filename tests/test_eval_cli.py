@@ -124,11 +124,11 @@ def test_runtime_config_file_reaches_the_engines(tmp_path):
     from safefm.config import CONFIG_DIR
 
     text = (CONFIG_DIR / "runtime_default.toml").read_text()
-    assert "warm_start = true" in text
-    cfg = tmp_path / "cold.toml"
-    cfg.write_text(text.replace("warm_start = true", "warm_start = false"))
+    assert "warm_start = false" in text
+    cfg = tmp_path / "warm.toml"
+    cfg.write_text(text.replace("warm_start = false", "warm_start = true"))
     make = tiny_engine_factory(EvalOptions(out=tmp_path, runtime_config=cfg))
-    assert make("safefm", 3, True).cfg.warm_start is False and make("safefm", 3, True).cfg.steps == 3
+    assert make("safefm", 3, True).cfg.warm_start is True and make("safefm", 3, True).cfg.steps == 3
     assert make("blur", 3, True) is not None
-    assert tiny_engine_factory(EvalOptions(out=tmp_path))("safefm", 3, True).cfg.warm_start is True
+    assert tiny_engine_factory(EvalOptions(out=tmp_path))("safefm", 3, True).cfg.warm_start is False
     assert eval_cli.build_parser().parse_args(["--config", str(cfg)]).config == cfg
