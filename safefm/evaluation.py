@@ -248,6 +248,17 @@ class _Timer:
             self.status[f.status] = self.status.get(f.status, 0) + 1
         self.no_face += not res.faces
 
+    def merge(self, other: "_Timer") -> None:
+        """Add another timer's frames (a clip run in an earlier, resumed session)."""
+        self.frames += other.frames
+        self.total += other.total
+        for s in STAGES:
+            self.stages[s] += other.stages[s]
+        self.steps = max(self.steps, other.steps)
+        for k, v in other.status.items():
+            self.status[k] = self.status.get(k, 0) + v
+        self.no_face += other.no_face
+
     def summary(self) -> dict:
         n = max(self.frames, 1)
         return {"frames": self.frames, "ms_per_frame": 1e3 * self.total / n,
@@ -539,19 +550,28 @@ def run_video(opts: EvalOptions, factory: EngineFactory, data_dir: Path,
     plot = {}
     for label, method, steps in variants(opts):
         def compute():
-            t1 = time.perf_counter()
-            engine = factory(method, steps, True)
-            timer = _Timer()
-            per = {}
+            timer, per, engine = _Timer(), {}, None
+
+            def one_clip(p: Path) -> dict:   # each clip is its own resumable piece
+                nonlocal engine
+                t1 = time.perf_counter()
+                if engine is None:
+                    engine = factory(method, steps, True)
+                clip_timer = _Timer()
+                r = _run_clip(engine, p, inputs[p.stem], opts, dl, clip_timer)
+                return {**r, "_timer": clip_timer, "_seconds": time.perf_counter() - t1}
             try:
                 for p in clips:
-                    per[p.stem] = _run_clip(engine, p, inputs[p.stem], opts, dl, timer)
-                    log(f"video {label}: {p.stem} done ({time.perf_counter() - t1:.0f}s)")
+                    per[p.stem] = cache.get_or(cache.key(f"video_clip_{p.stem}", method, steps),
+                                               lambda p=p: one_clip(p))
+                    timer.merge(per[p.stem]["_timer"])
+                    log(f"video {label}: {p.stem} done ({per[p.stem]['_seconds']:.0f}s)")
             finally:
-                engine.close()
+                if engine is not None:
+                    engine.close()
             return {"overall": _overall(per, inputs),
                     "clips": {n: {k: v for k, v in c.items() if not k.startswith("_")} for n, c in per.items()},
-                    "engine": timer.summary(), "seconds": time.perf_counter() - t1,
+                    "engine": timer.summary(), "seconds": sum(c["_seconds"] for c in per.values()),
                     "_plot": {n: c["_feats"] for n, c in per.items()}}
         m = dict(cache.get_or(cache.key("video", method, steps), compute))
         plot[label] = {n: (inputs[n].feats, f) for n, f in m.pop("_plot").items()}
@@ -616,6 +636,16 @@ def machine_info() -> dict:
     return info
 
 
+def runtime_settings_changed(path: Path | None) -> dict:
+    """The runtime settings of ``path`` (None: configs/runtime_default.toml) that differ from
+    :class:`RuntimeConfig`'s built-in values, ``steps``/``runtime`` aside (set per run)."""
+    from .config import RuntimeConfig, load_runtime_config, to_dict
+
+    base = to_dict(RuntimeConfig())
+    return {k: v for k, v in to_dict(load_runtime_config(path)).items()
+            if k not in ("steps", "runtime") and v != base[k]}
+
+
 def run(opts: EvalOptions, engine_factory: EngineFactory | None = None) -> dict:
     """Run the evaluation and write report.json, report.md and plots to ``opts.out``.
     Returns the report dict (as written to report.json)."""
@@ -632,8 +662,10 @@ def run(opts: EvalOptions, engine_factory: EngineFactory | None = None) -> dict:
     signature = {"data": str(data_dir), "max_people": opts.max_people, "max_clips": opts.max_clips,
                  "max_frames": opts.max_frames, "embed_stride": opts.embed_stride}
     rt_label = _file_label(opts.runtime_config, None) if opts.runtime_config else "configs/runtime_default.toml"
+    rt_changed = runtime_settings_changed(opts.runtime_config)   # a new default re-runs SAFE-FM too
     tag = hashlib.sha1(json.dumps([model_label, str(opts.identity), opts.seed, opts.runtime]
-                                  + ([rt_label] if opts.runtime_config else [])).encode())
+                                  + ([rt_label] if opts.runtime_config else [])
+                                  + ([rt_changed] if rt_changed else []), sort_keys=True).encode())
     cache = _Cache(out / "partial", signature, opts.resume, opts.log, tag.hexdigest()[:10])
     meta = {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": opts.command,

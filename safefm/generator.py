@@ -29,7 +29,7 @@ from .paths import cache_dir
 from .sampler import sample
 
 log = logging.getLogger(__name__)
-ONNX_GRAPHS = "g2"  # bump when the exported graphs change, so stale caches are not reused
+ONNX_GRAPHS = "g3"  # bump when the exported graphs change, so stale caches are not reused
 
 
 def _onnx_available() -> bool:
@@ -55,6 +55,14 @@ class _Decoder(torch.nn.Module):
 
     def forward(self, z):
         return self.model.decode(z)
+
+
+def _run1(sess, feeds: dict) -> np.ndarray:
+    """Run a batch-1 session over a batch: (B, ...) inputs -> (B, ...) output, item by item."""
+    n = next(iter(feeds.values())).shape[0]
+    if n == 1:
+        return sess.run(None, feeds)[0]
+    return np.concatenate([sess.run(None, {k: v[i:i + 1] for k, v in feeds.items()})[0] for i in range(n)])
 
 
 class Generator:
@@ -139,11 +147,13 @@ class Generator:
 
     @staticmethod
     def _export(module, args, path: Path, inputs, outputs) -> None:
+        """Batch-1 graph with static shapes: onnxruntime then folds the shape arithmetic away
+        (measured: 2,833 -> 1,017 nodes after optimisation, 15 -> 10 ms a step on 1 thread);
+        batches run item by item (``_run1``)."""
         tmp = path.with_suffix(".tmp.onnx")
-        dyn = {n: {0: "batch"} for n in inputs + outputs}
         with torch.no_grad():
             torch.onnx.export(module, args, str(tmp), input_names=inputs, output_names=outputs,
-                              dynamic_axes=dyn, opset_version=17, dynamo=False)
+                              opset_version=17, dynamo=False)
         tmp.replace(path)
 
     # -- public calls ----------------------------------------------------------------------
@@ -159,7 +169,7 @@ class Generator:
         if self.cond_embed is None:
             return heat
         if self._sess_c is not None:
-            return torch.from_numpy(self._sess_c.run(None, {"heat": heat.cpu().numpy()})[0])
+            return torch.from_numpy(_run1(self._sess_c, {"heat": heat.cpu().numpy()}))
         return self.cond_embed(heat.to(self.device))
 
     def velocity(self, heat: torch.Tensor, tokens: torch.Tensor):
@@ -172,7 +182,7 @@ class Generator:
             def v(z: torch.Tensor, t: float) -> torch.Tensor:
                 feeds["z"] = z.numpy()
                 feeds["t"] = np.full((z.shape[0],), t, np.float32)
-                return torch.from_numpy(sess.run(None, feeds)[0])
+                return torch.from_numpy(_run1(sess, feeds))
             return v
 
         net, tok = self.velocity_net, tokens.expand(heat.shape[0], -1, -1)
@@ -199,7 +209,7 @@ class Generator:
     def decode(self, z: torch.Tensor) -> np.ndarray:
         """Latents (B, C, h, w) -> RGB crops (B, S, S, 3) uint8."""
         if self._sess_d is not None:
-            img = torch.from_numpy(self._sess_d.run(None, {"z": z.cpu().numpy().astype(np.float32)})[0])
+            img = _run1(self._sess_d, {"z": z.cpu().numpy().astype(np.float32)})
         else:
             img = self.model.decode(z.to(self.device)).cpu()
         img = np.asarray(img.numpy() if isinstance(img, torch.Tensor) else img).transpose(0, 2, 3, 1)

@@ -10,6 +10,11 @@
     python scripts/train.py --stage export   [--out weights/safefm_default.safetensors]
     python scripts/train.py --stage preview                     # runs/preview_*.png (recon + samples)
 
+On GPUs the flow stages run data parallel under ``accelerate launch`` (or ``torchrun``)::
+
+    accelerate launch --multi_gpu --num_processes 2 scripts/train.py --stage base --threads 0
+    accelerate launch --num_processes 1 --mixed_precision bf16 scripts/train.py --stage adapters
+
 Each stage continues from ``runs/<stage>/last.pt`` unless ``--fresh``; ``--max-minutes``
 bounds the wall clock of this invocation; run it again to continue. ``--stage ae`` also
 builds the latent cache when it finishes (``--no-cache`` to skip).
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -100,10 +106,23 @@ def main(argv=None) -> int:
     from safefm.train.common import load_checkpoint, runs_root, set_threads
 
     set_threads(a.threads)
+    runner = None
+    if a.stage in ("base", "adapters"):   # the flow stages: one process, or accelerate launch / torchrun
+        from safefm.train.accel import Runner
+
+        runner = Runner()
+        print(f"{a.stage}: {runner.describe()}")
+    elif int(os.environ.get("RANK", "0")) != 0:
+        print(f"--stage {a.stage} runs in the main process only (data parallel is for base and adapters)")
+        return 0
+    log = print if runner is None or runner.is_main else (lambda *_: None)
     root = Path(a.runs or runs_root())
     sdir = root / a.stage
     if a.stage in ("ae", "decoder", "base", "adapters", "sampler"):
-        _prepare_run(sdir, a.fresh)
+        if runner is None or runner.is_main:
+            _prepare_run(sdir, a.fresh)
+        if runner is not None:
+            runner.wait()
 
     if a.stage == "ae":
         from safefm.data import load_shards
@@ -135,7 +154,7 @@ def main(argv=None) -> int:
 
         ae = load_checkpoint(root / "ae" / "last.pt")
         train_base(checkpoint_model_config(ae), _overrides(FlowTrainConfig(), a), open_cache(ae), ae_ckpt=ae,
-                   run_dir=sdir, max_minutes=a.max_minutes)
+                   run_dir=sdir, max_minutes=a.max_minutes, runner=runner, log=log)
     elif a.stage == "adapters":
         from safefm.train.adapters import ADAPTER_DEFAULTS, train_adapters
         from safefm.train.common import checkpoint_model_config
@@ -143,7 +162,7 @@ def main(argv=None) -> int:
         ae = load_checkpoint(root / "ae" / "last.pt")
         base = load_checkpoint(root / "base" / "last.pt")
         train_adapters(checkpoint_model_config(ae), _overrides(ADAPTER_DEFAULTS, a), open_cache(ae), ae_ckpt=ae,
-                       base_ckpt=base, run_dir=sdir, max_minutes=a.max_minutes)
+                       base_ckpt=base, run_dir=sdir, max_minutes=a.max_minutes, runner=runner, log=log)
     elif a.stage == "sampler":
         import numpy as np
 

@@ -76,6 +76,11 @@ def test_quick_eval_writes_every_field(tmp_path):
     assert set(calls) == {"safefm"}
     third = json.loads((out / "report.json").read_text())
     assert third["meta"]["seed"] == 1 and len(third["meta"]["resumed"]) == 1 + 3 + 1 + 3
+    # A run stopped between clips keeps each finished clip: no engine is built to resume it.
+    dropped = list((out / "partial").glob("video_safefm_*.pkl"))
+    assert dropped and all(f.unlink() is None for f in dropped)
+    assert eval_cli.main([a if a != "0" else "1" for a in argv] + ["--resume"], engine_factory=no_engine) == 0
+    assert json.loads((out / "report.json").read_text())["video"] == third["video"]
 
     (out / "privacy.png").unlink()
     assert eval_cli.main(["--replot", "--out", str(out)]) == 0      # re-render from report.json

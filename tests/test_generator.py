@@ -60,7 +60,7 @@ def test_onnx_runtime_matches_torch(tmp_path, monkeypatch, heat):
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     heat2 = heat.expand(2, -1, -1, -1)
     z_t = g_t.generate(heat2, tokens, noise)
-    z_o = g_o.generate(heat2, tokens, noise)  # batch of 2 through the dynamic axis
+    z_o = g_o.generate(heat2, tokens, noise)  # batch of 2, item by item through the batch-1 graph
     assert torch.allclose(z_t, z_o, atol=1e-3)
     assert np.abs(g_t.decode(z_t).astype(int) - g_o.decode(z_o).astype(int)).max() <= 2
     z_w = g_o.generate(heat2, tokens, noise, z_prev=z_o, t0=0.5, steps=2)  # warm start path
@@ -105,3 +105,4 @@ def test_controlnet_scale_multiplies_the_adapter_residuals(tmp_path, monkeypatch
     v = gen.velocity(heat, tok)(z, 0.3)
     v0 = gen.velocity(torch.zeros_like(heat), tok)(z, 0.3)
     assert torch.equal(v, v0)
+

@@ -21,6 +21,7 @@ import torch
 from .. import flow
 from ..config import ModelConfig
 from ..models import SafeFMModel, Velocity, count_parameters
+from .accel import Runner
 from .common import (EMA, Deadline, History, checkpoint_model_config, config_dict, load_checkpoint, save_checkpoint,
                      stage_dir, train_config_from_dict)
 
@@ -60,9 +61,9 @@ def flow_loss(velocity: Velocity, identity: torch.nn.Module, batch: dict, tcfg: 
     optional ``heat`` (B, Ch, H, H). Noise, times and identity dropout come from ``gen``."""
     x1 = batch["z"]
     b = x1.shape[0]
-    x0 = torch.randn(x1.shape, generator=gen)
-    t = sample_times(b, tcfg, gen)
-    drop = torch.rand(b, generator=gen) < tcfg.null_prob
+    x0 = torch.randn(x1.shape, generator=gen).to(x1.device)   # drawn on the CPU: same numbers on any device
+    t = sample_times(b, tcfg, gen).to(x1.device)
+    drop = (torch.rand(b, generator=gen) < tcfg.null_prob).to(x1.device)
     emb = torch.where(drop[:, None], torch.full_like(batch["emb"], NULL_EMBEDDING_VALUE), batch["emb"])
     v = velocity(flow.interpolate(x0, x1, t), t, batch.get("heat"), identity(emb))
     return flow.flow_matching_loss(v, x0, x1)
@@ -82,21 +83,44 @@ def _lr(step: int, tcfg: FlowTrainConfig) -> float:
 
 def train_base(cfg: ModelConfig, tcfg: FlowTrainConfig, cache, *, ae_ckpt: dict | None = None,
                run_dir: Path | None = None, max_minutes: float = 20, resume: bool = True,
-               log=print) -> dict:
+               log=print, runner: Runner | None = None) -> dict:
     """Train (or continue) the base on a :class:`safefm.data.LatentCache`; returns the checkpoint."""
-    from tqdm import tqdm
-
-    run_dir = Path(run_dir or stage_dir("base"))
-    ckpt_path = run_dir / "last.pt"
     model = base_model(cfg)
     if ae_ckpt is not None:
         model.load_state_dict(ae_ckpt["state"]["model"], strict=False)
-    params = [p for n, p in model.named_parameters() if n.startswith(("unet.", "identity."))]
     for p in model.autoencoder.parameters():
         p.requires_grad_(False)
+    params = [p for n, p in model.named_parameters() if n.startswith(("unet.", "identity."))]
+    metrics = {"trainable_params": count_parameters(model.unet) + count_parameters(model.identity)}
+    if ae_ckpt is not None:
+        metrics["ae_step"] = int(ae_ckpt["step"])   # the latents this base was trained on
+    ck = train_flow_stage(
+        "base", cfg, tcfg, cache, model=model, velocity=Velocity(model.unet, None), params=params,
+        keys=base_keys(model), metrics=metrics, heat_size=None, seed_salt=0,
+        title="base flow matching", run_dir=Path(run_dir or stage_dir("base")), max_minutes=max_minutes,
+        resume=resume, log=log, runner=runner)
+    m = ck["metrics"]
+    log(f"base: step {ck['step']}, loss (last 100) {m['loss_last100']:.4f}, "
+        f"{m['sec_per_step']:.2f} s/step, {m['trainable_params'] / 1e6:.2f} M trainable params")
+    return ck
+
+
+def train_flow_stage(stage: str, cfg: ModelConfig, tcfg: FlowTrainConfig, cache, *, model: SafeFMModel,
+                     velocity: torch.nn.Module, params: list, keys: list[str], metrics: dict,
+                     heat_size: int | None, seed_salt: int, title: str, run_dir: Path,
+                     max_minutes: float, resume: bool, log, runner: Runner | None) -> dict:
+    """The loop both flow stages share: resumable, EMA of ``keys``, checkpoint every
+    ``ckpt_every`` steps (main process only), one plain process or ``accelerate launch``
+    (see :mod:`safefm.train.accel`). ``velocity`` wraps the trained modules; ``params`` are
+    the trainable parameters; ``keys`` the state-dict names saved and averaged."""
+    from tqdm import tqdm
+
+    runner = runner or Runner()
+    ckpt_path = run_dir / "last.pt"
+    model.to(runner.device)
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    ema = EMA(model, tcfg.ema_decay, base_keys(model))
-    step, history, metrics = 0, History(), {}
+    ema = EMA(model, tcfg.ema_decay, keys)
+    step, history = 0, History()
     if resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
         if checkpoint_model_config(ck) != cfg:
@@ -105,37 +129,43 @@ def train_base(cfg: ModelConfig, tcfg: FlowTrainConfig, cache, *, ae_ckpt: dict 
         model.load_state_dict(ck["state"]["model"], strict=False)
         opt.load_state_dict(ck["opt"])
         ema.load_state_dict(ck["ema"])
-        step, history, metrics = ck["step"], History(ck["history"]), ck.get("metrics", {})
+        step, history = ck["step"], History(ck["history"])
+        metrics = {**ck.get("metrics", {}), **metrics}
         log(f"resumed {ckpt_path} at step {step}")
-    gen = torch.Generator().manual_seed(tcfg.seed * 1_000_003 + step)
-    rng = np.random.default_rng(tcfg.seed + 7919 * step)
-    velocity = Velocity(model.unet, None)
-    n_train = count_parameters(model.unet) + count_parameters(model.identity)
-    metrics["trainable_params"] = n_train
-    if ae_ckpt is not None:
-        metrics["ae_step"] = int(ae_ckpt["step"])   # the latents this base was trained on
+    salt = seed_salt + runner.seed_offset()
+    gen = torch.Generator().manual_seed(tcfg.seed * 1_000_003 + step + salt)
+    rng = np.random.default_rng(tcfg.seed + 7919 * step + salt)
+    net, identity = runner.wrap(velocity), runner.wrap(model.identity)
+    opt = runner.prepare_optimizer(opt)
+    metrics["processes"] = runner.world
     deadline = Deadline(max_minutes)
+    key_set = set(keys)
 
     def save():
-        payload = {"stage": "base", "model_config": config_dict(cfg), "train_config": config_dict(tcfg),
-                   "step": step, "state": {"model": {k: v for k, v in model.state_dict().items()
-                                                     if k.startswith(("unet.", "identity."))}},
-                   "opt": opt.state_dict(), "ema": ema.state_dict(), "history": history.data,
-                   "metrics": metrics}
-        save_checkpoint(ckpt_path, payload)
-        history.plot(run_dir / "loss.png", ("loss",), f"base flow matching (step {step})")
+        if runner.is_main:
+            payload = {"stage": stage, "model_config": config_dict(cfg), "train_config": config_dict(tcfg),
+                       "step": step, "state": {"model": {k: v for k, v in model.state_dict().items() if k in key_set}},
+                       "opt": opt.state_dict(), "ema": ema.state_dict(), "history": history.data,
+                       "metrics": metrics}
+            save_checkpoint(ckpt_path, payload)
+            history.plot(run_dir / "loss.png", ("loss",), f"{title} (step {step})")
 
+    if runner.world > 1:
+        log(f"{stage}: {runner.describe()}; effective batch {runner.world} x {tcfg.batch}")
     model.train()
-    bar = tqdm(total=tcfg.max_steps, initial=step, desc="base", unit="step", mininterval=5)
+    model.autoencoder.eval()
+    bar = tqdm(total=tcfg.max_steps, initial=step, desc=stage, unit="step", mininterval=5,
+               disable=not runner.is_main)
     t0, step0 = time.monotonic(), step
-    while step < tcfg.max_steps and not deadline.passed():
+    while step < tcfg.max_steps and not runner.should_stop():
         for g in opt.param_groups:
             g["lr"] = _lr(step, tcfg)
-        batch = cache.batch(rng.integers(0, len(cache), tcfg.batch))
-        loss = flow_loss(velocity, model.identity, batch, tcfg, gen)
+        batch = runner.batch(cache.batch(rng.integers(0, len(cache), tcfg.batch), heat_size=heat_size))
+        with runner.autocast():
+            loss = flow_loss(net, identity, batch, tcfg, gen)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        runner.backward(loss)
+        runner.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update(model)
         step += 1
@@ -144,13 +174,14 @@ def train_base(cfg: ModelConfig, tcfg: FlowTrainConfig, cache, *, ae_ckpt: dict 
         bar.set_postfix(loss=f"{history.mean_last('loss', 50):.4f}", refresh=False)
         if step % tcfg.ckpt_every == 0:
             save()
+        if deadline.passed():
+            runner.request_stop()
     bar.close()
     metrics["sec_per_step"] = (time.monotonic() - t0) / max(1, step - step0)
     metrics["steps"] = step
     metrics["loss_last100"] = history.mean_last("loss", 100)
     save()
-    log(f"base: step {step}, loss (last 100) {metrics['loss_last100']:.4f}, "
-        f"{metrics['sec_per_step']:.2f} s/step, {n_train / 1e6:.2f} M trainable params")
+    runner.wait()
     return load_checkpoint(ckpt_path)
 
 

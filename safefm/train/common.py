@@ -113,7 +113,8 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.num_updates = state["decay"], state["num_updates"]
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+        dev = next(iter(self.shadow.values())).device if self.shadow else torch.device("cpu")
+        self.shadow = {k: v.to(dev, copy=True) for k, v in state["shadow"].items()}   # where the model is
 
     def copy_to(self, module: nn.Module) -> nn.Module:
         """Load the averaged values into ``module`` (other state untouched)."""
