@@ -691,6 +691,11 @@ def run(opts: EvalOptions, engine_factory: EngineFactory | None = None) -> dict:
         report["video"], plot = run_video(opts, factory, data_dir, cache)
         meta["seconds"]["video"] = time.perf_counter() - t1
     meta["seconds"]["total"] = time.perf_counter() - t0
+    meta["compute_seconds"] = {part: sum(float(m.get("seconds") or 0.0) for m in report[part]["methods"].values())
+                               for part in ("privacy", "video") if part in report}
+    note = cache.note(f"identity_{cache.safefm_tag}")
+    if "safefm" in opts.methods and factory.identity == "n/a" and not note:
+        factory("safefm", opts.steps[0], False).close()   # every piece was resumed: read the identity
     if factory.identity not in ("n/a", "unknown"):
         cache.note(f"identity_{cache.safefm_tag}", [factory.identity, factory.seed])
     elif "safefm" in opts.methods and cache.note(f"identity_{cache.safefm_tag}"):
@@ -752,7 +757,11 @@ def write_markdown(report: dict) -> str:
              f"- {figure_caption(meta)}",
              f"- machine: {meta['machine'].get('cpu', meta['machine']['processor'])}, "
              f"{meta['machine']['cpu_count']} cores, {meta['machine']['platform']}",
-             "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in meta["seconds"].items()), ""]
+             "- time of this invocation: " + ", ".join(f"{k} {v:.0f} s" for k, v in meta["seconds"].items())]
+    if meta.get("compute_seconds"):
+        lines.append("- compute of the methods, resumed pieces included (gallery and input analysis aside): "
+                     + ", ".join(f"{k} {v:.0f} s" for k, v in meta["compute_seconds"].items()))
+    lines.append("")
     if "privacy" in report:
         p = report["privacy"]
         g = p["gallery"]
