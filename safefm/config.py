@@ -28,6 +28,8 @@ class ModelConfig:
     unet_channels: tuple[int, ...] = (32, 64, 128)
     unet_layers_per_block: int = 1
     unet_attention_head_dim: int = 8
+    unet_cross_attention: str = "levels"
+    identity_film: bool = False
     identity_dim: int = 128
     identity_tokens: int = 4
     cross_attention_dim: int = 128
@@ -56,6 +58,8 @@ class ModelConfig:
                 f"{2 ** (len(self.ae_blocks) - 1)}, not latent_downscale={self.latent_downscale}")
         if self.image_size % self.latent_downscale:
             raise ConfigError("image_size must be a multiple of latent_downscale")
+        if self.unet_cross_attention not in ("levels", "mid"):
+            raise ConfigError(f"unet_cross_attention must be 'levels' or 'mid', got {self.unet_cross_attention!r}")
         if self.decoder not in ("tiny", "fast"):
             raise ConfigError(f"decoder must be 'tiny' or 'fast', got {self.decoder!r}")
         if self.decoder == "fast":

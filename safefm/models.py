@@ -86,8 +86,13 @@ def build_unet(cfg: ModelConfig):
     from diffusers import UNet2DConditionModel
 
     n = len(cfg.unet_channels)
-    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
-    up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
+    if cfg.unet_cross_attention == "mid":   # identity tokens attended to only at the bottleneck
+        down, up = ("DownBlock2D",) * n, ("UpBlock2D",) * n
+    else:
+        down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
+        up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
+    film = {"class_embed_type": "projection",
+            "projection_class_embeddings_input_dim": cfg.cross_attention_dim} if cfg.identity_film else {}
     heads = tuple(max(1, c // cfg.unet_attention_head_dim) for c in cfg.unet_channels)
     return UNet2DConditionModel(
         sample_size=cfg.latent_size,
@@ -100,6 +105,7 @@ def build_unet(cfg: ModelConfig):
         cross_attention_dim=cfg.cross_attention_dim,
         attention_head_dim=heads,
         norm_num_groups=min(32, min(cfg.unet_channels)),
+        **film,
     )
 
 
@@ -153,12 +159,14 @@ class Velocity(nn.Module):
     def forward(self, z: torch.Tensor, t: torch.Tensor, heat: torch.Tensor | None,
                 tokens: torch.Tensor) -> torch.Tensor:
         ts = t.reshape(-1).expand(z.shape[0]) * TIME_SCALE
+        # identity_film: the mean identity token also shifts every ResNet's time embedding
+        film = {"class_labels": tokens.mean(1)} if self.unet.config.class_embed_type else {}
         down = mid = None
         if self.controlnet is not None and heat is not None:
             down, mid = self.controlnet(z, ts, encoder_hidden_states=tokens, controlnet_cond=heat,
-                                        return_dict=False)
+                                        return_dict=False, **film)
         return self.unet(z, ts, encoder_hidden_states=tokens, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid, return_dict=False)[0]
+                         mid_block_additional_residual=mid, return_dict=False, **film)[0]
 
 
 @torch.no_grad()

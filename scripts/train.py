@@ -66,6 +66,22 @@ def stage_cache(a, root: Path) -> Path:
     return out
 
 
+def _flow_config(ae_ck: dict, path: Path | None):
+    """The base's model config: the autoencoder checkpoint's, or ``--config`` (e.g. the lean
+    UNet of configs/model_lean.toml) when its autoencoder fields agree with the checkpoint's."""
+    from safefm.config import load_model_config
+    from safefm.train.common import autoencoder_mismatch, checkpoint_model_config, with_decoder_of
+
+    ae_cfg = checkpoint_model_config(ae_ck)
+    if path is None:
+        return ae_cfg
+    cfg = load_model_config(path)
+    bad = autoencoder_mismatch(cfg, ae_cfg)
+    if bad:
+        raise SystemExit(f"{path}: {', '.join(bad)} differ from the autoencoder checkpoint's; train a new ae")
+    return with_decoder_of(cfg, ae_cfg)   # the decoder comes from the ae / decoder stages
+
+
 def open_cache(ae_ck: dict):
     from safefm.data import LatentCache, cache_root
 
@@ -150,10 +166,9 @@ def main(argv=None) -> int:
                       run_dir=sdir, max_minutes=a.max_minutes)
     elif a.stage == "base":
         from safefm.train.base import FlowTrainConfig, train_base
-        from safefm.train.common import checkpoint_model_config
 
         ae = load_checkpoint(root / "ae" / "last.pt")
-        train_base(checkpoint_model_config(ae), _overrides(FlowTrainConfig(), a), open_cache(ae), ae_ckpt=ae,
+        train_base(_flow_config(ae, a.config), _overrides(FlowTrainConfig(), a), open_cache(ae), ae_ckpt=ae,
                    run_dir=sdir, max_minutes=a.max_minutes, runner=runner, log=log)
     elif a.stage == "adapters":
         from safefm.train.adapters import ADAPTER_DEFAULTS, train_adapters
@@ -161,7 +176,7 @@ def main(argv=None) -> int:
 
         ae = load_checkpoint(root / "ae" / "last.pt")
         base = load_checkpoint(root / "base" / "last.pt")
-        train_adapters(checkpoint_model_config(ae), _overrides(ADAPTER_DEFAULTS, a), open_cache(ae), ae_ckpt=ae,
+        train_adapters(checkpoint_model_config(base), _overrides(ADAPTER_DEFAULTS, a), open_cache(ae), ae_ckpt=ae,
                        base_ckpt=base, run_dir=sdir, max_minutes=a.max_minutes, runner=runner, log=log)
     elif a.stage == "sampler":
         import numpy as np

@@ -106,3 +106,25 @@ def test_controlnet_scale_multiplies_the_adapter_residuals(tmp_path, monkeypatch
     v0 = gen.velocity(torch.zeros_like(heat), tok)(z, 0.3)
     assert torch.equal(v, v0)
 
+
+
+def test_lean_model_attends_only_in_the_middle_and_takes_the_identity_through_film(tmp_path, monkeypatch, heat):
+    """configs/model_lean.toml's architecture: fewer operators, identity still steers the face,
+    and onnxruntime runs the same graph as torch."""
+    import dataclasses
+
+    from safefm.testing import tiny_model_config
+
+    lean = dataclasses.replace(tiny_model_config(), unet_cross_attention="mid", identity_film=True)
+    model = tiny_model(0, lean)
+    kinds = [type(b).__name__ for b in (*model.unet.down_blocks, *model.unet.up_blocks)]
+    assert not any("CrossAttn" in k for k in kinds) and model.unet.config.class_embed_type == "projection"
+    assert model.controlnet.config.class_embed_type == "projection"
+    monkeypatch.setenv("SAFEFM_CACHE", str(tmp_path))
+    g_t = Generator(model, load_runtime_config(runtime="torch"))
+    g_o = Generator(tiny_model(0, lean), load_runtime_config(runtime="onnx"))
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    a, b = (g_t.identity_tokens(np.eye(128, dtype=np.float32)[i]) for i in (0, 1))
+    z_a = g_t.generate(heat, a, noise)
+    assert (z_a - g_t.generate(heat, b, noise)).abs().max() > 1e-4     # another identity, another face
+    assert torch.allclose(z_a, g_o.generate(heat, a, noise), atol=1e-3)

@@ -75,6 +75,28 @@ def test_base_flow_loss_decreases_on_fixed_batch():
     assert losses[-1] < 0.8 * losses[0]
 
 
+def test_lean_base_trains_and_exports_with_the_shared_decoder(tmp_path):
+    """A base with configs/model_lean.toml's UNet on the same autoencoder: it learns, and the
+    export combines its config with the decoder stage's."""
+    import dataclasses
+
+    from safefm.train.base import FlowTrainConfig, base_model, flow_loss
+    from safefm.train.common import autoencoder_mismatch, with_decoder_of
+
+    lean = dataclasses.replace(TINY, unet_cross_attention="mid", identity_film=True)
+    assert autoencoder_mismatch(lean, TINY) == []
+    assert autoencoder_mismatch(dataclasses.replace(TINY, ae_width=16), TINY) == ["ae_width"]
+    m = base_model(lean)
+    v = Velocity(m.unet, None)
+    params = list(m.unet.parameters()) + list(m.identity.parameters())
+    losses = _descend(lambda: flow_loss(v, m.identity, _fixed_batch(), FlowTrainConfig(null_prob=0.25),
+                                        torch.Generator().manual_seed(3)), params)
+    assert losses[-1] < 0.8 * losses[0]
+    fast = dataclasses.replace(TINY, decoder="fast", decoder_widths=(8, 8, 8), decoder_blocks=(1, 1, 1))
+    merged = with_decoder_of(lean, fast)
+    assert merged.decoder == "fast" and merged.identity_film and merged.unet_cross_attention == "mid"
+
+
 def test_adapters_train_only_controlnet_and_lora():
     from safefm.train.adapters import adapter_model, adapter_keys, freeze_for_adapters, trainable_report
     from safefm.train.base import FlowTrainConfig, flow_loss

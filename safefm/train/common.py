@@ -78,6 +78,20 @@ def checkpoint_model_config(ckpt: dict) -> ModelConfig:
     return stored_model_config(ckpt["model_config"])
 
 
+AUTOENCODER_FIELDS = ("image_size", "latent_channels", "latent_downscale", "ae_width", "ae_blocks")
+DECODER_FIELDS = ("decoder", "decoder_widths", "decoder_blocks")
+
+
+def autoencoder_mismatch(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """The autoencoder fields in which two configs differ (flow stages on other latents)."""
+    return [k for k in AUTOENCODER_FIELDS if getattr(a, k) != getattr(b, k)]
+
+
+def with_decoder_of(cfg: ModelConfig, other: ModelConfig) -> ModelConfig:
+    """``cfg`` with ``other``'s decoder fields (the decoder stage is trained separately)."""
+    return dataclasses.replace(cfg, **{k: getattr(other, k) for k in DECODER_FIELDS})
+
+
 # ---------------------------------------------------------------------------------------
 # EMA
 

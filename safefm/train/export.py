@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .common import checkpoint_model_config, load_checkpoint, runs_root
+from .common import autoencoder_mismatch, checkpoint_model_config, load_checkpoint, runs_root, with_decoder_of
 from .decoder import without_decoder
 
 LICENSE_NOTE = ("Trained on UTKFace (non-commercial research use only) and LFW (research); "
@@ -39,9 +39,9 @@ def assemble(run_dir: Path | None = None):
     run_dir = Path(run_dir or runs_root())
     ae = load_checkpoint(run_dir / "ae" / "last.pt")
     base = load_checkpoint(run_dir / "base" / "last.pt")
-    cfg = checkpoint_model_config(ae)
-    if checkpoint_model_config(base) != cfg:
-        raise ValueError("ae and base checkpoints have different model configs")
+    cfg = checkpoint_model_config(base)   # the flow model's config (its UNet may differ from the ae run's)
+    if autoencoder_mismatch(cfg, checkpoint_model_config(ae)):
+        raise ValueError("ae and base checkpoints have different autoencoder configs")
     _check_lineage("base", base, ae_step=ae["step"])
     summary = {"ae_steps": ae["step"], "ae_psnr_holdout": ae["metrics"].get("psnr_holdout"),
                "base_steps": base["step"], "base_loss": base["metrics"].get("loss_last100")}
@@ -53,7 +53,7 @@ def assemble(run_dir: Path | None = None):
         summary.update(decoder=checkpoint_model_config(dec).decoder, decoder_steps=dec["step"],
                        decoder_psnr_holdout=dec["metrics"].get("psnr_holdout"),
                        old_decoder_psnr_holdout=dec["metrics"].get("psnr_old_decoder"))
-    model = adapter_model(checkpoint_model_config(dec) if dec is not None else cfg, ae, base)
+    model = adapter_model(with_decoder_of(cfg, checkpoint_model_config(dec)) if dec is not None else cfg, ae, base)
     ad_path = run_dir / "adapters" / "last.pt"
     if ad_path.exists():
         ad = load_checkpoint(ad_path)
