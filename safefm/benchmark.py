@@ -294,7 +294,7 @@ def run(opts: BenchOptions, engine_factory: EngineFactory | None = None) -> dict
     """Benchmark every (runtime, steps); returns the JSON-ready result."""
     from .config import load_runtime_config
     from .evaluation import _file_label, jsonable, machine_info
-    from .paths import default_model_path, shared_data_dir
+    from .paths import default_model_path, resolve_model_path, shared_data_dir
 
     source = Path(opts.source or shared_data_dir() / "videos" / "liveportrait_d3.mp4")
     if not source.is_file():
@@ -309,7 +309,7 @@ def run(opts: BenchOptions, engine_factory: EngineFactory | None = None) -> dict
     result = {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "source": {"path": str(source), "fps": fps, "size": list(frames[0].shape[:2][::-1])},
-        "model": opts.model_label or _file_label(opts.model, default_model_path()),
+        "model": opts.model_label or _file_label(resolve_model_path(opts.model), default_model_path()),
         "identity": str(opts.identity) if opts.identity else "default", "seed": None,
         "warmup": {"engine_frames": opts.warmup, "live_fresh_frames_excluded": opts.live_warmup,
                    "note": "warm-up frames are run but excluded from every number"},

@@ -236,8 +236,8 @@ def _box(landmarks: np.ndarray, shape, margin: float = 0.0) -> tuple[int, int, i
 
 def build_engine(cfg: RuntimeConfig, model_path=None, identity_path=None, video: bool = True) -> Engine:
     """Load the weights (default: ``$SAFEFM_WEIGHTS`` or ``weights/``) and an identity file."""
-    from .paths import default_identity_path, default_model_path
+    from .paths import default_identity_path, resolve_model_path
 
-    gen = Generator.load(model_path or default_model_path(), cfg)
+    gen = Generator.load(resolve_model_path(model_path), cfg)
     identity = load_identity(identity_path or default_identity_path(), gen.model_cfg.identity_dim)
     return Engine(gen, identity, cfg, video=video)

@@ -649,7 +649,7 @@ def runtime_settings_changed(path: Path | None) -> dict:
 def run(opts: EvalOptions, engine_factory: EngineFactory | None = None) -> dict:
     """Run the evaluation and write report.json, report.md and plots to ``opts.out``.
     Returns the report dict (as written to report.json)."""
-    from .paths import default_model_path, shared_data_dir
+    from .paths import default_model_path, resolve_model_path, shared_data_dir
 
     t0 = time.perf_counter()
     data_dir = Path(opts.data_dir or shared_data_dir())
@@ -658,7 +658,7 @@ def run(opts: EvalOptions, engine_factory: EngineFactory | None = None) -> dict:
     factory = _Recorder(engine_factory or default_engine_factory(opts), opts)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_label = opts.model_label or _file_label(opts.model, default_model_path())
+    model_label = opts.model_label or _file_label(resolve_model_path(opts.model), default_model_path())
     signature = {"data": str(data_dir), "max_people": opts.max_people, "max_clips": opts.max_clips,
                  "max_frames": opts.max_frames, "embed_stride": opts.embed_stride}
     rt_label = _file_label(opts.runtime_config, None) if opts.runtime_config else "configs/runtime_default.toml"

@@ -28,6 +28,17 @@ def default_model_path() -> Path:
     return weights_dir() / f"{DEFAULT_MODEL_NAME}.safetensors"
 
 
+def resolve_model_path(value: str | Path | None) -> Path:
+    """``None`` -> the default model; a bare name such as ``lean`` -> ``weights/safefm_lean.safetensors``
+    (the shipped alternatives); anything else is a path."""
+    if value is None or str(value) == "":
+        return default_model_path()
+    p = Path(value)
+    if not p.suffix and len(p.parts) == 1 and not p.exists():
+        return weights_dir() / f"safefm_{p.name}.safetensors"
+    return p
+
+
 def default_identity_path() -> Path:
     return identities_dir() / DEFAULT_IDENTITY_NAME
 

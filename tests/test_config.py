@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,12 @@ def test_bad_values_get_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_runtime_config(p)
     assert load_runtime_config(steps=3, runtime=None).steps == 3
+
+
+def test_a_shipped_model_is_found_by_name(tmp_path, monkeypatch):
+    from safefm.paths import default_model_path, resolve_model_path
+
+    monkeypatch.setenv("SAFEFM_WEIGHTS", str(tmp_path))
+    assert resolve_model_path(None) == default_model_path() == tmp_path / "safefm_default.safetensors"
+    assert resolve_model_path("lean") == tmp_path / "safefm_lean.safetensors"
+    assert resolve_model_path("my/model.safetensors") == Path("my/model.safetensors")
