@@ -217,7 +217,7 @@ def preview(root: Path) -> None:
     from safefm.data import finished_shards, load_shards
     from safefm.heatmaps import render_heatmaps
     from safefm.train.autoencoder import load_autoencoder
-    from safefm.train.common import load_checkpoint
+    from safefm.train.common import checkpoint_model_config, load_checkpoint
     from safefm.train.preview import ae_preview, flow_preview
 
     ae = load_checkpoint(root / "ae" / "last.pt")
@@ -230,7 +230,7 @@ def preview(root: Path) -> None:
         from safefm.train.adapters import adapter_model, load_adapters
 
         base = load_checkpoint(root / "base" / "last.pt")
-        model = adapter_model(load_autoencoder(ae).cfg, ae, base).eval()
+        model = adapter_model(checkpoint_model_config(base), ae, base).eval()   # the base's UNet config
         print("wrote", flow_preview(model, emb, root / "preview_base.png"))
         if (root / "adapters" / "last.pt").exists():
             load_adapters(load_checkpoint(root / "adapters" / "last.pt"), model)
