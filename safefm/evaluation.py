@@ -698,8 +698,8 @@ def run(opts: EvalOptions, engine_factory: EngineFactory | None = None) -> dict:
         factory("safefm", opts.steps[0], False).close()   # every piece was resumed: read the identity
     if factory.identity not in ("n/a", "unknown"):
         cache.note(f"identity_{cache.safefm_tag}", [factory.identity, factory.seed])
-    elif "safefm" in opts.methods and cache.note(f"identity_{cache.safefm_tag}"):
-        factory.identity, factory.seed = cache.note(f"identity_{cache.safefm_tag}")
+    elif "safefm" in opts.methods and note:
+        factory.identity, factory.seed = note
     meta["identity"], meta["seed"] = factory.identity, factory.seed
     meta["resumed"] = cache.reused
     write_report(report, out, plot)
