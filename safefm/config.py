@@ -92,8 +92,10 @@ class RuntimeConfig:
     smoothing_min_cutoff: float = 1.0
     smoothing_beta: float = 0.05
     track_max_distance: float = 0.5
-    neutral_window: int = 90
+    neutral_window: int = 1800
+    neutral_warmup: int = 30
     expression_gain: float = 1.0
+    eye_gain: float = 2.0
     hold_frames: int = 8
     placeholder_frames: int = 50
     scene_cut_threshold: float = 0.45
@@ -114,6 +116,10 @@ class RuntimeConfig:
             raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
         if self.max_faces < 1:
             raise ConfigError("max_faces must be at least 1")
+        if self.neutral_window < 1 or self.neutral_warmup < 1:
+            raise ConfigError("neutral_window and neutral_warmup must be at least 1 frame")
+        if not 0.0 <= self.eye_gain <= 3.0:
+            raise ConfigError(f"eye_gain must be in [0, 3], got {self.eye_gain}")
 
 
 def _coerce(cls, values: Mapping[str, Any]):

@@ -142,7 +142,7 @@ class Engine:
         for tr in matched:
             st = self._states.get(tr.id)
             if st is None:
-                st = self._states[tr.id] = _TrackState(retarget.NeutralEstimator(self.cfg.neutral_window))
+                st = self._states[tr.id] = _TrackState(self._neutral_estimator())
             try:
                 results.append(self._anonymize(out, frame, tr, st, timings))
             except Exception as exc:  # fail closed: whatever broke, the raw face does not leave
@@ -152,10 +152,13 @@ class Engine:
         for tr in lost:
             st = self._states.get(tr.id)
             if st is None:
-                st = self._states[tr.id] = _TrackState(retarget.NeutralEstimator(self.cfg.neutral_window))
+                st = self._states[tr.id] = _TrackState(self._neutral_estimator())
             results.append(self._cover(out, tr, st, reason="landmarks lost", landmarks=None,
                                        missing=tr.missing))
         return FrameResult(image=out, faces=results, timings=timings)
+
+    def _neutral_estimator(self) -> retarget.NeutralEstimator:
+        return retarget.NeutralEstimator(self.cfg.neutral_window, self.template, warmup=self.cfg.neutral_warmup)
 
     def _anonymize(self, out, frame, tr: Track, st: _TrackState, timings) -> FaceResult:
         S, cfg = self.mcfg.image_size, self.cfg
@@ -165,7 +168,8 @@ class Engine:
         lm_crop = alignment.transform_points(tr.landmarks, M)
         pose = retarget.pose_fit(lm_crop, self.template)  # canonical = the template's unit crop frame
         neutral = st.neutral.update(retarget.to_canonical(lm_crop, pose))
-        ret_crop = retarget.retarget(lm_crop, neutral, self.identity.shape, cfg.expression_gain, pose=pose)
+        ret_crop = retarget.retarget(lm_crop, neutral, self.identity.shape, cfg.expression_gain, pose=pose,
+                                     eye_gain=cfg.eye_gain)
         st.heat = heatmaps.render_heatmaps(ret_crop, S, self.mcfg.heatmap_size, out=st.heat)
         t_b = time.perf_counter()
         timings["retarget_heatmaps"] += t_b - t_a

@@ -44,14 +44,15 @@ def main(argv=None) -> int:
     cfg = load_runtime_config(runtime="torch", steps=args.steps)
     gen = Generator.load(args.model or default_model_path(), cfg)
     S = gen.model_cfg.image_size
-    ids = [load_identity(p) for p in sorted(identities_dir().glob("*.pt"))][: args.identities]
+    files = sorted(identities_dir().glob("*.pt"), key=lambda p: (p.stem != "default", p.stem))  # default first
+    ids = [load_identity(p) for p in files][: args.identities]
     cap = cv2.VideoCapture(str(shared_data_dir() / "videos" / args.clip))
     n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     picks = np.linspace(0, n - 1, args.frames).astype(int)
     template = alignment.load_template()
     rows = []
     with FaceMeshDetector(max_faces=1, static_image=True) as det:
-        neutral = retarget.NeutralEstimator(90)
+        neutral = retarget.NeutralEstimator(cfg.neutral_window, warmup=cfg.neutral_warmup)
         for k in range(n):
             ok, bgr = cap.read()
             if not ok:
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
                 continue
             row = []
             for j, ident in enumerate(ids):
-                ret = retarget.retarget(lm, neu, ident.shape, pose=pose)
+                ret = retarget.retarget(lm, neu, ident.shape, cfg.expression_gain, pose=pose, eye_gain=cfg.eye_gain)
                 heat = heatmaps.render_heatmaps(ret, S, gen.model_cfg.heatmap_size)
                 if j == 0:
                     row.append(cv2.resize(heat_summary(heat), (S, S)))

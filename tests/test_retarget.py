@@ -107,6 +107,50 @@ def test_neutral_ignores_expressions_held_less_than_half_the_time():
     np.testing.assert_allclose(n, rest, atol=1e-6)
 
 
+def test_a_held_squint_is_not_absorbed_into_the_neutral():
+    """A neutral that follows the last few seconds would erase a squint held for 5 s."""
+    tmpl = load_template()
+    rest = tmpl + person_offsets(5)
+    squint = expression(blink=0.01)
+    est = NeutralEstimator(window=1800, warmup=30)
+    for _ in range(300):                                            # 10 s at rest
+        est.update(rest)
+    for _ in range(150):                                            # then 5 s squinting
+        n = est.update(rest + squint)
+    assert np.abs(n - rest).max() < 1e-6                            # the squint stays an expression
+    short = NeutralEstimator(window=90, warmup=30)
+    for i in range(450):
+        m = short.update(rest + (squint if i >= 300 else 0.0))
+    assert m[159, 1] - rest[159, 1] == pytest.approx(0.01, abs=1e-6)  # a 3 s window forgets the rest
+
+
+def test_neutral_history_spans_the_window_then_forgets_the_oldest():
+    tmpl = load_template()
+    a, b = tmpl + person_offsets(20), tmpl + person_offsets(21)
+    est = NeutralEstimator(window=600, warmup=10, samples=16)
+    for _ in range(400):
+        est.update(a)
+    for _ in range(150):                                            # 400 a, 150 b: a is the majority
+        n = est.update(b)
+    np.testing.assert_allclose(n, a, atol=1e-6)
+    assert est.stride * 16 <= 600                                   # samples spread over the window
+    for _ in range(600):                                            # a has left the 600-frame window
+        n = est.update(b)
+    np.testing.assert_allclose(n, b, atol=1e-6)
+
+
+def test_eye_gain_scales_only_the_eyelids_and_lids_never_cross():
+    tmpl = load_template()
+    pose = pose_of(10.0, 5.0, 0.0)
+    lm = observe(tmpl + expression(mouth=0.02, blink=0.004), pose)
+    one, two = (canonical_shape(retarget(lm, tmpl, tmpl, pose=pose_fit(lm, tmpl), eye_gain=g)) for g in (1.0, 2.0))
+    assert two[159, 1] - tmpl[159, 1] == pytest.approx(2 * (one[159, 1] - tmpl[159, 1]), rel=0.1)
+    assert two[14, 1] - two[13, 1] == pytest.approx(one[14, 1] - one[13, 1], abs=1e-4)   # mouth as is
+    shut = observe(tmpl + expression(blink=0.03), pose)             # a full blink, tripled
+    out = canonical_shape(retarget(shut, tmpl, tmpl, eye_gain=3.0))
+    assert out[145, 1] - out[159, 1] >= -1e-4                       # upper lid not below the lower
+
+
 def test_two_people_with_the_same_expression_get_the_same_conditioning():
     tmpl = load_template()
     a, lm_a = run_person(person_offsets(10), pose_of(25.0, 8.0, -6.0, scale=240.0),

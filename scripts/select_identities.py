@@ -1,0 +1,142 @@
+"""Rank synthetic identities by how much their rendered face resembles real people.
+
+A synthetic identity's *embedding* is checked against the training people when it is drawn
+(``safefm-identity new``), but what a recogniser sees is the *rendered, pasted-back* face: an
+identity whose face comes out "average" is matched to many real people. This script renders each
+candidate identity onto training photos (LFW people NOT in ``EVAL_IDENTITIES.txt``; the
+evaluation people are never used) and measures, per candidate:
+
+- ``leak``: share of photos whose anonymized output dlib still matches to that photo's own face
+  (distance < 0.6), the same measure as the evaluation's per-frame leak, on training people;
+- ``mean_distance`` / ``p05_distance``: dlib distance between output and original (higher: safer);
+- ``face_found``: share of outputs in which dlib finds a face.
+
+Usage:
+    python scripts/select_identities.py --photos 120 --candidates 24 --json runs/identity_select.json
+    python scripts/select_identities.py ... --groups female:adult,male:adult --write-best 2 --out-dir runs/identity_select/
+
+Candidates are the shipped ``weights/identities/*.pt`` plus ``--candidates`` fresh draws from the
+identity sampler (seeds ``--seed-base`` + i). Rendering uses the same engine as
+``safefm-anonymize`` (single-image mode) with a fixed noise seed per candidate (its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from safefm.config import load_runtime_config  # noqa: E402
+from safefm.data import eval_identities  # noqa: E402
+from safefm.engine import Engine  # noqa: E402
+from safefm.generator import Generator  # noqa: E402
+from safefm.identity import load_identity, save_identity  # noqa: E402
+from safefm.paths import resolve_model_path, shared_data_dir, weights_dir  # noqa: E402
+from safefm.recognition import MATCH_THRESHOLD, FaceRecognizer, distance, load_rgb  # noqa: E402
+
+
+def training_photos(n: int, seed: int) -> list[Path]:
+    """One photo each of ``n`` LFW people outside the evaluation list (deterministic)."""
+    lfw = shared_data_dir() / "lfw"
+    banned = eval_identities()
+    people = sorted(d for d in lfw.iterdir() if d.is_dir() and d.name not in banned)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(people), size=min(n, len(people)), replace=False)
+    return [sorted(people[i].glob("*.jpg"))[0] for i in sorted(pick)]
+
+
+def originals(rec: FaceRecognizer, photos: list[Path]) -> list[tuple[Path, tuple, np.ndarray]]:
+    """(photo, dlib box of its largest face, embedding) for photos where dlib finds a face."""
+    out = []
+    for p in photos:
+        rgb = load_rgb(p)
+        found = rec.embed_all(rgb)
+        if found:
+            box, emb = max(found, key=lambda f: (f[0][2] - f[0][0]) * (f[0][3] - f[0][1]))
+            out.append((p, box, emb))
+    return out
+
+
+def _overlap(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    ua = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
+    return ix * iy / max(ua, 1)
+
+
+def score(engine: Engine, rec: FaceRecognizer, refs) -> dict:
+    """Render the engine's identity on every reference photo; distances to the originals."""
+    d, found = [], 0
+    for p, box, emb in refs:
+        engine.reset()
+        out = engine.process(load_rgb(p), 0.0).image
+        hits = [b for b in rec.detect(out) if _overlap(b, box) > 0.3]
+        found += bool(hits)
+        e = rec.embed(out, hits[0] if hits else box)
+        d.append(float(distance(e, emb)))
+    d = np.array(d)
+    return {"photos": len(d), "leak": float((d < MATCH_THRESHOLD).mean()),
+            "mean_distance": float(d.mean()), "p05_distance": float(np.percentile(d, 5)),
+            "face_found": found / max(len(d), 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model name or path (default: the default model)")
+    ap.add_argument("--photos", type=int, default=120, help="training LFW people rendered per candidate")
+    ap.add_argument("--photo-seed", type=int, default=0, help="seed of the photo choice")
+    ap.add_argument("--candidates", type=int, default=16, help="fresh identities drawn from the sampler")
+    ap.add_argument("--seed-base", type=int, default=1000, help="seed of the first fresh identity")
+    ap.add_argument("--groups", default="", help="comma list of gender:age the fresh draws cycle through "
+                    "(e.g. female:adult,male:young; empty: the sampler's whole distribution)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--json", type=Path, default=None, help="write the ranking here")
+    ap.add_argument("--write-best", type=int, default=0, help="save the N best fresh identities")
+    ap.add_argument("--out-dir", type=Path, default=Path("runs/identity_select"))
+    args = ap.parse_args(argv)
+
+    from safefm.cli.identity import new_identity
+
+    cfg = load_runtime_config(None, steps=args.steps)
+    gen = Generator.load(resolve_model_path(args.model), cfg)
+    rec = FaceRecognizer(upsample=1)
+    t0 = time.perf_counter()
+    refs = originals(rec, training_photos(args.photos, args.photo_seed))
+    print(f"{len(refs)} reference photos with a dlib face ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    cands = [(p.stem, load_identity(p, gen.model_cfg.identity_dim))
+             for p in sorted((weights_dir() / "identities").glob("*.pt"))]
+    groups = [tuple(g.split(":")) for g in args.groups.split(",") if g] or [(None, None)]
+    for i in range(args.candidates):
+        gender, age = groups[i % len(groups)]
+        cands.append((f"seed{args.seed_base + i}", new_identity(args.seed_base + i, gender or None, age or None)))
+    rows = []
+    for name, ident in cands:
+        engine = Engine(gen, ident, cfg, video=False)
+        t1 = time.perf_counter()
+        r = {"name": name, "seed": int(ident.seed), **ident.attributes, **score(engine, rec, refs)}
+        rows.append((r, ident))
+        print(f"{name:>10}: leak {r['leak']:.3f}  mean d {r['mean_distance']:.3f}  p05 {r['p05_distance']:.3f}"
+              f"  face {r['face_found']:.2f}  ({time.perf_counter() - t1:.0f}s)", flush=True)
+    rows.sort(key=lambda x: (x[0]["leak"], -x[0]["mean_distance"]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": str(resolve_model_path(args.model)), "photos": len(refs),
+                                         "threshold": MATCH_THRESHOLD, "ranking": [r for r, _ in rows]},
+                                        indent=1))
+    fresh = [(r, i) for r, i in rows if r["name"].startswith("seed")]
+    for r, ident in fresh[:args.write_best]:
+        path = save_identity(ident, args.out_dir / f"{r['name']}.pt")
+        print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
