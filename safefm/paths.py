@@ -29,7 +29,7 @@ def default_model_path() -> Path:
 
 
 def resolve_model_path(value: str | Path | None) -> Path:
-    """``None`` -> the default model; a bare name such as ``lean`` -> ``weights/safefm_lean.safetensors``
+    """``None`` -> the default model; a bare name such as ``large`` -> ``weights/safefm_large.safetensors``
     (the shipped alternatives); anything else is a path."""
     if value is None or str(value) == "":
         return default_model_path()

@@ -128,9 +128,10 @@ def main(argv=None) -> int:
     rows.sort(key=lambda x: (x[0]["leak"], -x[0]["mean_distance"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": str(resolve_model_path(args.model)), "photos": len(refs),
-                                         "threshold": MATCH_THRESHOLD, "ranking": [r for r, _ in rows]},
-                                        indent=1))
+        model = resolve_model_path(args.model).resolve()
+        model = model.relative_to(ROOT) if model.is_relative_to(ROOT) else model
+        args.json.write_text(json.dumps({"model": str(model), "photos": len(refs), "threshold": MATCH_THRESHOLD,
+                                         "ranking": [r for r, _ in rows]}, indent=1))
     fresh = [(r, i) for r, i in rows if r["name"].startswith("seed")]
     for r, ident in fresh[:args.write_best]:
         path = save_identity(ident, args.out_dir / f"{r['name']}.pt")

@@ -47,5 +47,5 @@ def test_a_shipped_model_is_found_by_name(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SAFEFM_WEIGHTS", str(tmp_path))
     assert resolve_model_path(None) == default_model_path() == tmp_path / "safefm_default.safetensors"
-    assert resolve_model_path("lean") == tmp_path / "safefm_lean.safetensors"
+    assert resolve_model_path("large") == tmp_path / "safefm_large.safetensors"
     assert resolve_model_path("my/model.safetensors") == Path("my/model.safetensors")

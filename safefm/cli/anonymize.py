@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output image, folder or video (same kind as the input)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--model", metavar="FILE", default=None,
-                    help="weights file, or a shipped model by name: default, lean (weights/safefm_NAME.safetensors)")
+                    help="weights file, or a shipped model by name: default, large (weights/safefm_NAME.safetensors)")
     add_runtime_args(ap)
     add_logging_args(ap)
     return ap

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--source", type=Path, default=None,
                     help="video file fed as a camera (default: shared videos/liveportrait_d3.mp4)")
-    ap.add_argument("--model", type=Path, default=None, help="weights file, or a shipped model by name: default, lean")
+    ap.add_argument("--model", type=Path, default=None, help="weights file, or a shipped model by name: default, large")
     ap.add_argument("--identity", type=Path, default=None, help="identity file (default: the shipped one)")
     ap.add_argument("--steps", type=_int_list, default=(1, 2, 3, 4, 5), help="comma list (default 1,2,3,4,5)")
     ap.add_argument("--runtimes", type=_names, default=None,

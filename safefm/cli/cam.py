@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng = ap.add_argument_group("engine")
     eng.add_argument("--identity", metavar="FILE", help="synthetic identity file "
                      "(default: weights/identities/default.pt)")
-    eng.add_argument("--model", metavar="FILE", help="weights file, or a shipped model by name: default, lean (weights/safefm_NAME.safetensors)")
+    eng.add_argument("--model", metavar="FILE", help="weights file, or a shipped model by name: default, large (weights/safefm_NAME.safetensors)")
     eng.add_argument("--steps", type=int, metavar="N", help="Euler steps per frame (default from the runtime config)")
     eng.add_argument("--seed", type=int, metavar="S", help="noise seed")
     eng.add_argument("--runtime", choices=["auto", "torch", "onnx"], help="inference runtime")

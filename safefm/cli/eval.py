@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
     ap.add_argument("--model", type=Path, default=None,
-                    help="weights file, or a shipped model by name: default, lean")
+                    help="weights file, or a shipped model by name: default, large")
     ap.add_argument("--identity", type=Path, default=None, help="identity file (default: the shipped one)")
     ap.add_argument("--steps", type=_int_list, default=(4,),
                     help="Euler steps; a comma list runs each (default 4)")
