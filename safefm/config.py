@@ -95,7 +95,7 @@ class RuntimeConfig:
     neutral_window: int = 1800
     neutral_warmup: int = 30
     expression_gain: float = 1.0
-    eye_gain: float = 2.0
+    eye_gain: float = 1.5
     hold_frames: int = 8
     placeholder_frames: int = 50
     scene_cut_threshold: float = 0.45
