@@ -93,7 +93,7 @@ class RuntimeConfig:
     smoothing_beta: float = 0.05
     track_max_distance: float = 0.5
     neutral_window: int = 1800
-    neutral_warmup: int = 30
+    neutral_warmup: int = 1
     expression_gain: float = 1.0
     eye_gain: float = 1.5
     hold_frames: int = 8

@@ -167,7 +167,10 @@ class Engine:
         M_inv = alignment.invert_affine(M)
         lm_crop = alignment.transform_points(tr.landmarks, M)
         pose = retarget.pose_fit(lm_crop, self.template)  # canonical = the template's unit crop frame
-        neutral = st.neutral.update(retarget.to_canonical(lm_crop, pose))
+        canon = retarget.to_canonical(lm_crop, pose)
+        # A single image has no history: its expression is measured from the template. In a video
+        # it is measured from the user's own running rest shape (NeutralEstimator).
+        neutral = st.neutral.update(canon) if self.video else self.template
         ret_crop = retarget.retarget(lm_crop, neutral, self.identity.shape, cfg.expression_gain, pose=pose,
                                      eye_gain=cfg.eye_gain)
         st.heat = heatmaps.render_heatmaps(ret_crop, S, self.mcfg.heatmap_size, out=st.heat)

@@ -186,6 +186,24 @@ def test_retargeted_shape_does_not_correlate_with_the_users_own_shape():
     assert np.corrcoef(own, np.concatenate(leaky).ravel())[0, 1] > 0.3
 
 
+def test_from_the_first_video_frame_the_users_own_shape_does_not_reach_the_generator():
+    """runtime default neutral_warmup = 1: the first frame's rest shape is the user's own, so the
+    conditioning is exactly the identity's face; a 30-frame warm-up passes the user's shape."""
+    tmpl = load_template()
+    own, first, slow = [], [], []
+    for seed in range(6):
+        off = person_offsets(200 + seed)
+        lm = observe(tmpl + off, pose_of(10.0 * seed - 25.0, 5.0, -3.0))
+        fast = NeutralEstimator(1800, warmup=1).update(canonical_shape(lm))
+        lazy = NeutralEstimator(1800, warmup=30).update(canonical_shape(lm))
+        own.append(off - off.mean(0))
+        first.append(canonical_shape(retarget(lm, fast, tmpl)) - tmpl)
+        slow.append(canonical_shape(retarget(lm, lazy, tmpl)) - tmpl)
+    own = np.concatenate(own).ravel()
+    assert np.abs(np.concatenate(first)).max() < 1e-4           # < 0.013 px in a 128 crop
+    assert np.corrcoef(own, np.concatenate(slow).ravel())[0, 1] > 0.3
+
+
 def test_head_pose_is_kept_and_gain_scales_the_expression():
     tmpl = load_template()
     identity = tmpl + person_offsets(7)
