@@ -217,6 +217,15 @@ def same_face(a: Sequence[float], b: Sequence[float]) -> bool:
     return inside(ca, b) and inside(cb, a)
 
 
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (left, top, right, bottom) boxes; 0 for empty ones."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
 def mean_abs_diff(a: np.ndarray, b: np.ndarray, box: Sequence[int] | None = None) -> float:
     """Mean absolute pixel difference (0-255 scale) of two same-shape images inside ``box``
     (whole image if None). NaN for an empty box."""

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from safefm.data import (ImageItem, emb_path, list_training_images, save_shard, shard_plan,  # noqa: E402
                          shards_dir)
+from safefm.metrics import box_iou  # noqa: E402
 from safefm.paths import shared_data_dir  # noqa: E402
 
 _STATE: dict = {}
@@ -54,14 +55,6 @@ def _init_worker(kind: str, size: int, nice: int) -> None:
 
         _STATE["rec"] = FaceRecognizer(upsample=0)  # faces here are >= 100 px: no upsampling (4x cheaper)
     _STATE["size"] = size
-
-
-def _iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,8 +127,8 @@ def embed_shard(args) -> tuple[int, dict, float]:
         rgb = load_rgb(data_dir / str(rel))
         h, w = rgb.shape[:2]
         mesh_box = face_box(transform_points(lm, invert_affine(m)))
-        best = max(rec.detect(rgb), key=lambda b: _iou(b, mesh_box), default=None)
-        if best is None or _iou(best, mesh_box) < 0.2:
+        best = max(rec.detect(rgb), key=lambda b: box_iou(b, mesh_box), default=None)
+        if best is None or box_iou(best, mesh_box) < 0.2:
             fallback[i] = True
             x0, y0, x1, y1 = mesh_box
             best = (max(0, x0), max(0, y0), min(w, x1), min(h, y1))

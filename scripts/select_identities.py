@@ -38,6 +38,7 @@ from safefm.data import eval_identities  # noqa: E402
 from safefm.engine import Engine  # noqa: E402
 from safefm.generator import Generator  # noqa: E402
 from safefm.identity import load_identity, save_identity  # noqa: E402
+from safefm.metrics import box_iou  # noqa: E402
 from safefm.paths import resolve_model_path, shared_data_dir, weights_dir  # noqa: E402
 from safefm.recognition import MATCH_THRESHOLD, FaceRecognizer, distance, load_rgb  # noqa: E402
 
@@ -64,20 +65,13 @@ def originals(rec: FaceRecognizer, photos: list[Path]) -> list[tuple[Path, tuple
     return out
 
 
-def _overlap(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    ua = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
-    return ix * iy / max(ua, 1)
-
-
 def score(engine: Engine, rec: FaceRecognizer, refs) -> dict:
     """Render the engine's identity on every reference photo; distances to the originals."""
     d, found = [], 0
     for p, box, emb in refs:
         engine.reset()
         out = engine.process(load_rgb(p), 0.0).image
-        hits = [b for b in rec.detect(out) if _overlap(b, box) > 0.3]
+        hits = [b for b in rec.detect(out) if box_iou(b, box) > 0.3]
         found += bool(hits)
         e = rec.embed(out, hits[0] if hits else box)
         d.append(float(distance(e, emb)))

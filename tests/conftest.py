@@ -18,6 +18,21 @@ VIDEOS = DATA / "videos"
 needs_data = pytest.mark.skipif(not VIDEOS.is_dir(), reason="../shared/data not present")
 
 
+def have_dlib() -> bool:
+    """Whether dlib and its face_recognition_models weights can be loaded."""
+    from safefm import recognition
+
+    try:
+        recognition.models_dir()
+        recognition._import_dlib()
+        return True
+    except recognition.RecognitionUnavailable:
+        return False
+
+
+needs_dlib = pytest.mark.skipif(not have_dlib(), reason="dlib or face_recognition_models missing")
+
+
 def read_frames(path, n: int, step: int = 1, max_side: int | None = None) -> list[np.ndarray]:
     """The first ``n`` frames (every ``step``-th) of a video as RGB uint8."""
     cap = cv2.VideoCapture(str(path))

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import have_dlib
 
 from safefm import metrics as M
 from safefm.alignment import load_template
@@ -157,6 +158,9 @@ def test_mean_abs_diff_and_boxes():
     assert M.landmark_box(lm, (100, 100), 0.5) == (0, 1, 9, 10)
     assert M.same_face((0, 0, 10, 10), (2, 2, 12, 12))
     assert not M.same_face((0, 0, 10, 10), (8, 8, 30, 30))
+    assert M.box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert M.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+    assert M.box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0 == M.box_iou((0, 0, 0, 0), (0, 0, 0, 0))
 
 
 def test_blur_and_pixelate_filters():
@@ -219,17 +223,7 @@ def _non_eval_photos(n_people: int):
     return [(d.name, sorted(d.glob("*.jpg"))[0]) for d in people[:n_people]]
 
 
-def _have_dlib() -> bool:
-    from safefm import recognition as rec
-    try:
-        rec.models_dir()
-        rec._import_dlib()
-        return True
-    except rec.RecognitionUnavailable:
-        return False
-
-
-needs_data = pytest.mark.skipif(not _non_eval_photos(1) or not _have_dlib(),
+needs_data = pytest.mark.skipif(not _non_eval_photos(1) or not have_dlib(),
                                 reason="shared LFW data or dlib missing")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import needs_dlib
 
 from safefm.paths import shared_data_dir
 from safefm import recognition as rec
@@ -25,13 +26,6 @@ def _two_photo_person():
 
 PHOTOS = _two_photo_person()
 needs_data = pytest.mark.skipif(PHOTOS is None, reason="shared LFW data absent")
-try:
-    rec.models_dir()
-    rec._import_dlib()
-    HAVE_DLIB = True
-except rec.RecognitionUnavailable:
-    HAVE_DLIB = False
-needs_dlib = pytest.mark.skipif(not HAVE_DLIB, reason="dlib or face_recognition_models missing")
 
 
 def test_distance_and_cosine():

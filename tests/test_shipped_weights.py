@@ -11,18 +11,13 @@ import json
 
 import numpy as np
 import pytest
+from conftest import needs_dlib
 
 from safefm import recognition as rec
 from safefm.checkpoint import load_model
 from safefm.identity import load_identity
 from safefm.paths import default_identity_path, identities_dir, resolve_model_path, shared_data_dir, weights_dir
 
-try:
-    rec.models_dir()
-    rec._import_dlib()
-    HAVE_DLIB = True
-except rec.RecognitionUnavailable:
-    HAVE_DLIB = False
 LFW = shared_data_dir() / "lfw"
 
 
@@ -54,8 +49,8 @@ def test_at_least_six_ready_identities_besides_the_default():
     assert {i.attributes.get("gender") for i in others} >= {"female", "male"}
 
 
-@pytest.mark.skipif(not (LFW / "EVAL_IDENTITIES.txt").is_file() or not HAVE_DLIB,
-                    reason="needs ../shared/data/lfw and dlib")
+@needs_dlib
+@pytest.mark.skipif(not (LFW / "EVAL_IDENTITIES.txt").is_file(), reason="needs ../shared/data/lfw")
 def test_default_model_hides_evaluation_people_from_dlib():
     from safefm.config import load_runtime_config
     from safefm.engine import Engine
