@@ -146,8 +146,9 @@ class NeutralEstimator:
     median of the buffered frames; below the nose (:func:`_lower_face`) only of those whose
     mouth is among the least open quarter (:func:`mouth_opening`): a talking user's mouth is
     open more often than not, but a resting mouth is closed, so a plain median would make
-    every closed mouth look like pursed lips. While there is little history the estimate is pulled to the template:
-    ``neutral = template + min(1, n / warmup) * (rest - template)``, ``n`` the frames seen.
+    every closed mouth look like pursed lips. While there is little history the estimate is
+    pulled to the template: ``neutral = template + min(1, n / warmup) * (rest - template)``,
+    ``n`` the frames seen.
     Before any frame the neutral is the template (the engine's single-image behaviour).
 
     Privacy: whatever of the user's *shape* is in ``canonical - neutral`` reaches the generator.
@@ -218,10 +219,9 @@ class NeutralEstimator:
             self._stored = min(self._stored + 1, len(self._buf))
             opening = self._open[:self._stored]
             closed = opening <= np.quantile(opening, self.REST_QUANTILE)
-            buf = self._buf[:self._stored]
-            self._rest = np.median(buf, axis=0)
-            lower = _lower_face()
-            self._rest[lower] = np.median(buf[closed][:, lower], axis=0)
+            buf, lower = self._buf[:self._stored], _lower_face()
+            self._rest[~lower] = np.median(buf[:, ~lower], axis=0)
+            self._rest[lower] = np.median(buf[np.ix_(closed, lower)], axis=0)
         self._seen += 1
         w = min(1.0, self._seen / self.warmup)
         self._neutral = (self.template + w * (self._rest - self.template)).astype(np.float32)
