@@ -41,6 +41,7 @@ class ModelConfig:
     decoder: str = "fast"
     decoder_widths: tuple[int, ...] = (128, 64, 32)
     decoder_blocks: tuple[int, ...] = (3, 2, 1)
+    decoder_heat: bool = False
 
     @property
     def latent_size(self) -> int:
@@ -62,6 +63,8 @@ class ModelConfig:
             raise ConfigError(f"unet_cross_attention must be 'levels' or 'mid', got {self.unet_cross_attention!r}")
         if self.decoder not in ("tiny", "fast"):
             raise ConfigError(f"decoder must be 'tiny' or 'fast', got {self.decoder!r}")
+        if self.decoder_heat and self.decoder != "fast":
+            raise ConfigError("decoder_heat needs the fast decoder (decoder = \"fast\")")
         if self.decoder == "fast":
             if len(self.decoder_widths) != len(self.decoder_blocks) or not self.decoder_widths:
                 raise ConfigError("decoder_widths and decoder_blocks need one entry per resolution")
@@ -83,6 +86,8 @@ class RuntimeConfig:
     seed: int = -1
     warm_t0: float = 0.5
     controlnet_scale: float = 1.0
+    identity_guidance: float = 1.0
+    guidance_until: float = 1.0
     runtime: str = "auto"
     device: str = "cpu"
     threads: int = 0
@@ -102,6 +107,7 @@ class RuntimeConfig:
     mask_dilate: float = 0.08
     mask_feather: float = 0.06
     color_match: bool = True
+    identity_guard: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 50:
@@ -110,6 +116,10 @@ class RuntimeConfig:
             raise ConfigError(f"warm_t0 must be in [0, 1), got {self.warm_t0}")
         if not 0.0 <= self.controlnet_scale <= 20.0:
             raise ConfigError(f"controlnet_scale must be in [0, 20], got {self.controlnet_scale}")
+        if not 0.0 <= self.identity_guidance <= 10.0:
+            raise ConfigError(f"identity_guidance must be in [0, 10], got {self.identity_guidance}")
+        if not 0.0 <= self.guidance_until <= 1.0:
+            raise ConfigError(f"guidance_until must be in [0, 1], got {self.guidance_until}")
         if self.runtime not in ("auto", "torch", "onnx"):
             raise ConfigError(f"runtime must be auto, torch or onnx, got {self.runtime!r}")
         if self.device not in ("cpu", "cuda"):
@@ -118,6 +128,8 @@ class RuntimeConfig:
             raise ConfigError("max_faces must be at least 1")
         if self.neutral_window < 1 or self.neutral_warmup < 1:
             raise ConfigError("neutral_window and neutral_warmup must be at least 1 frame")
+        if not 0.0 <= self.identity_guard <= 2.0:
+            raise ConfigError(f"identity_guard must be in [0, 2] (0 = off), got {self.identity_guard}")
         if not 0.0 <= self.eye_gain <= 3.0:
             raise ConfigError(f"eye_gain must be in [0, 3], got {self.eye_gain}")
 

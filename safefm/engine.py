@@ -54,7 +54,7 @@ class Engine:
     """Anonymizes frames. Not thread-safe: one engine per processing thread."""
 
     def __init__(self, generator: Generator, identity: Identity, cfg: RuntimeConfig, *,
-                 video: bool = True, detector=None):
+                 video: bool = True, detector=None, guard=None):
         self.cfg = cfg
         self.video = video
         self.gen = generator
@@ -71,14 +71,24 @@ class Engine:
         # Fault injection for tests: callable(stage, track_id, value) -> value, may raise.
         # Stages: "generate" (value: heatmaps) and "latent" (value: the generated latent).
         self.fault_injector = None
+        # Identity guard (safefm.guard.IdentityGuard or None): decides once per video (per image)
+        # whether the chosen identity resembles the real face and another must be worn.
+        self.guard = guard
+        self._guard_done = False
         self.set_identity(identity)
 
     # -- state ---------------------------------------------------------------------------
     def set_identity(self, identity: Identity) -> None:
+        """Wear ``identity`` from now on (the identity guard checks it again at the next face)."""
         if identity.embedding.shape[0] != self.mcfg.identity_dim:
             from .errors import IdentityFileError
             raise IdentityFileError(f"identity '{identity.name}' has a {identity.embedding.shape[0]}-d "
                                     f"embedding; this model needs {self.mcfg.identity_dim}")
+        self.chosen_identity = identity
+        self._guard_done = False
+        self._wear(identity)
+
+    def _wear(self, identity: Identity) -> None:
         self.identity = identity
         self.tokens = self.gen.identity_tokens(identity.embedding)
         seed = self.cfg.seed if self.cfg.seed >= 0 else identity.seed
@@ -92,6 +102,9 @@ class Engine:
         self._states.clear()
         self._prev_thumb = None
         self._frame_index = 0
+        self._guard_done = False
+        if self.identity is not self.chosen_identity:
+            self._wear(self.chosen_identity)
 
     def warmup(self, runs: int = 2) -> float:
         """Run the generator and decoder ``runs`` times on a neutral face (no track state is
@@ -100,8 +113,15 @@ class Engine:
         S = self.mcfg.image_size
         heat = heatmaps.render_heatmaps((self.template * S).astype(np.float32), S, self.mcfg.heatmap_size)
         for _ in range(max(1, runs)):
-            z = self.gen.generate(heat, self.tokens, self.noise, z_prev=None, t0=0.0, steps=self.cfg.steps)
-            self.gen.decode(z)
+            z = self.gen.generate(heat, self.tokens, self.noise, z_prev=None, t0=0.0, steps=self.cfg.steps,
+                                  guidance=self.cfg.identity_guidance, guidance_until=self.cfg.guidance_until)
+            self.gen.decode(z, heat)
+        if self.guard is not None:
+            try:
+                self.guard.references(self.gen)
+            except Exception as exc:
+                log.warning("identity guard unavailable: %s", exc)
+                self.guard = None
         return time.perf_counter() - t0
 
     def close(self) -> None:
@@ -122,7 +142,7 @@ class Engine:
             raise ValueError(f"frame must be (H, W, 3) uint8 RGB, got {frame.shape} {frame.dtype}")
         t = timestamp if timestamp is not None else self._frame_index / 30.0
         self._frame_index += 1
-        timings = dict.fromkeys(("landmarks", "retarget_heatmaps", "generator", "decode", "composite"), 0.0)
+        timings = dict.fromkeys(("landmarks", "guard", "retarget_heatmaps", "generator", "decode", "composite"), 0.0)
         timings["generator_steps"] = 0
 
         t_a = time.perf_counter()
@@ -132,6 +152,10 @@ class Engine:
             for st in self._states.values():
                 st.z_prev = None
         timings["landmarks"] = time.perf_counter() - t_a
+        if self.guard is not None and matched and (not self._guard_done or not self.video):
+            t_g = time.perf_counter()
+            self._check_identity(frame, matched)
+            timings["guard"] = time.perf_counter() - t_g
 
         out = frame.copy()
         results: list[FaceResult] = []
@@ -157,6 +181,20 @@ class Engine:
                                        missing=tr.missing))
         return FrameResult(image=out, faces=results, timings=timings)
 
+    def _check_identity(self, frame: np.ndarray, matched: list[Track]) -> None:
+        """The identity guard's decision for this video (or this image), before any output."""
+        self._guard_done = True
+        try:
+            ident, why = self.guard.choose(self.gen, frame, [tr.raw for tr in matched], self.chosen_identity)
+        except Exception as exc:   # e.g. dlib missing: anonymize with the chosen identity
+            log.warning("identity guard unavailable (%s); wearing '%s'", exc, self.chosen_identity.name)
+            self.guard = None
+            return
+        if why:
+            (log.warning if self.video else log.info)(why)
+        if ident is not self.identity:
+            self._wear(ident)
+
     def _neutral_estimator(self) -> retarget.NeutralEstimator:
         return retarget.NeutralEstimator(self.cfg.neutral_window, self.template, warmup=self.cfg.neutral_warmup)
 
@@ -180,7 +218,8 @@ class Engine:
         heat = self.fault_injector("generate", tr.id, st.heat) if self.fault_injector else st.heat
         warm = self.video and cfg.warm_start and st.z_prev is not None and not tr.is_new
         z = self.gen.generate(heat, self.tokens, self.noise, z_prev=st.z_prev if warm else None,
-                              t0=cfg.warm_t0 if warm else 0.0, steps=cfg.steps)
+                              t0=cfg.warm_t0 if warm else 0.0, steps=cfg.steps,
+                              guidance=cfg.identity_guidance, guidance_until=cfg.guidance_until)
         if self.fault_injector:
             z = self.fault_injector("latent", tr.id, z)
         if not torch.isfinite(z).all():
@@ -188,7 +227,7 @@ class Engine:
         t_c = time.perf_counter()
         timings["generator"] += t_c - t_b
         timings["generator_steps"] = cfg.steps
-        crop = self.gen.decode(z)[0]
+        crop = self.gen.decode(z, heat)[0]
         t_d = time.perf_counter()
         timings["decode"] += t_d - t_c
 
@@ -242,9 +281,12 @@ def _box(landmarks: np.ndarray, shape, margin: float = 0.0) -> tuple[int, int, i
 
 
 def build_engine(cfg: RuntimeConfig, model_path=None, identity_path=None, video: bool = True) -> Engine:
-    """Load the weights (default: ``$SAFEFM_WEIGHTS`` or ``weights/``) and an identity file."""
+    """Load the weights (default: ``$SAFEFM_WEIGHTS`` or ``weights/``) and an identity file; with
+    ``cfg.identity_guard`` > 0 the shipped identities are the guard's alternatives."""
     from .paths import default_identity_path, resolve_model_path
 
     gen = Generator.load(resolve_model_path(model_path), cfg)
     identity = load_identity(identity_path or default_identity_path(), gen.model_cfg.identity_dim)
-    return Engine(gen, identity, cfg, video=video)
+    from .guard import default_guard
+
+    return Engine(gen, identity, cfg, video=video, guard=default_guard(cfg, identity, gen.model_cfg.identity_dim))

@@ -29,7 +29,7 @@ from .paths import cache_dir
 from .sampler import sample
 
 log = logging.getLogger(__name__)
-ONNX_GRAPHS = "g3"  # bump when the exported graphs change, so stale caches are not reused
+ONNX_GRAPHS = "g4"  # bump when the exported graphs change, so stale caches are not reused
 
 
 def _onnx_available() -> bool:
@@ -53,8 +53,8 @@ class _Decoder(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, z):
-        return self.model.decode(z)
+    def forward(self, z, heat=None):
+        return self.model.decode(z, heat)
 
 
 def _run1(sess, feeds: dict) -> np.ndarray:
@@ -94,6 +94,7 @@ class Generator:
             runtime = "onnx" if _onnx_available() else "torch"
         self.runtime = runtime
         self._sess_v = self._sess_d = self._sess_c = None
+        self._null_tokens: torch.Tensor | None = None
         if runtime == "onnx":
             self._init_onnx(digest or _state_digest(self.model))
 
@@ -121,7 +122,10 @@ class Generator:
             args = (z, torch.full((1,), 0.5), cond, torch.zeros(1, mc.identity_tokens, mc.cross_attention_dim))
             self._export(self.velocity_net.cpu(), args, v_path, ["z", "t", "cond", "tokens"], ["v"])
         if not d_path.exists():
-            self._export(_Decoder(self.model).cpu(), (z,), d_path, ["z"], ["image"])
+            if mc.decoder_heat:
+                self._export(_Decoder(self.model).cpu(), (z, heat), d_path, ["z", "heat"], ["image"])
+            else:
+                self._export(_Decoder(self.model).cpu(), (z,), d_path, ["z"], ["image"])
         self.model.to(self.device)
         opts = ort.SessionOptions()
         if self.cfg.threads > 0:
@@ -172,12 +176,42 @@ class Generator:
             return torch.from_numpy(_run1(self._sess_c, {"heat": heat.cpu().numpy()}))
         return self.cond_embed(heat.to(self.device))
 
-    def velocity(self, heat: torch.Tensor, tokens: torch.Tensor):
-        """The callable ``v(z, t)`` for the sampler, with heatmaps (B, Ch, H, H) and tokens bound."""
+    def velocity(self, heat: torch.Tensor, tokens: torch.Tensor, guidance: float | None = None,
+                 until: float | None = None):
+        """The callable ``v(z, t)`` for the sampler, with heatmaps (B, Ch, H, H) and tokens bound.
+
+        With ``identity_guidance`` w != 1 (classifier-free guidance on the identity; the base and
+        adapters were trained with a 10 % null identity), steps at flow times t < ``guidance_until``
+        return ``v_null + w * (v_id - v_null)``: two network calls instead of one. ``guidance`` /
+        ``until`` override the runtime config's values."""
         cond = self.embed_heatmaps(heat)
+        v_id = self._velocity(cond, tokens)
+        w = self.cfg.identity_guidance if guidance is None else guidance
+        until = self.cfg.guidance_until if until is None else until
+        if w == 1.0 or until <= 0.0:
+            return v_id
+        v_null = self._velocity(cond, self.null_tokens())
+
+        def v(z: torch.Tensor, t: float) -> torch.Tensor:
+            vi = v_id(z, t)
+            if t >= until:
+                return vi
+            vn = v_null(z, t)
+            return vn + w * (vi - vn)
+        return v
+
+    def null_tokens(self) -> torch.Tensor:
+        """(1, K, W) tokens of the null identity (all-zero embedding), the CFG reference."""
+        if self._null_tokens is None:
+            self._null_tokens = self.identity_tokens(np.zeros(self.model_cfg.identity_dim, np.float32))
+        return self._null_tokens
+
+    def _velocity(self, cond: torch.Tensor, tokens: torch.Tensor):
+        """``v(z, t)`` with the embedded heatmaps cond (B, C0, h, w) and tokens (1 or B, K, W) bound."""
+        b = cond.shape[0]
         if self._sess_v is not None:
             sess = self._sess_v
-            feeds = {"cond": cond.cpu().numpy(), "tokens": tokens.expand(heat.shape[0], -1, -1).cpu().numpy()}
+            feeds = {"cond": cond.cpu().numpy(), "tokens": tokens.expand(b, -1, -1).cpu().numpy()}
 
             def v(z: torch.Tensor, t: float) -> torch.Tensor:
                 feeds["z"] = z.numpy()
@@ -185,7 +219,7 @@ class Generator:
                 return torch.from_numpy(_run1(sess, feeds))
             return v
 
-        net, tok = self.velocity_net, tokens.expand(heat.shape[0], -1, -1)
+        net, tok = self.velocity_net, tokens.expand(b, -1, -1)
 
         def v(z: torch.Tensor, t: float) -> torch.Tensor:
             return net(z, torch.full((z.shape[0],), t, device=z.device), cond, tok)
@@ -193,24 +227,41 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, heat: np.ndarray | torch.Tensor, tokens: torch.Tensor, noise: torch.Tensor,
-                 z_prev: torch.Tensor | None = None, t0: float = 0.0, steps: int | None = None) -> torch.Tensor:
+                 z_prev: torch.Tensor | None = None, t0: float = 0.0, steps: int | None = None,
+                 guidance: float | None = None, guidance_until: float | None = None) -> torch.Tensor:
         """Latents (B, C, h, w) for heatmaps (B, Ch, H, H) in [0, 1].
 
         noise: (B or 1, C, h, w) fixed identity noise; z_prev: the track's previous latent for a
-        warm start at flow time t0 (None = cold start from noise at t = 0).
+        warm start at flow time t0 (None = cold start from noise at t = 0); steps, guidance and
+        guidance_until default to the runtime config's ``steps``, ``identity_guidance`` and
+        ``guidance_until``.
         """
         heat = torch.as_tensor(heat, dtype=torch.float32)
         if heat.dim() == 3:
             heat = heat[None]
         noise = noise.expand(heat.shape[0], -1, -1, -1).to(self.device if self._sess_v is None else "cpu")
-        return sample(self.velocity(heat, tokens), noise, steps or self.cfg.steps, z_prev=z_prev, t0=t0)
+        return sample(self.velocity(heat, tokens, guidance, guidance_until), noise, steps or self.cfg.steps, z_prev=z_prev, t0=t0)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> np.ndarray:
-        """Latents (B, C, h, w) -> RGB crops (B, S, S, 3) uint8."""
-        if self._sess_d is not None:
-            img = _run1(self._sess_d, {"z": z.cpu().numpy().astype(np.float32)})
+    def decode(self, z: torch.Tensor, heat: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+        """Latents (B, C, h, w) -> RGB crops (B, S, S, 3) uint8. ``heat``: the heatmaps the
+        latents were generated for ((B or 1, Ch, H, H) or (Ch, H, H)), used by a
+        heatmap-conditioned decoder (``decoder_heat``; without them it gets empty heatmaps) and
+        ignored otherwise."""
+        mc = self.model_cfg
+        if not mc.decoder_heat:
+            heat = None
+        elif heat is None:
+            heat = torch.zeros(z.shape[0], mc.heatmap_channels, mc.heatmap_size, mc.heatmap_size)
         else:
-            img = self.model.decode(z.to(self.device)).cpu()
+            heat = torch.as_tensor(heat, dtype=torch.float32)
+            heat = (heat[None] if heat.dim() == 3 else heat).expand(z.shape[0], -1, -1, -1)
+        if self._sess_d is not None:
+            feeds = {"z": z.cpu().numpy().astype(np.float32)}
+            if heat is not None:
+                feeds["heat"] = np.ascontiguousarray(heat.cpu().numpy())
+            img = _run1(self._sess_d, feeds)
+        else:
+            img = self.model.decode(z.to(self.device), None if heat is None else heat.to(self.device)).cpu()
         img = np.asarray(img.numpy() if isinstance(img, torch.Tensor) else img).transpose(0, 2, 3, 1)
         return np.ascontiguousarray(np.rint((np.clip(img, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8))

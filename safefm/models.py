@@ -44,28 +44,57 @@ class FastDecoder(nn.Module):
     (the AutoencoderTiny decoder spends most of its time there: measured 58 ms vs 11-14 ms
     at 128 px on one core in onnxruntime). It drops in as ``autoencoder.decoder``: the same
     input clamp as ``DecoderTiny``; ``SafeFMModel.decode`` maps its output with ``* 2 - 1``.
+
+    With ``heat_channels`` > 0 (``ModelConfig.decoder_heat``) the expression heatmaps (B, Ch,
+    H, H) also enter at the last stage (image side / 2): a 16 px-tall latent cell holds an
+    eye, so the lids are placed from the heatmaps at 4x the latent's resolution. The branch's
+    last convolution starts at zero (an untrained branch changes nothing), and ``heat=None``
+    skips it.
     """
 
-    def __init__(self, latent_channels: int, widths: tuple[int, ...], blocks: tuple[int, ...]):
+    def __init__(self, latent_channels: int, widths: tuple[int, ...], blocks: tuple[int, ...],
+                 heat_channels: int = 0, image_size: int = 128):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(latent_channels, widths[0], 3, padding=1), nn.ReLU()]
         for i, (w, n) in enumerate(zip(widths, blocks)):
+            if i == len(widths) - 1:
+                self._inject_at = len(layers)          # start of the last stage
             layers += [_ResBlock(w) for _ in range(n)]
             if i < len(widths) - 1:
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"),
                            nn.Conv2d(w, widths[i + 1], 3, padding=1), nn.ReLU()]
         layers += [nn.Conv2d(widths[-1], 3 * 4, 3, padding=1), nn.PixelShuffle(2)]
         self.layers = nn.Sequential(*layers)
+        self.heat = None
+        self._heat_side = image_size   # the branch's stride-2 conv brings it to the last stage's side
+        if heat_channels > 0:
+            hidden = max(16, widths[-1])
+            self.heat = nn.Sequential(nn.Conv2d(heat_channels, hidden, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(hidden, widths[-1], 3, padding=1))
+            nn.init.zeros_(self.heat[-1].weight)
+            nn.init.zeros_(self.heat[-1].bias)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.layers(torch.tanh(z / 3) * 3)
+    def forward(self, z: torch.Tensor, heat: torch.Tensor | None = None) -> torch.Tensor:
+        x = torch.tanh(z / 3) * 3
+        if self.heat is None or heat is None:
+            return self.layers(x)
+        for i, layer in enumerate(self.layers):
+            if i == self._inject_at:
+                side = self._heat_side
+                h = heat if heat.shape[-1] == side else nn.functional.interpolate(
+                    heat, size=(side, side), mode="bilinear", align_corners=False)
+                x = x + self.heat(h)
+            x = layer(x)
+        return x
 
 
 def build_autoencoder(cfg: ModelConfig):
     """AutoencoderTiny; with ``cfg.decoder == "fast"`` its decoder is a :class:`FastDecoder`."""
     ae = _build_tiny(cfg)
     if cfg.decoder == "fast":
-        ae.decoder = FastDecoder(cfg.latent_channels, tuple(cfg.decoder_widths), tuple(cfg.decoder_blocks))
+        ae.decoder = FastDecoder(cfg.latent_channels, tuple(cfg.decoder_widths), tuple(cfg.decoder_blocks),
+                                 heat_channels=cfg.heatmap_channels if cfg.decoder_heat else 0,
+                                 image_size=cfg.image_size)
     return ae
 
 
@@ -216,9 +245,13 @@ class SafeFMModel(nn.Module):
         """(B, 3, S, S) in [-1, 1] -> flow latent (B, C, S/8, S/8)."""
         return self.to_flow_latent(self.autoencoder.encoder((images + 1) / 2))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Flow latent (B, C, s, s) -> images (B, 3, S, S) in [-1, 1]."""
-        return (self.autoencoder.decoder(self.from_flow_latent(z)) * 2 - 1).clamp(-1, 1)
+    def decode(self, z: torch.Tensor, heat: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow latent (B, C, s, s) -> images (B, 3, S, S) in [-1, 1]; ``heat`` (B, Ch, H, H)
+        feeds a heatmap-conditioned decoder (``cfg.decoder_heat``; ignored otherwise)."""
+        z = self.from_flow_latent(z)
+        if heat is not None and self.cfg.decoder_heat:
+            return (self.autoencoder.decoder(z, heat) * 2 - 1).clamp(-1, 1)
+        return (self.autoencoder.decoder(z) * 2 - 1).clamp(-1, 1)
 
 
 def count_parameters(module: nn.Module | None, trainable_only: bool = False) -> int:

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
                 if j == 0:
                     row.append(cv2.resize(heat_summary(heat), (S, S)))
                 z = gen.generate(heat, gen.identity_tokens(ident.embedding), ident.noise(gen.model_cfg.latent_shape))
-                row.append(gen.decode(z)[0])
+                row.append(gen.decode(z, heat)[0])
             rows.append(np.concatenate(row, 1))
     grid = np.concatenate(rows, 0)
     out = Path(args.output)

@@ -9,7 +9,7 @@ and its own original (mean, 5th percentile, share under the 0.6 match threshold)
     python scripts/probe_privacy_knobs.py --photos 150
     python scripts/probe_privacy_knobs.py --variants base,color_match=false,mask_dilate=0.25,emb_scale=1.6,shape_scale=2
 
-Variant syntax: ``base``; a RuntimeConfig field ``name=value``; ``emb_scale=K`` (the identity
+Variant syntax: ``base``; a RuntimeConfig field ``name=value`` (several joined by ``+``); ``emb_scale=K`` (the identity
 embedding moved K times as far from the identity sampler's mean); ``shape_scale=K`` (the
 identity's face-shape deviation from the template times K).
 """
@@ -46,6 +46,10 @@ def apply_variant(spec: str, cfg, ident, sampler_mean: np.ndarray, template: np.
     """(runtime config, identity) for one variant ``spec``; ValueError for an unknown one."""
     if spec == "base":
         return cfg, ident
+    if "+" in spec:   # several knobs at once: a=1+b=2
+        for part in spec.split("+"):
+            cfg, ident = apply_variant(part, cfg, ident, sampler_mean, template)
+        return cfg, ident
     name, _, raw = spec.partition("=")
     if not raw:
         raise ValueError(f"variant {spec!r}: expected base or name=value")
@@ -68,6 +72,7 @@ def main(argv=None) -> int:
     from safefm.config import load_runtime_config
     from safefm.engine import Engine
     from safefm.generator import Generator
+    from safefm.guard import default_guard
     from safefm.identity import load_identity
     from safefm.identity_sampler import IdentitySampler
     from safefm.paths import default_identity_path, resolve_model_path, weights_dir
@@ -93,7 +98,8 @@ def main(argv=None) -> int:
     print(f"{len(refs)} training photos with a dlib face; identity {ident0.name}", flush=True)
     for spec, cfg, ident in plans:
         t = time.perf_counter()
-        r = score(Engine(gen, ident, cfg, video=False), rec, refs)
+        guard = default_guard(cfg, ident, gen.model_cfg.identity_dim)
+        r = score(Engine(gen, ident, cfg, video=False, guard=guard), rec, refs)
         print(f"{spec:>22}: mean distance {r['mean_distance']:.3f}  p05 {r['p05_distance']:.3f}  "
               f"leak {r['leak']:.3f}  face {r['face_found']:.2f}  ({time.perf_counter() - t:.0f}s)", flush=True)
     return 0

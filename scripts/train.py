@@ -9,6 +9,8 @@
     python scripts/train.py --stage sampler                     # identity sampler over dlib embeddings
     python scripts/train.py --stage export   [--out weights/safefm_default.safetensors]
     python scripts/train.py --stage preview                     # runs/preview_*.png (recon + samples)
+    python scripts/train.py --stage heat-decoder --from default --max-minutes 40 \
+        --out weights/safefm_default.safetensors               # decoder that also reads the heatmaps (eyelids)
 
 On GPUs the flow stages run data parallel under ``accelerate launch`` (or ``torchrun``)::
 
@@ -33,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-STAGES = ("ae", "cache", "decoder", "base", "adapters", "sampler", "export", "preview")
+STAGES = ("ae", "cache", "decoder", "base", "adapters", "sampler", "export", "preview", "heat-decoder")
 
 
 def _overrides(tcfg, a):
@@ -115,7 +117,9 @@ def main(argv=None) -> int:
                          "embeddings (no real-face descriptors in the file); 0 = keep them")
     ap.add_argument("--controlnet-scale", type=float, default=1.0,
                     help="export: bake this conditioning scale into the ControlNet (see scripts/probe_control.py)")
-    ap.add_argument("--out", type=Path, default=None, help="export: output .safetensors")
+    ap.add_argument("--out", type=Path, default=None, help="export / heat-decoder: output .safetensors")
+    ap.add_argument("--from", dest="source", default="default",
+                    help="heat-decoder: the model whose decoder is fine-tuned (name or .safetensors path)")
     a = ap.parse_args(argv)
 
     from safefm.config import load_model_config
@@ -134,7 +138,7 @@ def main(argv=None) -> int:
     log = print if runner is None or runner.is_main else (lambda *_: None)
     root = Path(a.runs or runs_root())
     sdir = root / a.stage
-    if a.stage in ("ae", "decoder", "base", "adapters", "sampler"):
+    if a.stage in ("ae", "decoder", "base", "adapters", "sampler", "heat-decoder"):
         if runner is None or runner.is_main:
             _prepare_run(sdir, a.fresh)
         if runner is not None:
@@ -207,7 +211,36 @@ def main(argv=None) -> int:
         print(f"wrote {out} and {out.with_suffix('.json')}")
     elif a.stage == "preview":
         preview(root)
+    elif a.stage == "heat-decoder":
+        stage_heat_decoder(a, sdir)
     return 0
+
+
+def stage_heat_decoder(a, sdir: Path) -> None:
+    """Fine-tune a shipped model's decoder to read the heatmaps; ``--out`` writes the result
+    (the source file's other weights unchanged, its training summary extended)."""
+    from safefm.checkpoint import load_model, save_model
+    from safefm.data import load_shards
+    from safefm.paths import resolve_model_path
+    from safefm.train.export import LICENSE_NOTE
+    from safefm.train.heat_decoder import HeatDecoderTrainConfig, apply_checkpoint, train_heat_decoder
+
+    src = resolve_model_path(a.source)
+    model, meta = load_model(src)
+    data = load_shards(keys=("crops", "landmarks"))
+    print(f"heat decoder from {src} (sha256 {meta['sha256'][:12]}) on {len(data['crops'])} crops")
+    ck = train_heat_decoder(model, meta["sha256"], _overrides(HeatDecoderTrainConfig(), a), data, run_dir=sdir,
+                            max_minutes=a.max_minutes)
+    if a.out:
+        out = apply_checkpoint(model, ck)
+        training = json.loads(meta.get("training") or "{}")
+        training["heat_decoder"] = {"from_sha256": meta["sha256"], "steps": ck["step"],
+                                    "train_config": ck["train_config"],
+                                    **{k: ck["metrics"][k] for k in ("start", "holdout", "sec_per_step")
+                                       if k in ck["metrics"]}}
+        save_model(out, a.out, extra_meta={"license": meta.get("license") or LICENSE_NOTE,
+                                           "training": json.dumps(training)})
+        print(f"wrote {a.out} and {Path(a.out).with_suffix('.json')}")
 
 
 def preview(root: Path) -> None:

@@ -35,6 +35,8 @@ def test_bad_values_get_one_line_errors(tmp_path):
         model_config_from_dict({"image_sise": 128})
     with pytest.raises(ConfigError, match="steps"):
         load_runtime_config(steps=0)
+    with pytest.raises(ConfigError, match="identity_guidance"):
+        load_runtime_config(identity_guidance=-1.0)
     p = tmp_path / "bad.toml"
     p.write_text("[runtime]\nsteps = ")
     with pytest.raises(ConfigError, match="not valid TOML"):

@@ -128,3 +128,20 @@ def test_lean_model_attends_only_in_the_middle_and_takes_the_identity_through_fi
     z_a = g_t.generate(heat, a, noise)
     assert (z_a - g_t.generate(heat, b, noise)).abs().max() > 1e-4     # another identity, another face
     assert torch.allclose(z_a, g_o.generate(heat, a, noise), atol=1e-3)
+
+
+def test_identity_guidance_extrapolates_from_the_null_identity_on_early_steps(tmp_path, monkeypatch, heat):
+    gen = _gen("torch", tmp_path, monkeypatch)
+    tokens = gen.identity_tokens(np.ones(128, np.float32))
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    v_id = gen.velocity(heat, tokens)(z, 0.25)
+    v_null = gen.velocity(heat, gen.null_tokens())(z, 0.25)
+    assert (v_id - v_null).abs().max() > 1e-4          # the identity changes the velocity at all
+    assert torch.allclose(gen.velocity(heat, tokens, guidance=0.0)(z, 0.25), v_null, atol=1e-6)
+    v3 = gen.velocity(heat, tokens, guidance=3.0, until=0.5)
+    assert torch.allclose(v3(z, 0.25), v_null + 3.0 * (v_id - v_null), atol=1e-5)
+    assert torch.equal(v3(z, 0.75), gen.velocity(heat, tokens)(z, 0.75))   # past guidance_until: plain
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    plain = gen.generate(heat, tokens, noise)
+    assert torch.equal(gen.generate(heat, tokens, noise, guidance=1.0), plain)
+    assert (gen.generate(heat, tokens, noise, guidance=3.0) - plain).abs().max() > 1e-4

@@ -34,6 +34,7 @@ def test_shipped_models_verify_and_fit_the_size_budget():
     # The default is the model that fits the CPU budget: attention only at the bottleneck.
     default_cfg = load_model(resolve_model_path(None))[0].cfg
     assert default_cfg.unet_cross_attention == "mid" and default_cfg.identity_film
+    assert default_cfg.decoder_heat          # its decoder also reads the heatmaps (the eyelids)
 
 
 def test_at_least_six_ready_identities_besides_the_default():

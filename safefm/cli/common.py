@@ -31,6 +31,9 @@ def add_runtime_args(parser: argparse.ArgumentParser, identity: bool = True):
     if identity:
         g.add_argument("--identity", metavar="FILE", default=None,
                        help="synthetic identity file (default: the shipped default identity)")
+        g.add_argument("--identity-guard", type=float, default=None, metavar="D",
+                       help="wear another shipped identity when the real face is within dlib distance D "
+                            "of the chosen one, e.g. 0.75 (default from the runtime config: 0 = off)")
     g.add_argument("--steps", type=int, default=None, metavar="N",
                    help="Euler steps per frame (default from the runtime config, usually 4)")
     g.add_argument("--seed", type=int, default=None, metavar="S", help="noise seed of the face (default: the identity's own)")
@@ -45,7 +48,8 @@ def add_runtime_args(parser: argparse.ArgumentParser, identity: bool = True):
 def runtime_config_from_args(args: argparse.Namespace, **extra) -> RuntimeConfig:
     """RuntimeConfig from ``--config`` plus the options the user gave (and ``extra``)."""
     overrides = {"steps": getattr(args, "steps", None), "device": getattr(args, "device", None),
-                 "runtime": getattr(args, "runtime", None), "seed": getattr(args, "seed", None), **extra}
+                 "runtime": getattr(args, "runtime", None), "seed": getattr(args, "seed", None),
+                 "identity_guard": getattr(args, "identity_guard", None), **extra}
     return load_runtime_config(getattr(args, "config", None), **overrides)
 
 
