@@ -145,6 +145,12 @@ class EMA:
 # Loop helpers
 
 
+def set_warmup_lr(opt, step: int, lr: float, warmup: int) -> None:
+    """Linear learning-rate warm-up over ``warmup`` steps, then constant ``lr``."""
+    for g in opt.param_groups:
+        g["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
+
+
 class Deadline:
     """``max_minutes`` of wall clock from construction (0 = no limit)."""
 

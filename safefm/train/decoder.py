@@ -24,8 +24,8 @@ import torch
 
 from ..config import ModelConfig
 from .autoencoder import decode_raw, init_decoder, recon_terms
-from .common import (Deadline, History, checkpoint_model_config, config_dict, load_checkpoint, save_checkpoint, stage_dir,
-                     train_config_from_dict)
+from .common import (Deadline, History, checkpoint_model_config, config_dict, load_checkpoint, save_checkpoint,
+                     set_warmup_lr, stage_dir, train_config_from_dict)
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,7 @@ def train_decoder(ae_ckpt: dict, target: ModelConfig, tcfg: DecoderTrainConfig, 
     bar = tqdm(total=tcfg.max_steps, initial=step, desc="decoder", unit="step", mininterval=5)
     t0, steps0 = time.monotonic(), step
     while step < tcfg.max_steps and not deadline.passed():
-        for g in opt.param_groups:
-            g["lr"] = tcfg.lr * min(1.0, (step + 1) / max(1, tcfg.warmup))
+        set_warmup_lr(opt, step, tcfg.lr, tcfg.warmup)
         pick = tr[rng.integers(0, len(tr), tcfg.batch)]
         x = _images(data["crops"], rows_d[pick], flipped[rows_c[pick]])
         y = decode_raw(model, zs[rows_c[pick]])

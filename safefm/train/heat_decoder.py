@@ -32,7 +32,8 @@ from ..data import AugmentConfig, augment, to_tensor_image
 from ..models import SafeFMModel
 from ..retarget import EYELIDS
 from .autoencoder import recon_terms
-from .common import Deadline, History, config_dict, load_checkpoint, save_checkpoint, train_config_from_dict
+from .common import (Deadline, History, config_dict, load_checkpoint, save_checkpoint, set_warmup_lr,
+                     train_config_from_dict)
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,7 @@ def train_heat_decoder(model: SafeFMModel, weights_sha: str, tcfg: HeatDecoderTr
     bar = tqdm(total=tcfg.max_steps, initial=step, desc="heat decoder", unit="step", mininterval=5)
     t0, steps0 = time.monotonic(), step
     while step < tcfg.max_steps and not deadline.passed():
-        for g in opt.param_groups:
-            g["lr"] = tcfg.lr * min(1.0, (step + 1) / max(1, tcfg.warmup))
+        set_warmup_lr(opt, step, tcfg.lr, tcfg.warmup)
         x, lm, heat = _batch(data, tr[rng.integers(0, len(tr), tcfg.batch)], rng, tcfg, S, H, aug)
         boxes = eye_boxes(lm)
         with torch.no_grad():
