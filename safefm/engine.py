@@ -186,14 +186,16 @@ class Engine:
         self._guard_done = True
         try:
             ident, why = self.guard.choose(self.gen, frame, [tr.raw for tr in matched], self.chosen_identity)
+            if ident is not self.identity:
+                self._wear(ident)
         except Exception as exc:   # e.g. dlib missing: anonymize with the chosen identity
             log.warning("identity guard unavailable (%s); wearing '%s'", exc, self.chosen_identity.name)
             self.guard = None
+            if self.identity is not self.chosen_identity:
+                self._wear(self.chosen_identity)
             return
         if why:
             (log.warning if self.video else log.info)(why)
-        if ident is not self.identity:
-            self._wear(ident)
 
     def _neutral_estimator(self) -> retarget.NeutralEstimator:
         return retarget.NeutralEstimator(self.cfg.neutral_window, self.template, warmup=self.cfg.neutral_warmup)

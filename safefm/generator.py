@@ -240,7 +240,8 @@ class Generator:
         if heat.dim() == 3:
             heat = heat[None]
         noise = noise.expand(heat.shape[0], -1, -1, -1).to(self.device if self._sess_v is None else "cpu")
-        return sample(self.velocity(heat, tokens, guidance, guidance_until), noise, steps or self.cfg.steps, z_prev=z_prev, t0=t0)
+        v = self.velocity(heat, tokens, guidance, guidance_until)
+        return sample(v, noise, steps or self.cfg.steps, z_prev=z_prev, t0=t0)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, heat: np.ndarray | torch.Tensor | None = None) -> np.ndarray:

@@ -145,6 +145,18 @@ class EMA:
 # Loop helpers
 
 
+def restore_run(ck: dict, cls, tcfg, model: torch.nn.Module, opt) -> tuple[Any, int, "History", dict]:
+    """Continue a decoder-style run from checkpoint ``ck``: the given training config with the
+    run's own ``seed`` and ``holdout`` (so the held-back rows stay held back), the checkpoint's
+    weights (non-strict: it stores only the trained part) and optimiser state.
+    Returns (training config, step, history, metrics)."""
+    kept = {k: ck["train_config"][k] for k in ("seed", "holdout")}
+    tcfg = train_config_from_dict(cls, {**config_dict(tcfg), **kept})
+    model.load_state_dict(ck["state"]["model"], strict=False)
+    opt.load_state_dict(ck["opt"])
+    return tcfg, ck["step"], History(ck["history"]), ck["metrics"]
+
+
 def set_warmup_lr(opt, step: int, lr: float, warmup: int) -> None:
     """Linear learning-rate warm-up over ``warmup`` steps, then constant ``lr``."""
     for g in opt.param_groups:

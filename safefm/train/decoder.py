@@ -25,7 +25,7 @@ import torch
 from ..config import ModelConfig
 from .autoencoder import decode_raw, init_decoder, recon_terms
 from .common import (Deadline, History, checkpoint_model_config, config_dict, load_checkpoint, save_checkpoint,
-                     set_warmup_lr, stage_dir, train_config_from_dict)
+                     restore_run, set_warmup_lr, stage_dir)
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,7 @@ def train_decoder(ae_ckpt: dict, target: ModelConfig, tcfg: DecoderTrainConfig, 
         ck = load_checkpoint(ckpt_path)
         if checkpoint_model_config(ck) != cfg or int(ck["metrics"]["ae_step"]) != int(ae_ckpt["step"]):
             raise ValueError(f"{ckpt_path} belongs to another autoencoder or decoder config; use --fresh")
-        tcfg = train_config_from_dict(DecoderTrainConfig, {**config_dict(tcfg), "seed": ck["train_config"]["seed"],
-                                                           "holdout": ck["train_config"]["holdout"]})
-        model.load_state_dict(ck["state"]["model"], strict=False)
-        opt.load_state_dict(ck["opt"])
-        step, history, metrics = ck["step"], History(ck["history"]), ck["metrics"]
+        tcfg, step, history, metrics = restore_run(ck, DecoderTrainConfig, tcfg, model, opt)
         log(f"resumed {ckpt_path} at step {step}")
 
     rows_c, rows_d = cache_pairs(cache, data)

@@ -32,8 +32,7 @@ from ..data import AugmentConfig, augment, to_tensor_image
 from ..models import SafeFMModel
 from ..retarget import EYELIDS
 from .autoencoder import recon_terms
-from .common import (Deadline, History, config_dict, load_checkpoint, save_checkpoint, set_warmup_lr,
-                     train_config_from_dict)
+from .common import Deadline, History, config_dict, load_checkpoint, restore_run, save_checkpoint, set_warmup_lr
 
 
 @dataclass(frozen=True)
@@ -100,7 +99,7 @@ def swap_eye_cells(z: torch.Tensor, boxes: np.ndarray, image_size: int, pick: np
     return z
 
 
-def _batch(data, rows, rng, cfg, image_size, heat_size, aug: AugmentConfig):
+def _batch(data, rows, rng, image_size, heat_size, aug: AugmentConfig):
     xs, lms, heats = [], [], []
     for r in rows:
         img, lm, _ = augment(data["crops"][r], data["landmarks"][r], rng, aug)
@@ -110,13 +109,13 @@ def _batch(data, rows, rng, cfg, image_size, heat_size, aug: AugmentConfig):
     return torch.stack(xs), np.stack(lms), torch.from_numpy(np.stack(heats))
 
 
-def _eval(model, data, rows, tcfg, image_size, heat_size) -> dict:
+def _eval(model, data, rows, image_size, heat_size) -> dict:
     """Held-back metrics: PSNR (dB) and eye-box L1 with the true latents, and both when
     the latent's eye cells come from another face (how much the heatmaps place the lids)."""
     from ..data import NO_AUGMENT
 
     rng = np.random.default_rng(12345)
-    x, lm, heat = _batch(data, rows, rng, tcfg, image_size, heat_size, NO_AUGMENT)
+    x, lm, heat = _batch(data, rows, rng, image_size, heat_size, NO_AUGMENT)
     boxes = eye_boxes(lm)
     m = eye_mask(boxes, image_size)
     out = {}
@@ -155,16 +154,12 @@ def train_heat_decoder(model: SafeFMModel, weights_sha: str, tcfg: HeatDecoderTr
         ck = load_checkpoint(ckpt_path)
         if ck["metrics"].get("weights_sha256") != weights_sha:
             raise ValueError(f"{ckpt_path} was trained from other weights; use --fresh")
-        tcfg = train_config_from_dict(HeatDecoderTrainConfig, {**config_dict(tcfg), "seed": ck["train_config"]["seed"],
-                                                               "holdout": ck["train_config"]["holdout"]})
-        model.load_state_dict(ck["state"]["model"], strict=False)
-        opt.load_state_dict(ck["opt"])
-        step, history, metrics = ck["step"], History(ck["history"]), ck["metrics"]
+        tcfg, step, history, metrics = restore_run(ck, HeatDecoderTrainConfig, tcfg, model, opt)
         log(f"resumed {ckpt_path} at step {step}")
     n = len(data["crops"])
     ho, tr = np.arange(n - tcfg.holdout, n), np.arange(n - tcfg.holdout)
     if "start" not in metrics:
-        metrics["start"] = _eval(model, data, ho, tcfg, S, H)   # = the given weights (branch at zero)
+        metrics["start"] = _eval(model, data, ho, S, H)   # = the given weights (branch at zero)
         log(f"given decoder on {len(ho)} held-back crops: {metrics['start']}")
     log(f"heat decoder: {sum(p.numel() for p in dec.parameters()) / 1e6:.3f} M trainable parameters "
         f"({sum(p.numel() for p in dec.heat.parameters())} new), {len(tr)} training crops")
@@ -185,7 +180,7 @@ def train_heat_decoder(model: SafeFMModel, weights_sha: str, tcfg: HeatDecoderTr
     t0, steps0 = time.monotonic(), step
     while step < tcfg.max_steps and not deadline.passed():
         set_warmup_lr(opt, step, tcfg.lr, tcfg.warmup)
-        x, lm, heat = _batch(data, tr[rng.integers(0, len(tr), tcfg.batch)], rng, tcfg, S, H, aug)
+        x, lm, heat = _batch(data, tr[rng.integers(0, len(tr), tcfg.batch)], rng, S, H, aug)
         boxes = eye_boxes(lm)
         with torch.no_grad():
             z = model.encode(x)
@@ -206,7 +201,7 @@ def train_heat_decoder(model: SafeFMModel, weights_sha: str, tcfg: HeatDecoderTr
         bar.set_postfix(loss=f"{history.mean_last('loss', 20):.4f}", refresh=False)
         if step % tcfg.eval_every == 0:
             dec.eval()
-            metrics["holdout"] = _eval(model, data, ho, tcfg, S, H)
+            metrics["holdout"] = _eval(model, data, ho, S, H)
             metrics.setdefault("curve", []).append([step, metrics["holdout"]])
             dec.train()
             log(f"step {step}: held back {metrics['holdout']}")
@@ -214,7 +209,7 @@ def train_heat_decoder(model: SafeFMModel, weights_sha: str, tcfg: HeatDecoderTr
             save()
     bar.close()
     dec.eval()
-    metrics["holdout"] = _eval(model, data, ho, tcfg, S, H)
+    metrics["holdout"] = _eval(model, data, ho, S, H)
     if step > steps0:   # a call that only exports keeps the training's figure
         metrics["sec_per_step"] = (time.monotonic() - t0) / (step - steps0)
     metrics["steps"] = step
