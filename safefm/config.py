@@ -99,6 +99,7 @@ class RuntimeConfig:
     track_max_distance: float = 0.5
     neutral_window: int = 1800
     neutral_warmup: int = 1
+    image_neutral: str = "prior"
     expression_gain: float = 1.0
     eye_gain: float = 1.5
     hold_frames: int = 8
@@ -128,6 +129,8 @@ class RuntimeConfig:
             raise ConfigError("max_faces must be at least 1")
         if self.neutral_window < 1 or self.neutral_warmup < 1:
             raise ConfigError("neutral_window and neutral_warmup must be at least 1 frame")
+        if self.image_neutral not in ("prior", "template"):
+            raise ConfigError(f"image_neutral must be 'prior' or 'template', got {self.image_neutral!r}")
         if not 0.0 <= self.identity_guard <= 2.0:
             raise ConfigError(f"identity_guard must be in [0, 2] (0 = off), got {self.identity_guard}")
         if not 0.0 <= self.eye_gain <= 3.0:

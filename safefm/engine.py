@@ -208,9 +208,15 @@ class Engine:
         lm_crop = alignment.transform_points(tr.landmarks, M)
         pose = retarget.pose_fit(lm_crop, self.template)  # canonical = the template's unit crop frame
         canon = retarget.to_canonical(lm_crop, pose)
-        # A single image has no history: its expression is measured from the template. In a video
-        # it is measured from the user's own running rest shape (NeutralEstimator).
-        neutral = st.neutral.update(canon) if self.video else self.template
+        # In a video the expression is measured from the user's own running rest shape
+        # (NeutralEstimator). A single image has no history: its rest shape is estimated from the
+        # photo itself (the expression prior), or is the template (passes the person's lip shapes).
+        if self.video:
+            neutral = st.neutral.update(canon)
+        elif cfg.image_neutral == "prior":
+            neutral = retarget.single_image_neutral(canon)
+        else:
+            neutral = self.template
         ret_crop = retarget.retarget(lm_crop, neutral, self.identity.shape, cfg.expression_gain, pose=pose,
                                      eye_gain=cfg.eye_gain)
         st.heat = heatmaps.render_heatmaps(ret_crop, S, self.mcfg.heatmap_size, out=st.heat)

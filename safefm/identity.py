@@ -7,6 +7,8 @@ An identity is what the anonymized face *is*: never computed from the user's fac
 - ``shape``: (478, 3) float32, the identity's own neutral face shape in canonical crop
   coordinates (see :func:`safefm.alignment.load_template`); the user's expression is re-applied
   to it (:mod:`safefm.retarget`), so the user's face geometry never reaches the generator.
+  Kept upright (:func:`safefm.retarget.upright_shape`, applied on creation and on load): a
+  tilted rest shape would tilt every output head by as much.
 - ``seed``: the fixed noise seed, so the face does not "boil" from frame to frame.
 
 Stored with ``torch.save`` as a dict of tensors, ints and strings; loaded with
@@ -100,7 +102,13 @@ def identity_from_dict(data, where: str = "identity", embedding_dim: int | None 
     attrs = data.get("attributes", {})
     if not isinstance(attrs, dict):
         raise IdentityFileError(f"{where}: attributes must be a dict")
-    return Identity(embedding=emb.numpy().copy(), shape=shape.numpy().copy(), seed=seed,
+    from .retarget import upright_shape
+
+    try:
+        shape = upright_shape(shape.numpy())
+    except ValueError as exc:
+        raise IdentityFileError(f"{where}: {exc}") from None
+    return Identity(embedding=emb.numpy().copy(), shape=shape, seed=seed,
                     name=str(data.get("name", "identity")), attributes=dict(attrs), version=version)
 
 
@@ -125,7 +133,9 @@ def random_shape(template: np.ndarray, rng: np.random.Generator, strength: float
         wave = np.sin(p @ k + phase)
         out[:, :2] += wave[:, None] * amp[None, :]
     out[:, 2] = t[:, 2] * (1 + strength * rng.normal(0, 0.05))
-    return out.astype(np.float32)
+    from .retarget import upright_shape
+
+    return upright_shape(out, template)
 
 
 def describe(identity: Identity) -> str:

@@ -9,11 +9,16 @@ evaluation people are never used) and measures, per candidate:
 - ``leak``: share of photos whose anonymized output dlib still matches to that photo's own face
   (distance < 0.6), the same measure as the evaluation's per-frame leak, on training people;
 - ``mean_distance`` / ``p05_distance``: dlib distance between output and original (higher: safer);
-- ``face_found``: share of outputs in which dlib finds a face.
+- ``other_distance`` / ``other_leak``: the same against the *other* photos (other people); the
+  gap to ``mean_distance`` is how much of the replaced person passes through;
+- ``face_found``: share of outputs in which dlib finds a face;
+- with ``--fidelity``: FaceMesh mouth / eye opening r (output vs photo) and yaw / pitch MAE.
 
 Usage:
     python scripts/select_identities.py --photos 120 --candidates 24 --json runs/identity_select.json
     python scripts/select_identities.py ... --groups female:adult,male:adult --write-best 2 --out-dir runs/identity_select/
+    python scripts/select_identities.py --photos 300 --photo-seed 3 --candidates 0 --fidelity \
+        --identity-files runs/identity_screen/seed2190.pt,... --json docs/identity_dev.json
 
 Candidates are the shipped ``weights/identities/*.pt`` plus ``--candidates`` fresh draws from the
 identity sampler (seeds ``--seed-base`` + i). Rendering uses the same engine as
@@ -38,9 +43,9 @@ from safefm.data import eval_identities  # noqa: E402
 from safefm.engine import Engine  # noqa: E402
 from safefm.generator import Generator  # noqa: E402
 from safefm.identity import load_identity, save_identity  # noqa: E402
-from safefm.metrics import box_iou  # noqa: E402
+from safefm.metrics import FEATURES, box_iou, expression_features, mae, pearson  # noqa: E402
 from safefm.paths import resolve_model_path, shared_data_dir, weights_dir  # noqa: E402
-from safefm.recognition import MATCH_THRESHOLD, FaceRecognizer, distance, load_rgb  # noqa: E402
+from safefm.recognition import MATCH_THRESHOLD, FaceRecognizer, load_rgb  # noqa: E402
 
 
 def training_photos(n: int, seed: int) -> list[Path]:
@@ -65,20 +70,43 @@ def originals(rec: FaceRecognizer, photos: list[Path]) -> list[tuple[Path, tuple
     return out
 
 
-def score(engine: Engine, rec: FaceRecognizer, refs) -> dict:
-    """Render the engine's identity on every reference photo; distances to the originals."""
-    d, found = [], 0
+def score(engine: Engine, rec: FaceRecognizer, refs, mesh=None) -> dict:
+    """Render the engine's identity on every reference photo; distances to the originals.
+
+    ``other_distance``: mean distance of each output to the *other* reference photos (other
+    people): ``other_distance - mean_distance`` is how much nearer an output is to the person it
+    replaces than to anyone else, i.e. what of the person passes through. With a FaceMesh
+    ``mesh``: Pearson r of output vs photo mouth / eye opening and yaw / pitch MAE (degrees).
+    """
+    embs, found, f_in, f_out = [], 0, [], []
     for p, box, emb in refs:
         engine.reset()
-        out = engine.process(load_rgb(p), 0.0).image
+        rgb = load_rgb(p)
+        out = engine.process(rgb, 0.0).image
         hits = [b for b in rec.detect(out) if box_iou(b, box) > 0.3]
         found += bool(hits)
-        e = rec.embed(out, hits[0] if hits else box)
-        d.append(float(distance(e, emb)))
-    d = np.array(d)
-    return {"photos": len(d), "leak": float((d < MATCH_THRESHOLD).mean()),
-            "mean_distance": float(d.mean()), "p05_distance": float(np.percentile(d, 5)),
-            "face_found": found / max(len(d), 1)}
+        embs.append(rec.embed(out, hits[0] if hits else box))
+        if mesh is not None:
+            a, b = mesh.detect(rgb), mesh.detect(out)
+            f_in.append(expression_features(a[0] if a else None))
+            f_out.append(expression_features(b[0] if b else None))
+    src = np.stack([e for _, _, e in refs])
+    dist = np.linalg.norm(np.stack(embs)[:, None] - src[None], axis=2)    # outputs x originals
+    d = np.diag(dist)
+    other = dist[~np.eye(len(d), dtype=bool)]
+    row = {"photos": len(d), "leak": float((d < MATCH_THRESHOLD).mean()),
+           "mean_distance": float(d.mean()), "p05_distance": float(np.percentile(d, 5)),
+           "other_distance": float(other.mean()), "other_leak": float((other < MATCH_THRESHOLD).mean()),
+           "face_found": found / max(len(d), 1)}
+    if mesh is not None:
+        fi, fo = np.array(f_in), np.array(f_out)
+        for name in ("mouth_open", "eye_open_r", "eye_open_l"):
+            j = FEATURES.index(name)
+            row[f"r_{name}"] = pearson(fi[:, j], fo[:, j])
+        for name in ("yaw", "pitch"):
+            j = FEATURES.index(name)
+            row[f"mae_{name}"] = mae(fi[:, j], fo[:, j])
+    return row
 
 
 def main(argv=None) -> int:
@@ -90,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed-base", type=int, default=1000, help="seed of the first fresh identity")
     ap.add_argument("--groups", default="", help="comma list of gender:age the fresh draws cycle through "
                     "(e.g. female:adult,male:young; empty: the sampler's whole distribution)")
+    ap.add_argument("--identity-files", default="", help="comma list of identity files scored as well")
+    ap.add_argument("--fidelity", action="store_true", help="also FaceMesh mouth / eye r and pose MAE")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--json", type=Path, default=None, help="write the ranking here")
     ap.add_argument("--write-best", type=int, default=0, help="save the N best fresh identities")
@@ -107,18 +137,26 @@ def main(argv=None) -> int:
 
     cands = [(p.stem, load_identity(p, gen.model_cfg.identity_dim))
              for p in sorted((weights_dir() / "identities").glob("*.pt"))]
+    cands += [(Path(f).stem, load_identity(f, gen.model_cfg.identity_dim)) for f in args.identity_files.split(",") if f]
     groups = [tuple(g.split(":")) for g in args.groups.split(",") if g] or [(None, None)]
     for i in range(args.candidates):
         gender, age = groups[i % len(groups)]
         cands.append((f"seed{args.seed_base + i}", new_identity(args.seed_base + i, gender or None, age or None)))
+    mesh = None
+    if args.fidelity:
+        from safefm.landmarks import FaceMeshDetector
+        mesh = FaceMeshDetector(max_faces=1, static_image=True)
     rows = []
     for name, ident in cands:
         engine = Engine(gen, ident, cfg, video=False)
         t1 = time.perf_counter()
-        r = {"name": name, "seed": int(ident.seed), **ident.attributes, **score(engine, rec, refs)}
+        r = {"name": name, "seed": int(ident.seed), **ident.attributes, **score(engine, rec, refs, mesh)}
         rows.append((r, ident))
-        print(f"{name:>10}: leak {r['leak']:.3f}  mean d {r['mean_distance']:.3f}  p05 {r['p05_distance']:.3f}"
-              f"  face {r['face_found']:.2f}  ({time.perf_counter() - t1:.0f}s)", flush=True)
+        fid = "".join(f"  {k.replace('_', ' ', 1)} {v:.2f}" for k, v in r.items()
+                      if k.startswith(("r_", "mae_")))
+        print(f"{name:>10}: leak {r['leak']:.3f}  mean d {r['mean_distance']:.3f} (others {r['other_distance']:.3f})"
+              f"  p05 {r['p05_distance']:.3f}  face {r['face_found']:.2f}{fid}  ({time.perf_counter() - t1:.0f}s)",
+              flush=True)
     rows.sort(key=lambda x: (x[0]["leak"], -x[0]["mean_distance"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -6,15 +6,17 @@ import numpy as np
 import pytest
 import torch
 
+from safefm.alignment import load_template
 from safefm.errors import IdentityFileError
 from safefm.identity import Identity, describe, load_identity, random_shape, save_identity
+from safefm.metrics import head_pose
+from safefm.retarget import upright_shape
 
 
 def _identity(seed=3):
     rng = np.random.default_rng(seed)
-    template = np.stack([rng.uniform(0.2, 0.8, 478), rng.uniform(0.2, 0.8, 478), rng.normal(0, 0.03, 478)], 1)
     emb = rng.normal(size=128).astype(np.float32)
-    return Identity(embedding=emb, shape=random_shape(template.astype(np.float32), rng), seed=seed,
+    return Identity(embedding=emb, shape=random_shape(load_template(), rng), seed=seed,
                     name="alex", attributes={"gender": "female"})
 
 
@@ -79,3 +81,34 @@ def test_loading_never_unpickles_code(tmp_path):
     with pytest.raises(IdentityFileError):
         load_identity(p)
     assert not os.path.exists("/tmp/safefm_pwned")
+
+
+def _tilt(shape, pitch_deg):
+    a = np.radians(pitch_deg)
+    r = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    c = shape.mean(0)
+    return ((shape - c) @ r.T + c).astype(np.float32)
+
+
+def test_identity_faces_are_upright_so_outputs_keep_the_users_head_pose(tmp_path):
+    """A tilted rest shape would tilt every output head: new and loaded identities are upright."""
+    t = load_template()
+    for seed in range(5):
+        assert np.abs(head_pose(random_shape(t, np.random.default_rng(seed)))).max() < 0.01
+    tilted = _identity()
+    tilted = Identity(tilted.embedding, _tilt(tilted.shape, 4.0), 3)
+    assert abs(head_pose(tilted.shape)[1]) > 3.5
+    back = load_identity(save_identity(tilted, tmp_path / "tilted.pt"))
+    assert np.abs(head_pose(back.shape)).max() < 0.01
+    # only the rotation goes: the face keeps its own shape and size (a rigid motion)
+    dist = lambda s: np.linalg.norm(s[:, None] - s[None], axis=2)  # noqa: E731
+    assert np.allclose(dist(back.shape), dist(tilted.shape), atol=1e-5)
+    assert np.abs(back.shape - tilted.shape).max() > 0.01
+    assert np.array_equal(upright_shape(back.shape), back.shape)
+
+
+def test_a_shape_that_is_not_a_face_is_a_clear_identity_error(tmp_path):
+    ident = _identity()
+    bad = Identity(ident.embedding, ident.shape * 1000, 3)
+    with pytest.raises(IdentityFileError, match="canonical"):
+        load_identity(save_identity(bad, tmp_path / "bad.pt"))
