@@ -38,10 +38,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from safefm.data import eval_identities  # noqa: E402
 from safefm.metrics import FEATURES, box_iou, expression_features  # noqa: E402
-from safefm.paths import shared_data_dir, weights_dir  # noqa: E402
+from safefm.paths import shared_data_dir  # noqa: E402
 from safefm.recognition import MATCH_THRESHOLD, FaceRecognizer, load_rgb  # noqa: E402
 
 _REC: dict = {}
@@ -180,13 +181,13 @@ def main(argv=None) -> int:
     if args.candidates == 0 and not args.json:
         return 0
 
-    from safefm.cli.identity import new_identity
     from safefm.config import load_runtime_config
     from safefm.engine import Engine
     from safefm.generator import Generator
-    from safefm.identity import load_identity, save_identity
+    from safefm.identity import save_identity
     from safefm.landmarks import FaceMeshDetector
     from safefm.paths import resolve_model_path
+    from select_identities import candidate_identities
 
     cfg = load_runtime_config(None, steps=args.steps)
     model_path = resolve_model_path(args.model)
@@ -196,12 +197,7 @@ def main(argv=None) -> int:
     drivers = prepare_drivers(rec, mesh, driver_photos(args.drivers, args.driver_seed))
     print(f"{len(drivers)} driver photos", flush=True)
 
-    cands = [(p.stem, load_identity(p, gen.model_cfg.identity_dim))
-             for p in sorted((weights_dir() / "identities").glob("*.pt"))]
-    groups = [tuple(g.split(":")) for g in args.groups.split(",") if g] or [(None, None)]
-    for i in range(args.candidates):
-        gender, age = groups[i % len(groups)]
-        cands.append((f"seed{args.seed_base + i}", new_identity(args.seed_base + i, gender or None, age or None)))
+    cands = candidate_identities(gen.model_cfg.identity_dim, args.candidates, args.seed_base, args.groups)
     rows = []
     t0 = time.perf_counter()
     for k, (name, ident) in enumerate(cands):

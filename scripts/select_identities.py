@@ -70,6 +70,20 @@ def originals(rec: FaceRecognizer, photos: list[Path]) -> list[tuple[Path, tuple
     return out
 
 
+def candidate_identities(dim: int, n: int, seed_base: int, groups: str, files=()) -> list:
+    """[(name, Identity)]: the shipped identities, ``files``, then ``n`` fresh sampler draws
+    (seeds ``seed_base`` + i, named ``seed<seed>``, cycling through ``groups`` "gender:age,...")."""
+    from safefm.cli.identity import new_identity
+
+    cands = [(p.stem, load_identity(p, dim)) for p in sorted((weights_dir() / "identities").glob("*.pt"))]
+    cands += [(Path(f).stem, load_identity(f, dim)) for f in files]
+    cycle = [tuple(g.split(":")) for g in groups.split(",") if g] or [(None, None)]
+    for i in range(n):
+        gender, age = cycle[i % len(cycle)]
+        cands.append((f"seed{seed_base + i}", new_identity(seed_base + i, gender or None, age or None)))
+    return cands
+
+
 def score(engine: Engine, rec: FaceRecognizer, refs, mesh=None) -> dict:
     """Render the engine's identity on every reference photo; distances to the originals.
 
@@ -126,8 +140,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", type=Path, default=Path("runs/identity_select"))
     args = ap.parse_args(argv)
 
-    from safefm.cli.identity import new_identity
-
     cfg = load_runtime_config(None, steps=args.steps)
     gen = Generator.load(resolve_model_path(args.model), cfg)
     rec = FaceRecognizer(upsample=1)
@@ -135,13 +147,8 @@ def main(argv=None) -> int:
     refs = originals(rec, training_photos(args.photos, args.photo_seed))
     print(f"{len(refs)} reference photos with a dlib face ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    cands = [(p.stem, load_identity(p, gen.model_cfg.identity_dim))
-             for p in sorted((weights_dir() / "identities").glob("*.pt"))]
-    cands += [(Path(f).stem, load_identity(f, gen.model_cfg.identity_dim)) for f in args.identity_files.split(",") if f]
-    groups = [tuple(g.split(":")) for g in args.groups.split(",") if g] or [(None, None)]
-    for i in range(args.candidates):
-        gender, age = groups[i % len(groups)]
-        cands.append((f"seed{args.seed_base + i}", new_identity(args.seed_base + i, gender or None, age or None)))
+    files = [f for f in args.identity_files.split(",") if f]
+    cands = candidate_identities(gen.model_cfg.identity_dim, args.candidates, args.seed_base, args.groups, files)
     mesh = None
     if args.fidelity:
         from safefm.landmarks import FaceMeshDetector
