@@ -109,6 +109,8 @@ class RuntimeConfig:
     mask_feather: float = 0.06
     color_match: bool = True
     identity_guard: float = 0.0
+    identity_repel: float = 1.0
+    repel_until: float = 1.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 50:
@@ -131,6 +133,11 @@ class RuntimeConfig:
             raise ConfigError("neutral_window and neutral_warmup must be at least 1 frame")
         if self.image_neutral not in ("prior", "template"):
             raise ConfigError(f"image_neutral must be 'prior' or 'template', got {self.image_neutral!r}")
+        if not 0.0 <= self.identity_repel <= 5.0 or not 0.0 <= self.repel_until <= 1.0:
+            raise ConfigError("identity_repel must be in [0, 5] and repel_until in [0, 1]")
+        if self.identity_repel > 0 and self.identity_guidance != 1.0:
+            raise ConfigError("identity_repel and identity_guidance (against the null identity) are two "
+                              "kinds of guidance: use one of them")
         if not 0.0 <= self.identity_guard <= 2.0:
             raise ConfigError(f"identity_guard must be in [0, 2] (0 = off), got {self.identity_guard}")
         if not 0.0 <= self.eye_gain <= 3.0:

@@ -48,13 +48,15 @@ class _TrackState:
     last_landmarks: np.ndarray | None = None      # (478, 3) real landmarks at the last sighting
     good_frames: int = 0
     heat: np.ndarray | None = field(default=None, repr=False)  # reused heatmap buffer
+    repel: torch.Tensor | None = field(default=None, repr=False)  # tokens of the real face (identity_repel)
+    repel_tried: bool = False
 
 
 class Engine:
     """Anonymizes frames. Not thread-safe: one engine per processing thread."""
 
     def __init__(self, generator: Generator, identity: Identity, cfg: RuntimeConfig, *,
-                 video: bool = True, detector=None, guard=None):
+                 video: bool = True, detector=None, guard=None, recognizer=None):
         self.cfg = cfg
         self.video = video
         self.gen = generator
@@ -75,6 +77,11 @@ class Engine:
         # whether the chosen identity resembles the real face and another must be worn.
         self.guard = guard
         self._guard_done = False
+        # identity_repel > 0: each track's real face is embedded once (dlib, in memory only) and
+        # the generator is guided away from that embedding. ``recognizer``: detect/embed object
+        # (default: guard's or a FaceRecognizer, loaded on first use); None after a failure.
+        self._repel_on = cfg.identity_repel > 0
+        self._recognizer = recognizer
         self.set_identity(identity)
 
     # -- state ---------------------------------------------------------------------------
@@ -142,7 +149,8 @@ class Engine:
             raise ValueError(f"frame must be (H, W, 3) uint8 RGB, got {frame.shape} {frame.dtype}")
         t = timestamp if timestamp is not None else self._frame_index / 30.0
         self._frame_index += 1
-        timings = dict.fromkeys(("landmarks", "guard", "retarget_heatmaps", "generator", "decode", "composite"), 0.0)
+        timings = dict.fromkeys(("landmarks", "guard", "repel", "retarget_heatmaps", "generator", "decode",
+                                 "composite"), 0.0)
         timings["generator_steps"] = 0
 
         t_a = time.perf_counter()
@@ -197,6 +205,24 @@ class Engine:
         if why:
             (log.warning if self.video else log.info)(why)
 
+    def _repel_tokens(self, frame: np.ndarray, tr: Track) -> torch.Tensor | None:
+        """Tokens of this track's real face (dlib embedding, never stored), the reference the
+        generator is guided away from; None (plain generation, logged) when it cannot be had."""
+        from .guard import embed_real_faces
+
+        try:
+            if self._recognizer is None:
+                from .recognition import FaceRecognizer
+                self._recognizer = FaceRecognizer(upsample=1)
+            emb = embed_real_faces(self._recognizer, frame, [tr.raw])
+        except Exception as exc:   # e.g. dlib missing: anonymize without the push
+            log.warning("identity repel unavailable (%s); generating without it", exc)
+            self._repel_on = False
+            return None
+        if len(emb) == 0:
+            return None
+        return self.gen.identity_tokens(emb[0])
+
     def _neutral_estimator(self) -> retarget.NeutralEstimator:
         return retarget.NeutralEstimator(self.cfg.neutral_window, self.template, warmup=self.cfg.neutral_warmup)
 
@@ -223,11 +249,21 @@ class Engine:
         t_b = time.perf_counter()
         timings["retarget_heatmaps"] += t_b - t_a
 
+        if self._repel_on and not st.repel_tried:
+            t_r = time.perf_counter()
+            st.repel = self._repel_tokens(frame, tr)
+            st.repel_tried = True
+            timings["repel"] += time.perf_counter() - t_r
+            t_b += time.perf_counter() - t_r
         heat = self.fault_injector("generate", tr.id, st.heat) if self.fault_injector else st.heat
         warm = self.video and cfg.warm_start and st.z_prev is not None and not tr.is_new
+        if st.repel is not None:
+            guidance, until = 1.0 + cfg.identity_repel, cfg.repel_until
+        else:
+            guidance, until = cfg.identity_guidance, cfg.guidance_until
         z = self.gen.generate(heat, self.tokens, self.noise, z_prev=st.z_prev if warm else None,
                               t0=cfg.warm_t0 if warm else 0.0, steps=cfg.steps,
-                              guidance=cfg.identity_guidance, guidance_until=cfg.guidance_until)
+                              guidance=guidance, guidance_until=until, reference=st.repel)
         if self.fault_injector:
             z = self.fault_injector("latent", tr.id, z)
         if not torch.isfinite(z).all():

@@ -177,20 +177,22 @@ class Generator:
         return self.cond_embed(heat.to(self.device))
 
     def velocity(self, heat: torch.Tensor, tokens: torch.Tensor, guidance: float | None = None,
-                 until: float | None = None):
+                 until: float | None = None, reference: torch.Tensor | None = None):
         """The callable ``v(z, t)`` for the sampler, with heatmaps (B, Ch, H, H) and tokens bound.
 
         With ``identity_guidance`` w != 1 (classifier-free guidance on the identity; the base and
         adapters were trained with a 10 % null identity), steps at flow times t < ``guidance_until``
-        return ``v_null + w * (v_id - v_null)``: two network calls instead of one. ``guidance`` /
-        ``until`` override the runtime config's values."""
+        return ``v_ref + w * (v_id - v_ref)``: two network calls instead of one. The reference is
+        the null identity, or ``reference`` tokens (1, K, W): e.g. the real person's own
+        embedding, so the output is pushed away from that face (``identity_repel``).
+        ``guidance`` / ``until`` override the runtime config's values."""
         cond = self.embed_heatmaps(heat)
         v_id = self._velocity(cond, tokens)
         w = self.cfg.identity_guidance if guidance is None else guidance
         until = self.cfg.guidance_until if until is None else until
         if w == 1.0 or until <= 0.0:
             return v_id
-        v_null = self._velocity(cond, self.null_tokens())
+        v_null = self._velocity(cond, self.null_tokens() if reference is None else reference)
 
         def v(z: torch.Tensor, t: float) -> torch.Tensor:
             vi = v_id(z, t)
@@ -228,19 +230,20 @@ class Generator:
     @torch.no_grad()
     def generate(self, heat: np.ndarray | torch.Tensor, tokens: torch.Tensor, noise: torch.Tensor,
                  z_prev: torch.Tensor | None = None, t0: float = 0.0, steps: int | None = None,
-                 guidance: float | None = None, guidance_until: float | None = None) -> torch.Tensor:
+                 guidance: float | None = None, guidance_until: float | None = None,
+                 reference: torch.Tensor | None = None) -> torch.Tensor:
         """Latents (B, C, h, w) for heatmaps (B, Ch, H, H) in [0, 1].
 
         noise: (B or 1, C, h, w) fixed identity noise; z_prev: the track's previous latent for a
         warm start at flow time t0 (None = cold start from noise at t = 0); steps, guidance and
         guidance_until default to the runtime config's ``steps``, ``identity_guidance`` and
-        ``guidance_until``.
+        ``guidance_until``; reference: the guidance's reference tokens (None: the null identity).
         """
         heat = torch.as_tensor(heat, dtype=torch.float32)
         if heat.dim() == 3:
             heat = heat[None]
         noise = noise.expand(heat.shape[0], -1, -1, -1).to(self.device if self._sess_v is None else "cpu")
-        v = self.velocity(heat, tokens, guidance, guidance_until)
+        v = self.velocity(heat, tokens, guidance, guidance_until, reference)
         return sample(v, noise, steps or self.cfg.steps, z_prev=z_prev, t0=t0)
 
     @torch.no_grad()

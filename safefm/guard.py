@@ -95,22 +95,8 @@ class IdentityGuard:
         return np.asarray(self.recognizer.embed(crop, (int(x0), int(y0), int(x1), int(y1))), np.float32)
 
     def embed_faces(self, frame: np.ndarray, faces: list[np.ndarray]) -> np.ndarray:
-        """(F, D) embeddings of the real faces given as (478, 3) frame landmarks; (0, D) when
-        the recogniser finds none of them."""
-        out = []
-        for lm in faces:
-            x0, y0, x1, y1 = crop_box(frame.shape, lm)
-            if x1 - x0 < 8 or y1 - y0 < 8:
-                continue
-            region = np.ascontiguousarray(frame[y0:y1, x0:x1])
-            hits = self.recognizer.detect(region)
-            if hits:
-                box = hits[0]
-            else:   # the detector missed it (profile, small): the landmarks' inner box
-                lo, hi = lm[:, :2].min(axis=0) - (x0, y0), lm[:, :2].max(axis=0) - (x0, y0)
-                box = (int(lo[0]), int(lo[1] + 0.2 * (hi[1] - lo[1])), int(hi[0]), int(hi[1]))
-            out.append(self.recognizer.embed(region, box))
-        return np.asarray(out, np.float32).reshape(len(out), -1)
+        """(F, D) embeddings of the real faces given as (478, 3) frame landmarks."""
+        return embed_real_faces(self.recognizer, frame, faces)
 
     def choose(self, gen, frame: np.ndarray, faces: list[np.ndarray],
                current: Identity) -> tuple[Identity, str | None]:
@@ -129,6 +115,25 @@ class IdentityGuard:
         return self.candidates[best], (
             f"identity guard: '{current.name}' resembles this face (distance {d_cur:.2f} < "
             f"{self.threshold:.2f}); wearing '{self.candidates[best].name}' ({dist:.2f}) instead")
+
+
+def embed_real_faces(recognizer, frame: np.ndarray, faces: list[np.ndarray]) -> np.ndarray:
+    """(F, D) recogniser embeddings of the real faces given as (478, 3) frame landmarks; (0, D)
+    when none can be embedded. ``recognizer``: ``detect(rgb) -> [box]``, ``embed(rgb, box)``."""
+    out = []
+    for lm in faces:
+        x0, y0, x1, y1 = crop_box(frame.shape, lm)
+        if x1 - x0 < 8 or y1 - y0 < 8:
+            continue
+        region = np.ascontiguousarray(frame[y0:y1, x0:x1])
+        hits = recognizer.detect(region)
+        if hits:
+            box = hits[0]
+        else:   # the detector missed it (profile, small): the landmarks' inner box
+            lo, hi = lm[:, :2].min(axis=0) - (x0, y0), lm[:, :2].max(axis=0) - (x0, y0)
+            box = (int(lo[0]), int(lo[1] + 0.2 * (hi[1] - lo[1])), int(hi[0]), int(hi[1]))
+        out.append(recognizer.embed(region, box))
+    return np.asarray(out, np.float32).reshape(len(out), -1)
 
 
 def same_face(a: Identity, b: Identity) -> bool:

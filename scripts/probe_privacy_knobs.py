@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--photos", type=int, default=150, help="training LFW people, one photo each")
     ap.add_argument("--photo-seed", type=int, default=1)
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma list (see the module docstring)")
+    ap.add_argument("--fidelity", action="store_true", help="also FaceMesh mouth / eye r and pose MAE")
     args = ap.parse_args(argv)
 
     cfg0 = load_runtime_config(None)
@@ -96,12 +97,18 @@ def main(argv=None) -> int:
     rec = FaceRecognizer(upsample=1)
     refs = originals(rec, training_photos(args.photos, args.photo_seed))
     print(f"{len(refs)} training photos with a dlib face; identity {ident0.name}", flush=True)
+    mesh = None
+    if args.fidelity:
+        from safefm.landmarks import FaceMeshDetector
+        mesh = FaceMeshDetector(max_faces=1, static_image=True)
     for spec, cfg, ident in plans:
         t = time.perf_counter()
         guard = default_guard(cfg, ident, gen.model_cfg.identity_dim)
-        r = score(Engine(gen, ident, cfg, video=False, guard=guard), rec, refs)
-        print(f"{spec:>22}: mean distance {r['mean_distance']:.3f}  p05 {r['p05_distance']:.3f}  "
-              f"leak {r['leak']:.3f}  face {r['face_found']:.2f}  ({time.perf_counter() - t:.0f}s)", flush=True)
+        r = score(Engine(gen, ident, cfg, video=False, guard=guard), rec, refs, mesh)
+        fid = "".join(f"  {k.replace('_', ' ', 1)} {v:.2f}" for k, v in r.items() if k.startswith(("r_", "mae_")))
+        print(f"{spec:>22}: mean distance {r['mean_distance']:.3f} (others {r['other_distance']:.3f})  "
+              f"p05 {r['p05_distance']:.3f}  leak {r['leak']:.3f}  face {r['face_found']:.2f}{fid}  "
+              f"({time.perf_counter() - t:.0f}s)", flush=True)
     return 0
 
 

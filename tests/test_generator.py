@@ -141,6 +141,11 @@ def test_identity_guidance_extrapolates_from_the_null_identity_on_early_steps(tm
     v3 = gen.velocity(heat, tokens, guidance=3.0, until=0.5)
     assert torch.allclose(v3(z, 0.25), v_null + 3.0 * (v_id - v_null), atol=1e-5)
     assert torch.equal(v3(z, 0.75), gen.velocity(heat, tokens)(z, 0.75))   # past guidance_until: plain
+    # another reference than the null identity (identity_repel: the real person's own embedding)
+    ref = gen.identity_tokens(np.full(128, -0.5, np.float32))
+    v_ref = gen.velocity(heat, ref)(z, 0.25)
+    v_away = gen.velocity(heat, tokens, guidance=2.0, reference=ref)(z, 0.25)
+    assert torch.allclose(v_away, v_ref + 2.0 * (v_id - v_ref), atol=1e-5)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     plain = gen.generate(heat, tokens, noise)
     assert torch.equal(gen.generate(heat, tokens, noise, guidance=1.0), plain)

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: weights/identities/default.pt)")
     eng.add_argument("--model", metavar="FILE", help="weights file, or a shipped model by name: default, large (weights/safefm_NAME.safetensors)")
     eng.add_argument("--steps", type=int, metavar="N", help="Euler steps per frame (default from the runtime config)")
+    eng.add_argument("--identity-repel", type=float, metavar="R",
+                     help="guide the face away from your own (dlib, once per face, in memory only), e.g. 1. "
+                          "Off live unless given here or in --config: it doubles the generator's cost")
     eng.add_argument("--seed", type=int, metavar="S", help="noise seed")
     eng.add_argument("--runtime", choices=["auto", "torch", "onnx"], help="inference runtime")
     eng.add_argument("--compute", choices=["cpu", "cuda"], help="compute device "
@@ -86,6 +89,8 @@ def _engine_factory(args, engine_factory: EngineFactory | None) -> Callable[[], 
     starting card)."""
     ns = argparse.Namespace(**vars(args))
     ns.device = args.compute                      # runtime_config_from_args reads .device
+    if ns.identity_repel is None and not args.config:
+        ns.identity_repel = 0.0                   # live: real time first (two network calls a step)
     cfg = runtime_config_from_args(ns)
 
     def build():

@@ -34,6 +34,10 @@ def add_runtime_args(parser: argparse.ArgumentParser, identity: bool = True):
         g.add_argument("--identity-guard", type=float, default=None, metavar="D",
                        help="wear another shipped identity when the real face is within dlib distance D "
                             "of the chosen one, e.g. 0.75 (default from the runtime config: 0 = off)")
+    g.add_argument("--identity-repel", type=float, default=None, metavar="R",
+                   help="guide the face away from the real person's own (their dlib embedding, taken once "
+                        "per face, in memory only; a second network call per step), e.g. 1; 0 = off "
+                        "(default from the runtime config: 1)")
     g.add_argument("--steps", type=int, default=None, metavar="N",
                    help="Euler steps per frame (default from the runtime config, usually 4)")
     g.add_argument("--seed", type=int, default=None, metavar="S", help="noise seed of the face (default: the identity's own)")
@@ -49,7 +53,8 @@ def runtime_config_from_args(args: argparse.Namespace, **extra) -> RuntimeConfig
     """RuntimeConfig from ``--config`` plus the options the user gave (and ``extra``)."""
     overrides = {"steps": getattr(args, "steps", None), "device": getattr(args, "device", None),
                  "runtime": getattr(args, "runtime", None), "seed": getattr(args, "seed", None),
-                 "identity_guard": getattr(args, "identity_guard", None), **extra}
+                 "identity_guard": getattr(args, "identity_guard", None),
+                 "identity_repel": getattr(args, "identity_repel", None), **extra}
     return load_runtime_config(getattr(args, "config", None), **overrides)
 
 
