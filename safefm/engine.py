@@ -157,8 +157,9 @@ class Engine:
         faces = self.detector.detect(frame)
         matched, lost = self.tracker.update(faces, t)
         if self.video and self._scene_cut(frame):
-            for st in self._states.values():
+            for st in self._states.values():   # a cut may put another person on a track
                 st.z_prev = None
+                st.repel, st.repel_tried = None, False
         timings["landmarks"] = time.perf_counter() - t_a
         if self.guard is not None and matched and (not self._guard_done or not self.video):
             t_g = time.perf_counter()

@@ -80,6 +80,12 @@ def test_each_face_is_embedded_once_and_pushed_away_from_itself(setup, clip_fram
     out_2 = _run(Engine(gen, a, rcfg, video=True, recognizer=rec_2), frames)
     plain = _run(Engine(gen, a, cfg, video=True), frames)
     assert rec_1.calls == 1                                  # once per track, not per frame
+    # a scene cut may put someone else on the track: the face is embedded again
+    cut = dataclasses.replace(rcfg, scene_cut_threshold=0.05)
+    engine = Engine(gen, a, cut, video=True, recognizer=rec_1)
+    res = _run(engine, [frames[1], frames[1], (frames[1] * 0.6).astype(np.uint8)])
+    assert len({f.track_id for r in res for f in r.faces}) == 1   # one track throughout
+    assert rec_1.calls == 3
     assert all(f.status == ANONYMIZED for r in out_1 for f in r.faces)
     # the push depends on whose face it is, and repel 0 is the plain output
     assert not np.array_equal(out_1[0].image, out_2[0].image)
