@@ -79,7 +79,7 @@ class Engine:
         self._guard_done = False
         # identity_repel > 0: each track's real face is embedded once (dlib, in memory only) and
         # the generator is guided away from that embedding. ``recognizer``: detect/embed object
-        # (default: guard's or a FaceRecognizer, loaded on first use); None after a failure.
+        # (default: a FaceRecognizer, loaded on first use); a failure turns repel off, logged.
         self._repel_on = cfg.identity_repel > 0
         self._recognizer = recognizer
         self.set_identity(identity)
