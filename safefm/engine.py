@@ -229,6 +229,10 @@ class Engine:
 
     def _anonymize(self, out, frame, tr: Track, st: _TrackState, timings) -> FaceResult:
         S, cfg = self.mcfg.image_size, self.cfg
+        if self._repel_on and not st.repel_tried:   # once per track: the real face to steer away from
+            t_r = time.perf_counter()
+            st.repel, st.repel_tried = self._repel_tokens(frame, tr), True
+            timings["repel"] += time.perf_counter() - t_r
         t_a = time.perf_counter()
         M = alignment.align_matrix(tr.landmarks, S)
         M_inv = alignment.invert_affine(M)
@@ -241,7 +245,7 @@ class Engine:
         if self.video:
             neutral = st.neutral.update(canon)
         elif cfg.image_neutral == "prior":
-            neutral = retarget.single_image_neutral(canon)
+            neutral = retarget.single_image_neutral(canon, template=self.template)
         else:
             neutral = self.template
         ret_crop = retarget.retarget(lm_crop, neutral, self.identity.shape, cfg.expression_gain, pose=pose,
@@ -250,12 +254,6 @@ class Engine:
         t_b = time.perf_counter()
         timings["retarget_heatmaps"] += t_b - t_a
 
-        if self._repel_on and not st.repel_tried:
-            t_r = time.perf_counter()
-            st.repel = self._repel_tokens(frame, tr)
-            st.repel_tried = True
-            timings["repel"] += time.perf_counter() - t_r
-            t_b += time.perf_counter() - t_r
         heat = self.fault_injector("generate", tr.id, st.heat) if self.fault_injector else st.heat
         warm = self.video and cfg.warm_start and st.z_prev is not None and not tr.is_new
         if st.repel is not None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import IdentityFileError
+from .retarget import upright_shape
 
 FORMAT = "safefm-identity"
 FORMAT_VERSION = 1
@@ -102,8 +103,6 @@ def identity_from_dict(data, where: str = "identity", embedding_dim: int | None 
     attrs = data.get("attributes", {})
     if not isinstance(attrs, dict):
         raise IdentityFileError(f"{where}: attributes must be a dict")
-    from .retarget import upright_shape
-
     try:
         shape = upright_shape(shape.numpy())
     except ValueError as exc:
@@ -133,8 +132,6 @@ def random_shape(template: np.ndarray, rng: np.random.Generator, strength: float
         wave = np.sin(p @ k + phase)
         out[:, :2] += wave[:, None] * amp[None, :]
     out[:, 2] = t[:, 2] * (1 + strength * rng.normal(0, 0.05))
-    from .retarget import upright_shape
-
     return upright_shape(out, template)
 
 

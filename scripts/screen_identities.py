@@ -44,6 +44,7 @@ from safefm.data import eval_identities  # noqa: E402
 from safefm.metrics import FEATURES, box_iou, expression_features  # noqa: E402
 from safefm.paths import shared_data_dir  # noqa: E402
 from safefm.recognition import MATCH_THRESHOLD, FaceRecognizer, load_rgb  # noqa: E402
+from select_identities import add_candidate_args, candidate_identities  # noqa: E402
 
 _REC: dict = {}
 
@@ -160,19 +161,12 @@ def render_scores(engine, rec, mesh, drivers, pop, pop_person, pop_half) -> dict
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="model name or path (default: the default model)")
+    add_candidate_args(ap, candidates=64, seed_base=2000, out_dir="runs/identity_screen")
     ap.add_argument("--population", type=Path, default=Path("runs/population.npz"), help="population cache")
     ap.add_argument("--utk", type=int, default=3000, help="UTKFace photos added to the population")
     ap.add_argument("--workers", type=int, default=2, help="processes for the population embeddings")
     ap.add_argument("--drivers", type=int, default=8, help="training photos each candidate is rendered on")
     ap.add_argument("--driver-seed", type=int, default=0)
-    ap.add_argument("--candidates", type=int, default=64, help="fresh identities drawn from the sampler")
-    ap.add_argument("--seed-base", type=int, default=2000, help="seed of the first fresh identity")
-    ap.add_argument("--groups", default="", help="comma list of gender:age the fresh draws cycle through")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--json", type=Path, default=None, help="write every candidate's row here")
-    ap.add_argument("--write-best", type=int, default=0, help="save the N best fresh identities (match_a)")
-    ap.add_argument("--out-dir", type=Path, default=Path("runs/identity_screen"))
     args = ap.parse_args(argv)
 
     pop, pop_person, pop_half = load_population(args.population, args.utk, args.workers)
@@ -187,7 +181,6 @@ def main(argv=None) -> int:
     from safefm.identity import save_identity
     from safefm.landmarks import FaceMeshDetector
     from safefm.paths import resolve_model_path
-    from select_identities import candidate_identities
 
     cfg = load_runtime_config(None, steps=args.steps)
     model_path = resolve_model_path(args.model)

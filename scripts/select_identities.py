@@ -70,6 +70,19 @@ def originals(rec: FaceRecognizer, photos: list[Path]) -> list[tuple[Path, tuple
     return out
 
 
+def add_candidate_args(ap: argparse.ArgumentParser, candidates: int, seed_base: int, out_dir: str) -> None:
+    """The options both identity scripts share: model, fresh draws, steps, outputs."""
+    ap.add_argument("--model", default=None, help="model name or path (default: the default model)")
+    ap.add_argument("--candidates", type=int, default=candidates, help="fresh identities drawn from the sampler")
+    ap.add_argument("--seed-base", type=int, default=seed_base, help="seed of the first fresh identity")
+    ap.add_argument("--groups", default="", help="comma list of gender:age the fresh draws cycle through "
+                    "(e.g. female:adult,male:young; empty: the sampler's whole distribution)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--json", type=Path, default=None, help="write every candidate's row here")
+    ap.add_argument("--write-best", type=int, default=0, help="save the N best fresh identities")
+    ap.add_argument("--out-dir", type=Path, default=Path(out_dir))
+
+
 def candidate_identities(dim: int, n: int, seed_base: int, groups: str, files=()) -> list:
     """[(name, Identity)]: the shipped identities, ``files``, then ``n`` fresh sampler draws
     (seeds ``seed_base`` + i, named ``seed<seed>``, cycling through ``groups`` "gender:age,...")."""
@@ -125,19 +138,11 @@ def score(engine: Engine, rec: FaceRecognizer, refs, mesh=None) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="model name or path (default: the default model)")
+    add_candidate_args(ap, candidates=16, seed_base=1000, out_dir="runs/identity_select")
     ap.add_argument("--photos", type=int, default=120, help="training LFW people rendered per candidate")
     ap.add_argument("--photo-seed", type=int, default=0, help="seed of the photo choice")
-    ap.add_argument("--candidates", type=int, default=16, help="fresh identities drawn from the sampler")
-    ap.add_argument("--seed-base", type=int, default=1000, help="seed of the first fresh identity")
-    ap.add_argument("--groups", default="", help="comma list of gender:age the fresh draws cycle through "
-                    "(e.g. female:adult,male:young; empty: the sampler's whole distribution)")
     ap.add_argument("--identity-files", default="", help="comma list of identity files scored as well")
     ap.add_argument("--fidelity", action="store_true", help="also FaceMesh mouth / eye r and pose MAE")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--json", type=Path, default=None, help="write the ranking here")
-    ap.add_argument("--write-best", type=int, default=0, help="save the N best fresh identities")
-    ap.add_argument("--out-dir", type=Path, default=Path("runs/identity_select"))
     args = ap.parse_args(argv)
 
     cfg = load_runtime_config(None, steps=args.steps)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..models import SafeFMModel
 from .common import (Deadline, History, checkpoint_model_config, config_dict, load_checkpoint, save_checkpoint,
-                     stage_dir, train_config_from_dict)
+                     run_payload, stage_dir, train_config_from_dict)
 
 
 @dataclass(frozen=True)
@@ -214,12 +214,10 @@ def train_autoencoder(cfg: ModelConfig, tcfg: AETrainConfig, crops: np.ndarray, 
     deadline = Deadline(max_minutes)
 
     def save():
-        payload = {"stage": "ae", "model_config": config_dict(cfg), "train_config": config_dict(tcfg),
-                   "step": step, "state": {"model": {k: v for k, v in model.state_dict().items()
-                                                     if k.startswith("autoencoder.") or k.startswith("latent_")}},
-                   "opt": opt.state_dict(), "ema": None, "history": history.data, "metrics": metrics,
-                   "holdout_indices": torch.from_numpy(ho.astype(np.int64))}
-        save_checkpoint(ckpt_path, payload)
+        state = {k: v for k, v in model.state_dict().items()
+                 if k.startswith("autoencoder.") or k.startswith("latent_")}
+        save_checkpoint(ckpt_path, run_payload("ae", cfg, tcfg, step, state, opt, history, metrics,
+                                               holdout_indices=torch.from_numpy(ho.astype(np.int64))))
         history.plot(run_dir / "loss.png", ("loss", "l1"), f"autoencoder (step {step})")
 
     model.train()

@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..models import SafeFMModel, Velocity, count_parameters
 from .accel import Runner
 from .common import (EMA, Deadline, History, checkpoint_model_config, config_dict, load_checkpoint, save_checkpoint,
-                     stage_dir, train_config_from_dict)
+                     run_payload, stage_dir, train_config_from_dict)
 
 NULL_EMBEDDING_VALUE = 0.0  # the dropped / unconditional identity embedding is all zeros
 
@@ -143,11 +143,9 @@ def train_flow_stage(stage: str, cfg: ModelConfig, tcfg: FlowTrainConfig, cache,
 
     def save():
         if runner.is_main:
-            payload = {"stage": stage, "model_config": config_dict(cfg), "train_config": config_dict(tcfg),
-                       "step": step, "state": {"model": {k: v for k, v in model.state_dict().items() if k in key_set}},
-                       "opt": opt.state_dict(), "ema": ema.state_dict(), "history": history.data,
-                       "metrics": metrics}
-            save_checkpoint(ckpt_path, payload)
+            state = {k: v for k, v in model.state_dict().items() if k in key_set}
+            save_checkpoint(ckpt_path, run_payload(stage, cfg, tcfg, step, state, opt, history, metrics,
+                                                   ema=ema.state_dict()))
             history.plot(run_dir / "loss.png", ("loss",), f"{title} (step {step})")
 
     if runner.world > 1:

@@ -69,6 +69,14 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def run_payload(stage: str, cfg, tcfg, step: int, model_state: dict, opt, history: "History",
+                metrics: dict, ema: dict | None = None, **extra) -> dict[str, Any]:
+    """The checkpoint dict of a training stage (the schema above; ``extra`` keys are added)."""
+    return {"stage": stage, "model_config": config_dict(cfg), "train_config": config_dict(tcfg),
+            "step": step, "state": {"model": model_state}, "opt": opt.state_dict(), "ema": ema,
+            "history": history.data, "metrics": metrics, **extra}
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
     return torch.load(Path(path), map_location="cpu", weights_only=True)

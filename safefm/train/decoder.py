@@ -24,8 +24,8 @@ import torch
 
 from ..config import ModelConfig
 from .autoencoder import decode_raw, init_decoder, recon_terms
-from .common import (Deadline, History, checkpoint_model_config, config_dict, load_checkpoint, save_checkpoint,
-                     restore_run, set_warmup_lr, stage_dir)
+from .common import (Deadline, History, checkpoint_model_config, load_checkpoint, save_checkpoint,
+                     restore_run, run_payload, set_warmup_lr, stage_dir)
 
 
 @dataclass(frozen=True)
@@ -130,10 +130,8 @@ def train_decoder(ae_ckpt: dict, target: ModelConfig, tcfg: DecoderTrainConfig, 
     deadline = Deadline(max_minutes)
 
     def save():
-        payload = {"stage": "decoder", "model_config": config_dict(cfg), "train_config": config_dict(tcfg),
-                   "step": step, "state": {"model": decoder_state(model)}, "opt": opt.state_dict(),
-                   "ema": None, "history": history.data, "metrics": metrics}
-        save_checkpoint(ckpt_path, payload)
+        save_checkpoint(ckpt_path, run_payload("decoder", cfg, tcfg, step, decoder_state(model), opt, history,
+                                               metrics))
         history.plot(run_dir / "loss.png", ("loss", "l1"), f"fast decoder (step {step})")
 
     model.train()

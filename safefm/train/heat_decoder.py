@@ -32,7 +32,8 @@ from ..data import AugmentConfig, augment, to_tensor_image
 from ..models import SafeFMModel
 from ..retarget import EYELIDS
 from .autoencoder import recon_terms
-from .common import Deadline, History, config_dict, load_checkpoint, restore_run, save_checkpoint, set_warmup_lr
+from .common import (Deadline, History, load_checkpoint, restore_run, run_payload, save_checkpoint,
+                     set_warmup_lr)
 
 
 @dataclass(frozen=True)
@@ -169,10 +170,7 @@ def train_heat_decoder(model: SafeFMModel, weights_sha: str, tcfg: HeatDecoderTr
 
     def save():
         state = {k: v for k, v in model.state_dict().items() if k.startswith("autoencoder.decoder.")}
-        save_checkpoint(ckpt_path, {"stage": "heat_decoder", "model_config": config_dict(cfg),
-                                    "train_config": config_dict(tcfg), "step": step, "state": {"model": state},
-                                    "opt": opt.state_dict(), "ema": None, "history": history.data,
-                                    "metrics": metrics})
+        save_checkpoint(ckpt_path, run_payload("heat_decoder", cfg, tcfg, step, state, opt, history, metrics))
         history.plot(run_dir / "loss.png", ("loss", "eye"), f"heat decoder (step {step})")
 
     dec.train()
