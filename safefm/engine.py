@@ -28,11 +28,11 @@ import cv2
 import numpy as np
 import torch
 
-from . import alignment, composite, heatmaps, retarget
+from .face import alignment, composite, heatmaps, retarget
 from .config import RuntimeConfig
 from .generator import Generator
 from .identity import Identity, load_identity
-from .landmarks import FaceMeshDetector, FaceTracker, Track
+from .face.landmarks import FaceMeshDetector, FaceTracker, Track
 from .results import ANONYMIZED, HELD, PLACEHOLDER, FaceResult, FrameResult
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import heatmaps
+from .face import heatmaps
 from .identity import Identity, load_identity
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,9 @@ An identity is what the anonymized face *is*: never computed from the user's fac
 - ``embedding``: (D,) float32, drawn from a model of the training identities' embedding
   distribution (:mod:`safefm.identity_sampler`), fed to the generator as cross-attention tokens.
 - ``shape``: (478, 3) float32, the identity's own neutral face shape in canonical crop
-  coordinates (see :func:`safefm.alignment.load_template`); the user's expression is re-applied
-  to it (:mod:`safefm.retarget`), so the user's face geometry never reaches the generator.
-  Kept upright (:func:`safefm.retarget.upright_shape`, applied on creation and on load): a
+  coordinates (see :func:`safefm.face.alignment.load_template`); the user's expression is re-applied
+  to it (:mod:`safefm.face.retarget`), so the user's face geometry never reaches the generator.
+  Kept upright (:func:`safefm.face.retarget.upright_shape`, applied on creation and on load): a
   tilted rest shape would tilt every output head by as much.
 - ``seed``: the fixed noise seed, so the face does not "boil" from frame to frame.
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import IdentityFileError
-from .retarget import upright_shape
+from .face.retarget import upright_shape
 
 FORMAT = "safefm-identity"
 FORMAT_VERSION = 1

@@ -9,7 +9,7 @@ on its reconstruction, and the report gives, per decoder:
 - PSNR (dB) against the crop, and the face detection rate on reconstructions;
 - mean landmark error in crop pixels (128 px crop) over all 478 points, the eye contours, the
   irises and the lips;
-- correlation of mouth opening and eye opening (safefm.metrics) between crop and reconstruction;
+- correlation of mouth opening and eye opening (safefm.eval.metrics) between crop and reconstruction;
 - the decoder's time per 128 px image (torch, batch 1, this process's threads).
 
     python scripts/ae_report.py [--rows 256] [--json docs/ae_report.json]
@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     import mediapipe as mp
     import torch
 
-    from safefm.data import LatentCache, cache_root, load_shards
-    from safefm.metrics import eye_opening, mouth_opening, pearson
+    from safefm.train.data import LatentCache, cache_root, load_shards
+    from safefm.eval.metrics import eye_opening, mouth_opening, pearson
     from safefm.models import SafeFMModel
     from safefm.train.autoencoder import load_autoencoder
     from safefm.train.common import checkpoint_model_config, load_checkpoint, runs_root

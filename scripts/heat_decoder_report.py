@@ -6,7 +6,7 @@ heat-decoder`` holds back), each model's encoder + decoder reconstructs the crop
 own heatmaps for a heatmap decoder; MediaPipe FaceMesh (static-image mode, crops upscaled 2x)
 runs on the crop and on the reconstruction. Reported per model, and again with each crop's
 latent eye cells taken from another crop (so only the heatmaps know where the lids are):
-PSNR (dB), face found, and Pearson r of eye and mouth opening (safefm.metrics) between crop and
+PSNR (dB), face found, and Pearson r of eye and mouth opening (safefm.eval.metrics) between crop and
 reconstruction.
 
     python scripts/heat_decoder_report.py --models large,default [--rows 256] [--json out.json]
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def _features(det, img: np.ndarray) -> np.ndarray:
     import cv2
 
-    from safefm import metrics as M
+    from safefm.eval import metrics as M
 
     big = cv2.resize(img, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
     faces = det.detect(big)
@@ -37,9 +37,9 @@ def _features(det, img: np.ndarray) -> np.ndarray:
 def report(model, crops: np.ndarray, landmarks: np.ndarray, det, batch: int = 32) -> dict:
     import torch
 
-    from safefm import heatmaps
-    from safefm import metrics as M
-    from safefm.data import to_tensor_image
+    from safefm.face import heatmaps
+    from safefm.eval import metrics as M
+    from safefm.train.data import to_tensor_image
     from safefm.train.heat_decoder import eye_boxes, swap_eye_cells
 
     S, H = model.cfg.image_size, model.cfg.heatmap_size
@@ -70,8 +70,8 @@ def report(model, crops: np.ndarray, landmarks: np.ndarray, det, batch: int = 32
 
 def main(argv=None) -> int:
     from safefm.checkpoint import load_model
-    from safefm.data import finished_shards, load_shards
-    from safefm.landmarks import FaceMeshDetector
+    from safefm.train.data import finished_shards, load_shards
+    from safefm.face.landmarks import FaceMeshDetector
     from safefm.paths import resolve_model_path
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -1,6 +1,6 @@
-"""Build ``safefm/data/expression_prior.npz``: how to split one photo's face into rest shape + expression.
+"""Build ``safefm/face/assets/expression_prior.npz``: how to split one photo's face into rest shape + expression.
 
-A video gives the engine the user's own rest shape (:class:`safefm.retarget.NeutralEstimator`);
+A video gives the engine the user's own rest shape (:class:`safefm.face.retarget.NeutralEstimator`);
 a single image does not, and measuring its expression from the template passes the user's lip,
 eye and brow *shapes* to the generator (measured on training photos: the output was 0.05 nearer
 its own original, by dlib, than other people's photos, and matched it 5x as often). This script
@@ -12,14 +12,14 @@ with the identity part's covariance the *between*-person covariance of the peopl
 (less the expression share a mean of n photos keeps) and the expression part's the pooled
 *within*-person covariance, both in the top ``--components`` (80) principal directions of the shapes.
 The expected expression given one shape is ``W (shape - mean)``, W = S_e (S_id + S_e)^-1
-(:func:`safefm.retarget.single_image_neutral`); detail outside those directions is treated as
+(:func:`safefm.face.retarget.single_image_neutral`); detail outside those directions is treated as
 identity (not transferred).
 
-Data: FaceMesh (static image mode, the engine's alignment and :func:`safefm.retarget.pose_fit`)
+Data: FaceMesh (static image mode, the engine's alignment and :func:`safefm.face.retarget.pose_fit`)
 on every photo of the LFW people *not* in ``lfw/EVAL_IDENTITIES.txt`` who have 2+ photos. Stored:
 mean (478, 3), basis (K, 1434), W (K, K) and counts: statistics only, no per-person shape.
 
-    python scripts/make_expression_prior.py      # writes safefm/data/expression_prior.npz
+    python scripts/make_expression_prior.py      # writes safefm/face/assets/expression_prior.npz
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from safefm.alignment import align_matrix, load_template, transform_points  # noqa: E402
-from safefm.data import eval_identities  # noqa: E402
-from safefm.landmarks import FaceMeshDetector  # noqa: E402
+from safefm.face.alignment import align_matrix, load_template, transform_points  # noqa: E402
+from safefm.train.data import eval_identities  # noqa: E402
+from safefm.face.landmarks import FaceMeshDetector  # noqa: E402
 from safefm.paths import shared_data_dir  # noqa: E402
 from safefm.recognition import load_rgb  # noqa: E402
-from safefm.retarget import EXPRESSION_PRIOR_PATH, pose_fit, to_canonical  # noqa: E402
+from safefm.face.retarget import EXPRESSION_PRIOR_PATH, pose_fit, to_canonical  # noqa: E402
 
 
 def canonical_shapes(min_photos: int, max_photos: int) -> tuple[np.ndarray, np.ndarray]:

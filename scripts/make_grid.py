@@ -25,11 +25,11 @@ def heat_summary(heat: np.ndarray) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    from safefm import alignment, heatmaps, retarget
+    from safefm.face import alignment, heatmaps, retarget
     from safefm.config import load_runtime_config
     from safefm.generator import Generator
     from safefm.identity import load_identity
-    from safefm.landmarks import FaceMeshDetector
+    from safefm.face.landmarks import FaceMeshDetector
     from safefm.paths import default_model_path, identities_dir, shared_data_dir
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

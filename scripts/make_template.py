@@ -1,4 +1,4 @@
-"""Build ``safefm/data/template.npy``: the mean FaceMesh shape in unit crop coordinates.
+"""Build ``safefm/face/assets/template.npy``: the mean FaceMesh shape in unit crop coordinates.
 
 Runs MediaPipe FaceMesh (static mode, refine_landmarks) on a seeded random sample of
 UTKFace images and LFW images of people *not* in ``lfw/EVAL_IDENTITIES.txt``, keeps the
@@ -6,9 +6,9 @@ faces with a closed mouth (the template is a *neutral* face), aligns their 478-p
 by generalised Procrustes (3D similarity), averages them, turns the mean frontal (eye line
 along x, best-fit face plane facing the camera) and places it in the crop frame: face-oval
 width = ``--oval-width`` of the crop, centred in x, eye corners at ``--eye-height`` of the
-crop height, mean z = 0. See safefm/data/README.md for the numbers of the shipped template.
+crop height, mean z = 0. See safefm/face/assets/README.md for the numbers of the shipped template.
 
-    python scripts/make_template.py            # writes safefm/data/template.npy
+    python scripts/make_template.py            # writes safefm/face/assets/template.npy
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from safefm.alignment import TEMPLATE_PATH, umeyama  # noqa: E402
-from safefm.landmarks import FaceMeshDetector  # noqa: E402
+from safefm.face.alignment import TEMPLATE_PATH, umeyama  # noqa: E402
+from safefm.face.landmarks import FaceMeshDetector  # noqa: E402
 from safefm.paths import shared_data_dir  # noqa: E402
 
 FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378,

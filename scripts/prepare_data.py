@@ -5,7 +5,7 @@ For every training image (all UTKFace + LFW people not in EVAL_IDENTITIES), in t
 
 pass 1 ``crops`` (MediaPipe, ~20 ms an image) -> ``shard_XXX.npz``:
    FaceMesh landmarks (the face nearest the image centre; no face -> skipped and counted),
-   the canonical aligned crop at model resolution through :mod:`safefm.alignment` (the same
+   the canonical aligned crop at model resolution through :mod:`safefm.face.alignment` (the same
    code as inference), the landmarks in crop pixels, UTKFace age/gender/race from the file
    name, LFW person name.
 pass 2 ``embed`` (dlib, ~0.2 s an image) -> ``emb_XXX.npz``:
@@ -32,9 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from safefm.data import (ImageItem, emb_path, list_training_images, save_shard, shard_plan,  # noqa: E402
+from safefm.train.data import (ImageItem, emb_path, list_training_images, save_shard, shard_plan,  # noqa: E402
                          shards_dir)
-from safefm.metrics import box_iou  # noqa: E402
+from safefm.eval.metrics import box_iou  # noqa: E402
 from safefm.paths import shared_data_dir  # noqa: E402
 
 _STATE: dict = {}
@@ -47,7 +47,7 @@ def _init_worker(kind: str, size: int, nice: int) -> None:
         pass
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if kind == "crops":
-        from safefm.landmarks import FaceMeshDetector
+        from safefm.face.landmarks import FaceMeshDetector
 
         _STATE["mesh"] = FaceMeshDetector(max_faces=3, static_image=True)
     else:
@@ -63,7 +63,7 @@ def _init_worker(kind: str, size: int, nice: int) -> None:
 
 def crop_image(item: ImageItem, data_dir: Path) -> tuple[dict | None, str]:
     """One image -> (record, 'ok') or (None, reason)."""
-    from safefm.alignment import align_matrix, crop_face, transform_points
+    from safefm.face.alignment import align_matrix, crop_face, transform_points
     from safefm.recognition import load_rgb
 
     size = _STATE["size"]
@@ -112,8 +112,8 @@ def crop_shard(args) -> tuple[int, dict, float]:
 
 def embed_shard(args) -> tuple[int, dict, float]:
     idx, shard, data_dir = args
-    from safefm.alignment import invert_affine, transform_points
-    from safefm.landmarks import face_box
+    from safefm.face.alignment import invert_affine, transform_points
+    from safefm.face.landmarks import face_box
     from safefm.recognition import load_rgb
 
     t0 = time.time()

@@ -37,10 +37,10 @@ def main(argv=None) -> int:
     import mediapipe as mp
     import torch
 
-    from safefm.data import LatentCache, cache_root
-    from safefm.heatmaps import render_heatmaps
+    from safefm.train.data import LatentCache, cache_root
+    from safefm.face.heatmaps import render_heatmaps
     from safefm.identity import load_identity
-    from safefm.metrics import eye_opening, mouth_opening, pearson
+    from safefm.eval.metrics import eye_opening, mouth_opening, pearson
     from safefm.models import Velocity, scale_controlnet
     from safefm.paths import default_identity_path
     from safefm.sampler import sample

@@ -68,7 +68,7 @@ def apply_variant(spec: str, cfg, ident, sampler_mean: np.ndarray, template: np.
 def main(argv=None) -> int:
     from select_identities import originals, score, training_photos
 
-    from safefm.alignment import load_template
+    from safefm.face.alignment import load_template
     from safefm.config import load_runtime_config
     from safefm.engine import Engine
     from safefm.generator import Generator
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     print(f"{len(refs)} training photos with a dlib face; identity {ident0.name}", flush=True)
     mesh = None
     if args.fidelity:
-        from safefm.landmarks import FaceMeshDetector
+        from safefm.face.landmarks import FaceMeshDetector
         mesh = FaceMeshDetector(max_faces=1, static_image=True)
     for spec, cfg, ident in plans:
         t = time.perf_counter()

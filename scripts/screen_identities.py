@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from safefm.data import eval_identities  # noqa: E402
-from safefm.metrics import FEATURES, box_iou, expression_features  # noqa: E402
+from safefm.train.data import eval_identities  # noqa: E402
+from safefm.eval.metrics import FEATURES, box_iou, expression_features  # noqa: E402
 from safefm.paths import shared_data_dir  # noqa: E402
 from safefm.recognition import MATCH_THRESHOLD, FaceRecognizer, load_rgb  # noqa: E402
 from select_identities import add_candidate_args, candidate_identities  # noqa: E402
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     from safefm.engine import Engine
     from safefm.generator import Generator
     from safefm.identity import save_identity
-    from safefm.landmarks import FaceMeshDetector
+    from safefm.face.landmarks import FaceMeshDetector
     from safefm.paths import resolve_model_path
 
     cfg = load_runtime_config(None, steps=args.steps)

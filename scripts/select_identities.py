@@ -39,11 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from safefm.config import load_runtime_config  # noqa: E402
-from safefm.data import eval_identities  # noqa: E402
+from safefm.train.data import eval_identities  # noqa: E402
 from safefm.engine import Engine  # noqa: E402
 from safefm.generator import Generator  # noqa: E402
 from safefm.identity import load_identity, save_identity  # noqa: E402
-from safefm.metrics import FEATURES, box_iou, expression_features, mae, pearson  # noqa: E402
+from safefm.eval.metrics import FEATURES, box_iou, expression_features, mae, pearson  # noqa: E402
 from safefm.paths import resolve_model_path, shared_data_dir, weights_dir  # noqa: E402
 from safefm.recognition import MATCH_THRESHOLD, FaceRecognizer, load_rgb  # noqa: E402
 
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     cands = candidate_identities(gen.model_cfg.identity_dim, args.candidates, args.seed_base, args.groups, files)
     mesh = None
     if args.fidelity:
-        from safefm.landmarks import FaceMeshDetector
+        from safefm.face.landmarks import FaceMeshDetector
         mesh = FaceMeshDetector(max_faces=1, static_image=True)
     rows = []
     for name, ident in cands:

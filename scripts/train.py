@@ -52,7 +52,7 @@ def _prepare_run(stage_dir: Path, fresh: bool) -> None:
 
 
 def stage_cache(a, root: Path) -> Path:
-    from safefm.data import cache_root, load_shards
+    from safefm.train.data import cache_root, load_shards
     from safefm.train.autoencoder import build_latent_cache, load_autoencoder
     from safefm.train.common import load_checkpoint
 
@@ -85,9 +85,9 @@ def _flow_config(ae_ck: dict, path: Path | None):
 
 
 def open_cache(ae_ck: dict):
-    from safefm.data import LatentCache, cache_root
+    from safefm.train.data import LatentCache, cache_root
 
-    from safefm.data import load_shards
+    from safefm.train.data import load_shards
 
     cache = LatentCache(cache_root() / "latents.npz")
     n_emb = cache.refresh_embeddings(load_shards(keys=("path", "embeddings")))
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
             runner.wait()
 
     if a.stage == "ae":
-        from safefm.data import load_shards
+        from safefm.train.data import load_shards
         from safefm.train.autoencoder import AETrainConfig, train_autoencoder
 
         cfg = load_model_config(a.config)
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     elif a.stage == "cache":
         stage_cache(a, root)
     elif a.stage == "decoder":
-        from safefm.data import LatentCache, cache_root, load_shards
+        from safefm.train.data import LatentCache, cache_root, load_shards
         from safefm.train.decoder import DecoderTrainConfig, train_decoder
 
         ae = load_checkpoint(root / "ae" / "last.pt")
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     elif a.stage == "sampler":
         import numpy as np
 
-        from safefm.data import load_shards
+        from safefm.train.data import load_shards
         from safefm.identity_sampler import IdentitySampler
 
         d = load_shards(keys=("embeddings", "gender", "age", "person"), require_embeddings=True)
@@ -220,7 +220,7 @@ def stage_heat_decoder(a, sdir: Path) -> None:
     """Fine-tune a shipped model's decoder to read the heatmaps; ``--out`` writes the result
     (the source file's other weights unchanged, its training summary extended)."""
     from safefm.checkpoint import load_model, save_model
-    from safefm.data import load_shards
+    from safefm.train.data import load_shards
     from safefm.paths import resolve_model_path
     from safefm.train.export import LICENSE_NOTE
     from safefm.train.heat_decoder import HeatDecoderTrainConfig, apply_checkpoint, train_heat_decoder
@@ -247,8 +247,8 @@ def preview(root: Path) -> None:
     """runs/preview_ae.png, preview_base.png, preview_adapters.png from the latest checkpoints."""
     import numpy as np
 
-    from safefm.data import finished_shards, load_shards
-    from safefm.heatmaps import render_heatmaps
+    from safefm.train.data import finished_shards, load_shards
+    from safefm.face.heatmaps import render_heatmaps
     from safefm.train.autoencoder import load_autoencoder
     from safefm.train.common import checkpoint_model_config, load_checkpoint
     from safefm.train.preview import ae_preview, flow_preview

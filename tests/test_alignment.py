@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from conftest import needs_data
 
-from safefm.alignment import (ALIGN_INDICES, affine_scale, align_matrix, crop_face, invert_affine,
+from safefm.face.alignment import (ALIGN_INDICES, affine_scale, align_matrix, crop_face, invert_affine,
                               load_template, transform_points, umeyama)
-from safefm.retarget import EYELIDS, JAW, LIPS
+from safefm.face.retarget import EYELIDS, JAW, LIPS
 
 FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400,
              377, 152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)
@@ -135,7 +135,7 @@ def test_align_indices_avoid_the_mouth_and_jaw():
 @needs_data
 @pytest.mark.shared
 def test_real_face_lands_on_the_template(clip_frames):
-    from safefm.landmarks import FaceMeshDetector
+    from safefm.face.landmarks import FaceMeshDetector
 
     with FaceMeshDetector(max_faces=1, static_image=True) as det:
         faces = det.detect(clip_frames[0])

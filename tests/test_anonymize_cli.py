@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from safefm import composite
+from safefm.face import composite
 from safefm.cli.anonymize import main
 from safefm.media import VideoReader, VideoWriter, read_image, write_image
 from safefm.paths import shared_data_dir
@@ -25,7 +25,7 @@ PAINT = np.array([60, 200, 60], np.uint8)   # what the fake engine puts over a f
 
 class FakeEngine:
     """Follows the engine contract (process / reset / close -> FrameResult): every face MediaPipe
-    FaceMesh finds is covered by a flat green crop through ``safefm.composite``."""
+    FaceMesh finds is covered by a flat green crop through ``safefm.face.composite``."""
 
     def __init__(self, cfg, video: bool, fail_at: int | None = None, interrupt_at=None):
         import mediapipe as mp
@@ -208,9 +208,9 @@ def test_video_keeps_frames_rate_size_and_audio(tmp_path, capsys, clip):
 @needs_data
 def test_tiny_engine_image_and_video(tmp_path, capsys, faces, clip):
     try:
-        from safefm.testing import tiny_engine
+        from safefm.tiny import tiny_engine
     except ImportError as exc:   # the engine is not in this checkout yet
-        pytest.skip(f"safefm.testing not importable: {exc}")
+        pytest.skip(f"safefm.tiny not importable: {exc}")
 
     def factory(cfg, model_path=None, identity_path=None, video=True):
         return tiny_engine(cfg, video=video)

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from safefm import benchmark as B
+from safefm.eval import benchmark as B
 from safefm.cli import bench as bench_cli
 from safefm.paths import shared_data_dir
 from safefm.results import ANONYMIZED, STAGES, FaceResult, FrameResult
@@ -118,7 +118,7 @@ def test_cli_rejects_bad_pacing(capsys):
 @pytest.mark.shared
 @pytest.mark.slow
 def test_cli_tiny_model_prints_json(capsys, tmp_path):
-    from safefm.testing import tiny_engine
+    from safefm.tiny import tiny_engine
 
     out = tmp_path / "bench.json"
     code = bench_cli.main(["--steps", "2", "--runtimes", "torch-cpu", "--frames", "3", "--warmup", "1",

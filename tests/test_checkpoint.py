@@ -7,7 +7,7 @@ import torch
 
 from safefm.checkpoint import load_model, read_metadata, save_model
 from safefm.errors import WeightsError
-from safefm.testing import tiny_model, tiny_model_config
+from safefm.tiny import tiny_model, tiny_model_config
 
 
 def test_round_trip_keeps_config_and_weights(tmp_path):

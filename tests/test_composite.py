@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from safefm import composite as C
+from safefm.face import composite as C
 
 H, W = 480, 640
 CROP_RGB = np.array([200, 30, 220], np.uint8)

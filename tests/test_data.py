@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from safefm import data
-from safefm.alignment import load_template
+from safefm.train import data
+from safefm.face.alignment import load_template
 from safefm.paths import shared_data_dir
 
 
@@ -90,7 +90,7 @@ def test_shard_roundtrip(tmp_path):
 
 
 def test_latent_cache_batch_with_heatmaps():
-    from safefm.heatmaps import CHANNELS
+    from safefm.face.heatmaps import CHANNELS
 
     n = 3
     arrays = {"z": np.random.default_rng(0).standard_normal((n, 4, 4, 4)).astype(np.float16),

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from safefm.composite import face_mask
-from safefm.landmarks import FaceMeshDetector
+from safefm.face.composite import face_mask
+from safefm.face.landmarks import FaceMeshDetector
 from safefm.results import ANONYMIZED, HELD, PLACEHOLDER
-from safefm.testing import tiny_engine
+from safefm.tiny import tiny_engine
 
 from conftest import needs_data
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from safefm.cli import eval as eval_cli
-from safefm.evaluation import EvalOptions, figure_caption, jsonable, tiny_engine_factory, variants
-from safefm.metrics import FEATURES
+from safefm.eval.run import EvalOptions, figure_caption, jsonable, tiny_engine_factory, variants
+from safefm.eval.metrics import FEATURES
 from safefm.paths import shared_data_dir
 
 DATA = shared_data_dir()

@@ -7,7 +7,7 @@ import torch
 from safefm.config import load_runtime_config
 from safefm.generator import Generator
 from safefm.models import Velocity
-from safefm.testing import tiny_model
+from safefm.tiny import tiny_model
 
 
 @pytest.fixture()
@@ -113,7 +113,7 @@ def test_lean_model_attends_only_in_the_middle_and_takes_the_identity_through_fi
     and onnxruntime runs the same graph as torch."""
     import dataclasses
 
-    from safefm.testing import tiny_model_config
+    from safefm.tiny import tiny_model_config
 
     lean = dataclasses.replace(tiny_model_config(), unet_cross_attention="mid", identity_film=True)
     model = tiny_model(0, lean)

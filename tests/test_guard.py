@@ -19,7 +19,7 @@ from safefm.engine import Engine
 from safefm.guard import IdentityGuard, default_guard, pick, same_face, shipped_candidates
 from safefm.identity import save_identity
 from safefm.results import ANONYMIZED
-from safefm.testing import tiny_generator, tiny_identity
+from safefm.tiny import tiny_generator, tiny_identity
 
 
 def test_pick_keeps_the_chosen_identity_unless_a_face_is_near_it():
@@ -145,7 +145,7 @@ def test_shipped_guard_gives_the_default_identitys_own_face_another_identity():
     assert len(guard.candidates) >= 7
     # the look-alike: the identity rendered on its own shape, upscaled onto a grey frame
     S = gen.model_cfg.image_size
-    from safefm import heatmaps
+    from safefm.face import heatmaps
     heat = heatmaps.render_heatmaps((ident.shape * S).astype(np.float32), S, gen.model_cfg.heatmap_size)
     face = gen.decode(gen.generate(heat, gen.identity_tokens(ident.embedding), ident.noise(gen.model_cfg.latent_shape)))[0]
     import cv2

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from safefm.alignment import load_template
+from safefm.face.alignment import load_template
 from safefm.checkpoint import load_model, save_model
 from safefm.config import load_runtime_config
 from safefm.generator import Generator
-from safefm.testing import tiny_model
+from safefm.tiny import tiny_model
 from safefm.train.heat_decoder import (HeatDecoderTrainConfig, apply_checkpoint, eye_boxes, swap_eye_cells,
                                        train_heat_decoder, with_heat_decoder)
 

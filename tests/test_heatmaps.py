@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import needs_data
 
-from safefm.alignment import align_matrix, load_template, transform_points
+from safefm.face.alignment import align_matrix, load_template, transform_points
 from safefm.config import ModelConfig
-from safefm.heatmaps import CHANNELS, render_heatmaps
+from safefm.face.heatmaps import CHANNELS, render_heatmaps
 
 INNER_LOWER_LIP = (95, 88, 178, 87, 14, 317, 402, 318, 324)
 OUTER_LOWER_LIP = (146, 91, 181, 84, 17, 314, 405, 321, 375)
@@ -146,7 +146,7 @@ def test_wrong_landmark_shape_is_a_clear_error():
 @needs_data
 @pytest.mark.shared
 def test_real_face_fills_every_channel(clip_frames):
-    from safefm.landmarks import FaceMeshDetector
+    from safefm.face.landmarks import FaceMeshDetector
 
     with FaceMeshDetector(max_faces=1, static_image=True) as det:
         lm = det.detect(clip_frames[0])[0]

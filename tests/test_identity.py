@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from safefm.alignment import load_template
+from safefm.face.alignment import load_template
 from safefm.errors import IdentityFileError
 from safefm.identity import Identity, describe, load_identity, random_shape, save_identity
-from safefm.metrics import head_pose
-from safefm.retarget import upright_shape
+from safefm.eval.metrics import head_pose
+from safefm.face.retarget import upright_shape
 
 
 def _identity(seed=3):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import needs_data
 
-from safefm.alignment import load_template
+from safefm.face.alignment import load_template
 from safefm.config import RuntimeConfig
 from safefm.errors import InputError
-from safefm.landmarks import FaceMeshDetector, FaceTracker, OneEuroFilter, face_box
+from safefm.face.landmarks import FaceMeshDetector, FaceTracker, OneEuroFilter, face_box
 
 FPS = 30.0
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import pyvirtualcam
 
-from safefm.composite import badge, status_frame
+from safefm.face.composite import badge, status_frame
 from safefm.errors import DeviceError, SafeFMError
 from safefm.live.capture import EndOfStream, SourceInfo, open_source
 from safefm.live.pipeline import (CARD_TEXT, OUT_ANONYMIZED, OUT_CAMERA_LOST, OUT_PAUSED,
@@ -651,10 +651,10 @@ def test_cli_ctrl_c_and_sigusr1_leave_a_finished_recording(tmp_path, quit_signal
 def test_end_to_end_with_tiny_engine(clip):
     """The lead's Engine (tiny random models) in the live pipeline: no raw face leaves."""
     try:
-        from safefm.testing import tiny_engine
+        from safefm.tiny import tiny_engine
         engine = tiny_engine(seed=0)
     except Exception as exc:   # the engine is still being written
-        pytest.skip(f"safefm.testing.tiny_engine not usable: {exc}")
+        pytest.skip(f"safefm.tiny.tiny_engine not usable: {exc}")
     import mediapipe as mp
     _, _, frames, box = clip
     cam, meta = FakeCamera(frames, box, fps=25.0), MetaSink()

@@ -1,4 +1,4 @@
-"""Known-answer tests of safefm.metrics and the baseline filters (safefm.baselines)."""
+"""Known-answer tests of safefm.eval.metrics and the baseline filters (safefm.eval.baselines)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import have_dlib
 
-from safefm import metrics as M
-from safefm.alignment import load_template
-from safefm.baselines import PixelateEngine, blur_box, pixelate_box
+from safefm.eval import metrics as M
+from safefm.face.alignment import load_template
+from safefm.eval.baselines import PixelateEngine, blur_box, pixelate_box
 
 SCALE, OFFSET = 200.0, np.array([60.0, 40.0, 0.0])
 
@@ -246,7 +246,7 @@ def test_same_real_image_twice_reidentifies_at_one():
 @needs_data
 @pytest.mark.shared
 def test_strong_pixelation_drops_face_detection():
-    from safefm.landmarks import FaceMeshDetector
+    from safefm.face.landmarks import FaceMeshDetector
     from safefm.recognition import FaceRecognizer, load_rgb
 
     rec = FaceRecognizer()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safefm.alignment import load_template
+from safefm.face.alignment import load_template
 from safefm.config import RuntimeConfig
 from safefm.identity import Identity
 

@@ -16,7 +16,7 @@ from conftest import needs_data
 from safefm.config import ConfigError, RuntimeConfig, load_runtime_config
 from safefm.engine import Engine
 from safefm.results import ANONYMIZED
-from safefm.testing import tiny_generator, tiny_identity
+from safefm.tiny import tiny_generator, tiny_identity
 
 
 class _Recognizer:

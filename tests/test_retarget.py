@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import needs_data
 
-from safefm.alignment import load_template
-from safefm.retarget import (EYELIDS, IRISES, JAW, LIPS, NeutralEstimator, canonical_shape,
+from safefm.face.alignment import load_template
+from safefm.face.retarget import (EYELIDS, IRISES, JAW, LIPS, NeutralEstimator, canonical_shape,
                              expression_weights, from_canonical, load_expression_prior, pose_fit, retarget,
                              single_image_neutral, to_canonical, upright_shape)
 
@@ -227,7 +227,7 @@ def test_head_pose_is_kept_and_gain_scales_the_expression():
 @needs_data
 @pytest.mark.shared
 def test_real_clip_mouth_and_eye_motion_survive_retargeting(clip_frames):
-    from safefm.landmarks import FaceMeshDetector
+    from safefm.face.landmarks import FaceMeshDetector
 
     tmpl = load_template()
     identity = tmpl + person_offsets(9)
@@ -302,9 +302,9 @@ def test_a_photos_conditioning_carries_less_of_its_person_than_with_the_template
     """Held-out people (the LFW evaluation list, never used to fit the prior), several photos
     each: the share of the conditioning's variance that belongs to the person (an intraclass
     correlation) falls clearly below the template neutral's."""
-    from safefm.alignment import align_matrix, transform_points
-    from safefm.data import eval_identities
-    from safefm.landmarks import FaceMeshDetector
+    from safefm.face.alignment import align_matrix, transform_points
+    from safefm.train.data import eval_identities
+    from safefm.face.landmarks import FaceMeshDetector
     from safefm.paths import shared_data_dir
     from safefm.recognition import load_rgb
 

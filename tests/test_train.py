@@ -52,7 +52,7 @@ def _descend(loss_fn, params, steps=12, lr=3e-3):
 
 
 def test_ae_loss_decreases_and_decode_raw_matches_decode():
-    from safefm.data import to_tensor_image
+    from safefm.train.data import to_tensor_image
     from safefm.train.autoencoder import AETrainConfig, ae_loss, ae_model, decode_raw
 
     m = ae_model(TINY)
@@ -122,9 +122,9 @@ def test_adapters_train_only_controlnet_and_lora():
 
 
 def test_stages_end_to_end_resume_and_export(tmp_path):
-    from safefm.alignment import load_template
+    from safefm.face.alignment import load_template
     from safefm.checkpoint import load_model
-    from safefm.data import LatentCache
+    from safefm.train.data import LatentCache
     from safefm.train.adapters import ADAPTER_DEFAULTS, train_adapters
     from safefm.train.autoencoder import AETrainConfig, build_latent_cache, load_autoencoder, train_autoencoder
     from safefm.train.base import FlowTrainConfig, train_base

@@ -16,9 +16,9 @@ DRIVER = r'''
 import hashlib, sys
 from pathlib import Path
 import numpy as np, torch
-from safefm.alignment import load_template
+from safefm.face.alignment import load_template
 from safefm.config import ModelConfig
-from safefm.data import LatentCache
+from safefm.train.data import LatentCache
 from safefm.models import Velocity
 from safefm.train.accel import Runner
 from safefm.train.base import FlowTrainConfig, base_keys, base_model, train_flow_stage

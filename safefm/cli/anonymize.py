@@ -37,7 +37,7 @@ log = logging.getLogger("safefm.anonymize")
 
 EngineFactory = Callable[..., object]
 """``factory(runtime_cfg, model_path=None, identity_path=None, video=True) -> Engine``
-(:func:`safefm.engine.build_engine`; tests pass one around ``safefm.testing.tiny_engine``)."""
+(:func:`safefm.engine.build_engine`; tests pass one around ``safefm.tiny.tiny_engine``)."""
 
 _MAX_LISTED = 5
 

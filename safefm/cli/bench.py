@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, engine_factory=None) -> int:
     """Entry point; ``engine_factory`` (RuntimeConfig) -> engine is for tests."""
     def run(args):
-        from ..benchmark import BenchOptions, format_table, plot_fps
-        from ..benchmark import run as run_bench
+        from ..eval.benchmark import BenchOptions, format_table, plot_fps
+        from ..eval.benchmark import run as run_bench
         from ..errors import ConfigError
 
         bad = [p for p in args.pacing if p not in ("on", "off")]
@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None, engine_factory=None) -> int:
                             pacing=args.pacing, frames=args.frames, warmup=args.warmup,
                             live_seconds=args.live_seconds, live_warmup=args.live_warmup,
                             model=args.model, identity=args.identity, threads=args.threads,
-                            model_label="tiny random model (safefm.testing)" if args.tiny_model else None,
+                            model_label="tiny random model (safefm.tiny)" if args.tiny_model else None,
                             log=log)
         factory = engine_factory
         if factory is None and args.tiny_model:
-            from ..testing import tiny_engine
+            from ..tiny import tiny_engine
 
             factory = lambda cfg: tiny_engine(cfg, seed=0, video=True)  # noqa: E731
         result = run_bench(opts, factory)

@@ -33,7 +33,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..evaluation import METHODS, PARTS, QUICK
+    from ..eval.run import METHODS, PARTS, QUICK
 
     ap = argparse.ArgumentParser(prog="safefm-eval", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace, argv=None):
-    from ..evaluation import QUICK, EvalOptions
+    from ..eval.run import QUICK, EvalOptions
 
     sizes = {k: getattr(args, k) for k in QUICK}
     if args.quick:
@@ -83,7 +83,7 @@ def options_from_args(args: argparse.Namespace, argv=None):
                        model=args.model, identity=args.identity, runtime=args.runtime,
                        runtime_config=args.config,
                        parts=args.parts, quick=args.quick, resume=args.resume, command=cmd,
-                       model_label="tiny random model (safefm.testing)" if args.tiny_model else None,
+                       model_label="tiny random model (safefm.tiny)" if args.tiny_model else None,
                        **sizes)
 
 
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None, engine_factory=None) -> int:
     """Entry point; ``engine_factory`` (method, steps, video) -> engine is for tests."""
     def run(args):
         from ..errors import ConfigError
-        from ..evaluation import run as run_eval
-        from ..evaluation import rewrite_report, tiny_engine_factory
+        from ..eval.run import run as run_eval
+        from ..eval.run import rewrite_report, tiny_engine_factory
 
         if args.replot:
             written = rewrite_report(args.out)

@@ -31,7 +31,7 @@ def sampler_path() -> Path:
 def new_identity(seed: int, gender: str | None = None, age: str | None = None, name: str | None = None,
                  sampler=None) -> Identity:
     """Draw a synthetic identity (embedding from the sampler, shape from the template)."""
-    from ..alignment import load_template
+    from ..face.alignment import load_template
     from ..identity_sampler import IdentitySampler
 
     if sampler is None:

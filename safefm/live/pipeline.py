@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol
 import cv2
 import numpy as np
 
-from ..composite import badge, status_frame
+from ..face.composite import badge, status_frame
 from ..errors import ConfigError, SafeFMError
 from ..results import ANONYMIZED, STATUSES
 from .capture import CaptureWorker, FrameSource, Packet

@@ -157,7 +157,7 @@ def fit_latent_stats(model: SafeFMModel, crops: np.ndarray, batch: int = 64, lim
 
     crops: (N, S, S, 3) uint8. Sets model.latent_mean / latent_std and returns them (C,).
     """
-    from ..data import to_tensor_image
+    from .data import to_tensor_image
 
     model.latent_mean.zero_()
     model.latent_std.fill_(1.0)
@@ -186,7 +186,7 @@ def train_autoencoder(cfg: ModelConfig, tcfg: AETrainConfig, crops: np.ndarray, 
     """
     from tqdm import tqdm
 
-    from ..data import AugmentConfig, CropDataset, to_tensor_image
+    from .data import AugmentConfig, CropDataset, to_tensor_image
 
     run_dir = Path(run_dir or stage_dir("ae"))
     ckpt_path = run_dir / "last.pt"
@@ -291,7 +291,7 @@ def build_latent_cache(model: SafeFMModel, data: dict[str, np.ndarray], out_path
     """
     from tqdm import tqdm
 
-    from ..data import flip_landmarks, to_tensor_image
+    from .data import flip_landmarks, to_tensor_image
 
     out_path = Path(out_path)
     n = len(data["crops"])

@@ -84,7 +84,7 @@ def _lr(step: int, tcfg: FlowTrainConfig) -> float:
 def train_base(cfg: ModelConfig, tcfg: FlowTrainConfig, cache, *, ae_ckpt: dict | None = None,
                run_dir: Path | None = None, max_minutes: float = 20, resume: bool = True,
                log=print, runner: Runner | None = None) -> dict:
-    """Train (or continue) the base on a :class:`safefm.data.LatentCache`; returns the checkpoint."""
+    """Train (or continue) the base on a :class:`safefm.train.data.LatentCache`; returns the checkpoint."""
     model = base_model(cfg)
     if ae_ckpt is not None:
         model.load_state_dict(ae_ckpt["state"]["model"], strict=False)

@@ -71,7 +71,7 @@ def cache_pairs(cache, data: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndar
 
 
 def _images(crops: np.ndarray, rows: np.ndarray, flipped: np.ndarray) -> torch.Tensor:
-    from ..data import to_tensor_image
+    from .data import to_tensor_image
 
     return torch.stack([to_tensor_image(crops[r][:, ::-1] if f else crops[r]) for r, f in zip(rows, flipped)])
 

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import heatmaps
-from ..data import AugmentConfig, augment, to_tensor_image
+from ..face import heatmaps
+from .data import AugmentConfig, augment, to_tensor_image
 from ..models import SafeFMModel
-from ..retarget import EYELIDS
+from ..face.retarget import EYELIDS
 from .autoencoder import recon_terms
 from .common import (Deadline, History, load_checkpoint, restore_run, run_payload, save_checkpoint,
                      set_warmup_lr)
@@ -113,7 +113,7 @@ def _batch(data, rows, rng, image_size, heat_size, aug: AugmentConfig):
 def _eval(model, data, rows, image_size, heat_size) -> dict:
     """Held-back metrics: PSNR (dB) and eye-box L1 with the true latents, and both when
     the latent's eye cells come from another face (how much the heatmaps place the lids)."""
-    from ..data import NO_AUGMENT
+    from .data import NO_AUGMENT
 
     rng = np.random.default_rng(12345)
     x, lm, heat = _batch(data, rows, rng, image_size, heat_size, NO_AUGMENT)

@@ -36,7 +36,7 @@ def save_png(img: np.ndarray, path: Path) -> Path:
 
 @torch.no_grad()
 def ae_preview(model, crops: np.ndarray, path: Path) -> Path:
-    from ..data import to_tensor_image
+    from .data import to_tensor_image
 
     x = torch.stack([to_tensor_image(c) for c in crops])
     return save_png(_grid([crops, _to_uint8(model.decode(model.encode(x)))]), path)

@@ -1,6 +1,6 @@
 """Evaluation metrics: pure functions over landmarks, images and face embeddings.
 
-Conventions (shared with :mod:`safefm.landmarks` and :mod:`safefm.recognition`):
+Conventions (shared with :mod:`safefm.face.landmarks` and :mod:`safefm.recognition`):
 
 - Landmarks: (478, 3) float, x/y image pixels, z in the same pixel scale (smaller = nearer).
   "Right"/"left" eye or brow means the *subject's* (the right eye is on the image's left in
@@ -68,10 +68,10 @@ def brow_raise(lm: np.ndarray) -> float:
 
 
 def head_rotation(lm: np.ndarray) -> np.ndarray:
-    """(3, 3) rotation taking the frontal template (:func:`safefm.alignment.load_template`)
+    """(3, 3) rotation taking the frontal template (:func:`safefm.face.alignment.load_template`)
     to the landmarks: a 3D similarity fit over the rigid ``alignment.ALIGN_INDICES``.
     Camera frame: x right, y down, z away from the camera."""
-    from .alignment import ALIGN_INDICES, load_template, umeyama
+    from ..face.alignment import ALIGN_INDICES, load_template, umeyama
 
     idx = list(ALIGN_INDICES)
     _, r, _ = umeyama(load_template()[idx], np.asarray(lm, dtype=np.float64)[idx])

@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-TEMPLATE_PATH = Path(__file__).resolve().parent / "data" / "template.npy"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "assets" / "template.npy"
 
 # Stable FaceMesh indices (rigid under expression): eye corners, nose bridge/tip/base,
 # forehead and the upper/middle face oval down to the cheekbones. Mouth corners, lips,

@@ -36,7 +36,7 @@ def tiny_model(seed: int = 0, cfg: ModelConfig | None = None):
 
 
 def tiny_identity(seed: int = 0, dim: int = 128, name: str | None = None) -> Identity:
-    from .alignment import load_template
+    from .face.alignment import load_template
 
     rng = np.random.default_rng(seed)
     emb = rng.normal(size=dim).astype(np.float32)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import RuntimeConfig
-from .errors import InputError
+from ..config import RuntimeConfig
+from ..errors import InputError
 
 N_LANDMARKS = 478
 

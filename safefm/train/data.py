@@ -6,7 +6,7 @@ and read with ``allow_pickle=False``. Pass 1 (fast, MediaPipe) writes ``shard_XX
 ==============  ======================  ===============================================
 key             shape, dtype            meaning
 ==============  ======================  ===============================================
-crops           (N, S, S, 3) uint8      aligned RGB crop (:mod:`safefm.alignment`), S = 128
+crops           (N, S, S, 3) uint8      aligned RGB crop (:mod:`safefm.face.alignment`), S = 128
 landmarks       (N, 478, 3) float16     FaceMesh landmarks in crop pixels (x, y, z)
 age             (N,) int16              UTKFace age, -1 unknown / LFW
 gender          (N,) int8               0 male, 1 female, -1 unknown
@@ -39,7 +39,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .paths import REPO_ROOT, shared_data_dir
+from ..paths import REPO_ROOT, shared_data_dir
 
 SOURCES = ("utkface", "lfw")
 N_LANDMARKS = 478
@@ -198,7 +198,7 @@ def mirror_permutation() -> np.ndarray:
     """
     from scipy.optimize import linear_sum_assignment
 
-    from .alignment import load_template
+    from ..face.alignment import load_template
 
     t = load_template()[:, :2].astype(np.float64)
     axis = 0.5 * (t[:, 0].min() + t[:, 0].max())
@@ -384,7 +384,7 @@ class LatentCache:
         out = {"z": torch.from_numpy(self.z[idx].astype(np.float32)),
                "emb": torch.from_numpy(self.emb[idx])}
         if heat_size:
-            from .heatmaps import CHANNELS, render_heatmaps
+            from ..face.heatmaps import CHANNELS, render_heatmaps
 
             heat = np.empty((len(idx), len(CHANNELS), heat_size, heat_size), np.float32)
             for j, i in enumerate(idx):

@@ -18,9 +18,9 @@ import time
 import cv2
 import numpy as np
 
-from .config import RuntimeConfig
+from ..config import RuntimeConfig
 from .metrics import landmark_box
-from .results import ANONYMIZED, FaceResult, FrameResult
+from ..results import ANONYMIZED, FaceResult, FrameResult
 
 BASELINES = ("none", "blur", "pixelate")
 
@@ -102,7 +102,7 @@ class _BoxEngine(NoAnonymization):
     @property
     def detector(self):
         if self._detector is None:
-            from .landmarks import FaceMeshDetector
+            from ..face.landmarks import FaceMeshDetector
 
             c = self.cfg
             self._detector = FaceMeshDetector(

@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from .results import ANONYMIZED, STAGES
+from ..results import ANONYMIZED, STAGES
 
 SCHEMA = "safefm-bench/1"
 EngineFactory = Callable[[object], object]
@@ -91,7 +91,7 @@ def percentiles(x) -> dict:
 
 def load_frames(path: Path, n: int) -> tuple[list[np.ndarray], float]:
     """The first ``n`` frames of a video as RGB (looping if it is shorter), and its fps."""
-    from .evaluation import read_frames, video_fps
+    from .run import read_frames, video_fps
 
     frames = list(read_frames(path, n))
     if not frames:
@@ -145,7 +145,7 @@ class LoopingVideoSource:
     def __init__(self, path: Path, seconds: float):
         import cv2
 
-        from .live.capture import SourceInfo
+        from ..live.capture import SourceInfo
 
         self._cv2 = cv2
         self._cap = cv2.VideoCapture(str(path))
@@ -159,7 +159,7 @@ class LoopingVideoSource:
         self._t0: float | None = None
 
     def read(self):
-        from .live.capture import EndOfStream
+        from ..live.capture import EndOfStream
 
         now = time.monotonic()
         if self._t0 is None:
@@ -233,7 +233,7 @@ def bench_live(engine, source: Path, pace: bool, seconds: float, warmup_fresh: i
     info = probe.info
     probe.close()
     try:
-        from .live.pipeline import LiveConfig, Pipeline
+        from ..live.pipeline import LiveConfig, Pipeline
     except ImportError:
         return _simple_live(engine, source, pace, seconds, warmup_fresh)
     sink = _RecordingSink()
@@ -253,7 +253,7 @@ def bench_live(engine, source: Path, pace: bool, seconds: float, warmup_fresh: i
 def _simple_live(engine, source: Path, pace: bool, seconds: float, warmup_fresh: int) -> dict:
     src = LoopingVideoSource(source, seconds)
     fresh, captured, nxt = [], 0, time.monotonic()
-    from .live.capture import EndOfStream  # pragma: no cover - only without safefm.live.pipeline
+    from ..live.capture import EndOfStream  # pragma: no cover - only without safefm.live.pipeline
 
     try:
         while True:
@@ -284,7 +284,7 @@ def _simple_live(engine, source: Path, pace: bool, seconds: float, warmup_fresh:
 
 def default_engine_factory(opts: BenchOptions) -> EngineFactory:
     def make(cfg):
-        from .engine import build_engine
+        from ..engine import build_engine
 
         return build_engine(cfg, model_path=opts.model, identity_path=opts.identity, video=True)
     return make
@@ -292,9 +292,9 @@ def default_engine_factory(opts: BenchOptions) -> EngineFactory:
 
 def run(opts: BenchOptions, engine_factory: EngineFactory | None = None) -> dict:
     """Benchmark every (runtime, steps); returns the JSON-ready result."""
-    from .config import load_runtime_config
-    from .evaluation import _file_label, jsonable, machine_info
-    from .paths import default_model_path, resolve_model_path, shared_data_dir
+    from ..config import load_runtime_config
+    from .run import _file_label, jsonable, machine_info
+    from ..paths import default_model_path, resolve_model_path, shared_data_dir
 
     source = Path(opts.source or shared_data_dir() / "videos" / "liveportrait_d3.mp4")
     if not source.is_file():

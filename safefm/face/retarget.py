@@ -1,7 +1,7 @@
 """Expression retargeting: the generator never sees the user's own face shape.
 
 A face's landmarks are split into a head pose (3D similarity of the template onto the
-stable :data:`~safefm.alignment.ALIGN_INDICES`), a neutral shape (what the face looks like
+stable :data:`~safefm.face.alignment.ALIGN_INDICES`), a neutral shape (what the face looks like
 at rest, estimated over time by :class:`NeutralEstimator`) and the expression (the
 canonical landmarks minus the neutral). :func:`retarget` puts that expression, weighted by
 region, on the *identity's* shape and places it back with the user's pose:
@@ -15,7 +15,7 @@ see :class:`NeutralEstimator`), so the user's own face shape cancels out of the 
 
 Single images (one frame) have no history, so their neutral is estimated from the photo itself
 (:func:`single_image_neutral`): a linear-Gaussian split, fitted on training people with several
-photos (``safefm/data/expression_prior.npz``), of the face into what varies between people (kept
+photos (``safefm/face/assets/expression_prior.npz``), of the face into what varies between people (kept
 in the neutral) and what varies within a person (the expression). Measured on 298 training
 photos (dlib, the default model): the output's distance to its own original 0.775 -> 0.806
 (other people's photos: 0.823 -> 0.831), own matches 1.3 % -> 0.7 %; mouth / eye opening r of
@@ -58,7 +58,7 @@ NOSE_BASE = 2         # FaceMesh point under the nose (subnasale)
 JAW_WEIGHT = 0.5
 RIGID_WEIGHT = 0.15
 FALLOFF = 0.03        # Gaussian falloff (unit crop units) of the full weight around expressive points
-EXPRESSION_PRIOR_PATH = Path(__file__).resolve().parent / "data" / "expression_prior.npz"
+EXPRESSION_PRIOR_PATH = Path(__file__).resolve().parent / "assets" / "expression_prior.npz"
 
 
 def _check_canonical(shape: np.ndarray, what: str) -> np.ndarray:
@@ -254,7 +254,7 @@ class NeutralEstimator:
 
 @lru_cache(maxsize=1)
 def load_expression_prior() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean (478, 3), basis (K, 1434), filter (K, K)) float32 of ``safefm/data/expression_prior.npz``
+    """(mean (478, 3), basis (K, 1434), filter (K, K)) float32 of ``safefm/face/assets/expression_prior.npz``
     (``scripts/make_expression_prior.py``; statistics of training faces, read without pickle)."""
     if not EXPRESSION_PRIOR_PATH.is_file():
         raise FileNotFoundError(f"expression prior missing: {EXPRESSION_PRIOR_PATH} "

@@ -1,5 +1,5 @@
 """``safefm-eval`` runners: privacy on LFW photos, fidelity and stability on the video clips,
-for SAFE-FM and the baselines (:mod:`safefm.baselines`) through one code path, and report
+for SAFE-FM and the baselines (:mod:`safefm.eval.baselines`) through one code path, and report
 writing (``report.json``, ``report.md``, PNG plots: :func:`run`, :func:`write_report`).
 
 Every method is an *engine* (``process(frame, t) -> FrameResult``, ``reset()``, ``close()``)
@@ -8,7 +8,7 @@ seeded model through it.
 
 Privacy (images): each EVAL_IDENTITIES photo whose original dlib detects a face is
 anonymized (engine reset between photos). Its output is embedded with dlib at the detected
-face that lies on the source face (:func:`safefm.metrics.same_face`), or, when none does, at
+face that lies on the source face (:func:`safefm.eval.metrics.same_face`), or, when none does, at
 the source face's box ("located": the attacker knows where the face was). Metrics with
 ``_detected_only`` count undetected outputs as misses instead.
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from . import metrics as M
 from .baselines import BASELINES, build_baseline
-from .results import ANONYMIZED, HELD, PLACEHOLDER, STAGES
+from ..results import ANONYMIZED, HELD, PLACEHOLDER, STAGES
 
 SCHEMA = "safefm-eval/1"
 METHODS = ("safefm",) + BASELINES
@@ -94,13 +94,13 @@ def variants(opts: EvalOptions) -> list[tuple[str, str, int]]:
 
 def default_engine_factory(opts: EvalOptions) -> EngineFactory:
     """SAFE-FM from ``opts.model``/``opts.identity`` (default weights), baselines by name."""
-    from .config import load_runtime_config
+    from ..config import load_runtime_config
 
     def make(method: str, steps: int, video: bool):
         cfg = load_runtime_config(opts.runtime_config, steps=steps, runtime=opts.runtime)
         if method != "safefm":
             return build_baseline(method, cfg, video=video)
-        from .engine import build_engine
+        from ..engine import build_engine
 
         engine = build_engine(cfg, model_path=opts.model, identity_path=opts.identity, video=video)
         if opts.seed is not None:
@@ -111,15 +111,15 @@ def default_engine_factory(opts: EvalOptions) -> EngineFactory:
 
 
 def tiny_engine_factory(opts: EvalOptions) -> EngineFactory:
-    """SAFE-FM as :func:`safefm.testing.tiny_engine` (random seeded model: CI, no weights)."""
-    from .config import load_runtime_config
+    """SAFE-FM as :func:`safefm.tiny.tiny_engine` (random seeded model: CI, no weights)."""
+    from ..config import load_runtime_config
 
     def make(method: str, steps: int, video: bool):
         cfg = load_runtime_config(opts.runtime_config, steps=steps,
                                   runtime="torch" if opts.runtime == "auto" else opts.runtime)
         if method != "safefm":
             return build_baseline(method, cfg, video=video)
-        from .testing import tiny_engine
+        from ..tiny import tiny_engine
 
         return tiny_engine(cfg, seed=0 if opts.seed is None else int(opts.seed), video=video)
 
@@ -182,7 +182,7 @@ def video_fps(path: Path) -> float:
 
 class _Dlib:
     def __init__(self, upsample: int):
-        from .recognition import FaceRecognizer
+        from ..recognition import FaceRecognizer
 
         self.rec = FaceRecognizer(upsample=upsample)
         self._det: dict = {}
@@ -326,7 +326,7 @@ class _Cache:
 def _gallery(people, dl: "_Dlib", mp_det, log) -> dict:
     """Original photos with a dlib face: paths, labels, (N, 128) embeddings, dlib and
     FaceMesh boxes of the source face, and how many photos were skipped."""
-    from .recognition import load_rgb
+    from ..recognition import load_rgb
 
     g = {"photos": [], "labels": [], "emb": [], "boxes": [], "mp_boxes": [], "skipped": 0}
     t0 = time.perf_counter()
@@ -352,7 +352,7 @@ def _gallery(people, dl: "_Dlib", mp_det, log) -> dict:
 
 
 def _privacy_method(engine, g: dict, dl: "_Dlib", mp_det, label: str, log) -> dict:
-    from .recognition import MATCH_THRESHOLD, load_rgb
+    from ..recognition import MATCH_THRESHOLD, load_rgb
 
     t1 = time.perf_counter()
     timer = _Timer()
@@ -390,8 +390,8 @@ def _privacy_method(engine, g: dict, dl: "_Dlib", mp_det, label: str, log) -> di
 def run_privacy(opts: EvalOptions, factory: EngineFactory, data_dir: Path,
                 cache: _Cache | None = None) -> dict:
     """-> report["privacy"]: the gallery summary and one entry per :func:`variants` label."""
-    from .landmarks import FaceMeshDetector
-    from .recognition import MATCH_THRESHOLD
+    from ..face.landmarks import FaceMeshDetector
+    from ..recognition import MATCH_THRESHOLD
 
     log = opts.log
     cache = cache or _Cache(Path(opts.out) / "partial", {}, False, log)
@@ -435,7 +435,7 @@ class _ClipInput:
 
 
 def _analyse_input(path: Path, opts: EvalOptions, dl: _Dlib) -> _ClipInput:
-    from .landmarks import FaceMeshDetector
+    from ..face.landmarks import FaceMeshDetector
 
     boxes, feats, d_in, dboxes, embs = [], [], [], {}, {}
     prev = None
@@ -458,8 +458,8 @@ def _analyse_input(path: Path, opts: EvalOptions, dl: _Dlib) -> _ClipInput:
 
 
 def _run_clip(engine, path: Path, ci: _ClipInput, opts: EvalOptions, dl: _Dlib, timer: _Timer) -> dict:
-    from .landmarks import FaceMeshDetector
-    from .recognition import MATCH_THRESHOLD
+    from ..face.landmarks import FaceMeshDetector
+    from ..recognition import MATCH_THRESHOLD
 
     feats, d_out = [], []
     e_in, e_out, e_det = [], [], []
@@ -505,7 +505,7 @@ def _run_clip(engine, path: Path, ci: _ClipInput, opts: EvalOptions, dl: _Dlib, 
 
 
 def _overall(clips: dict, inputs: dict) -> dict:
-    from .recognition import MATCH_THRESHOLD
+    from ..recognition import MATCH_THRESHOLD
 
     names = list(clips)
     f_in = np.concatenate([inputs[n].feats for n in names])
@@ -639,7 +639,7 @@ def machine_info() -> dict:
 def runtime_settings_changed(path: Path | None) -> dict:
     """The runtime settings of ``path`` (None: configs/runtime_default.toml) that differ from
     :class:`RuntimeConfig`'s built-in values, ``steps``/``runtime`` aside (set per run)."""
-    from .config import RuntimeConfig, load_runtime_config, to_dict
+    from ..config import RuntimeConfig, load_runtime_config, to_dict
 
     base = to_dict(RuntimeConfig())
     return {k: v for k, v in to_dict(load_runtime_config(path)).items()
@@ -649,7 +649,7 @@ def runtime_settings_changed(path: Path | None) -> dict:
 def run(opts: EvalOptions, engine_factory: EngineFactory | None = None) -> dict:
     """Run the evaluation and write report.json, report.md and plots to ``opts.out``.
     Returns the report dict (as written to report.json)."""
-    from .paths import default_model_path, resolve_model_path, shared_data_dir
+    from ..paths import default_model_path, resolve_model_path, shared_data_dir
 
     t0 = time.perf_counter()
     data_dir = Path(opts.data_dir or shared_data_dir())

@@ -1,0 +1,1 @@
+"""Evaluation and benchmarking (``safefm-eval``, ``safefm-bench``): never imported by the per-frame path."""
