@@ -174,12 +174,15 @@ def runtime_config_from_dict(values: Mapping[str, Any]) -> RuntimeConfig:
 
 
 def _read_toml(path: Path, table: str) -> dict:
+    """The ``[table]`` of a TOML file; a missing, unreadable or malformed file is a one-line ConfigError."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     if table not in data:
         raise ConfigError(f"config file {path} has no [{table}] table")
@@ -190,10 +193,20 @@ def load_model_config(path: str | Path | None = None) -> ModelConfig:
     return model_config_from_dict(_read_toml(Path(path or CONFIG_DIR / "model_default.toml"), "model"))
 
 
-def load_runtime_config(path: str | Path | None = None, **overrides: Any) -> RuntimeConfig:
-    """Read ``configs/runtime_default.toml`` (or ``path``) and apply non-None overrides."""
-    p = Path(path) if path else CONFIG_DIR / "runtime_default.toml"
-    values = _read_toml(p, "runtime") if p.exists() else {}
+def load_runtime_config(path: str | Path | None = None, *, defaults: Mapping[str, Any] | None = None,
+                        **overrides: Any) -> RuntimeConfig:
+    """The runtime configuration, built in one order (each layer overrides the one before):
+
+    1. the built-in defaults (``configs/runtime_default.toml``, equal to :class:`RuntimeConfig`'s);
+    2. ``defaults``: a command's own defaults (``safefm-cam`` keeps identity repel off);
+    3. the user's file ``path`` (``--config``): it must exist, or a one-line ConfigError names it;
+    4. ``overrides``: command-line flags; ``None`` means the flag was not given.
+    """
+    builtin = CONFIG_DIR / "runtime_default.toml"
+    values = _read_toml(builtin, "runtime") if builtin.exists() else {}
+    values.update(defaults or {})
+    if path is not None:
+        values.update(_read_toml(Path(path), "runtime"))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return runtime_config_from_dict(values)
 

@@ -51,3 +51,70 @@ def test_a_shipped_model_is_found_by_name(tmp_path, monkeypatch):
     assert resolve_model_path(None) == default_model_path() == tmp_path / "safefm_default.safetensors"
     assert resolve_model_path("large") == tmp_path / "safefm_large.safetensors"
     assert resolve_model_path("my/model.safetensors") == Path("my/model.safetensors")
+
+
+def test_runtime_precedence_builtin_then_command_defaults_then_file_then_flags(tmp_path):
+    """Each layer overrides the one before; a flag left out (None) does not."""
+    builtin = load_runtime_config()
+    cam = {"identity_repel": 0.0, "steps": 2}
+    assert load_runtime_config(defaults=cam).identity_repel == 0.0
+    assert load_runtime_config(defaults=cam).hold_frames == builtin.hold_frames
+    f = tmp_path / "mine.toml"
+    f.write_text("[runtime]\nsteps = 3\n")
+    cfg = load_runtime_config(f, defaults=cam)
+    assert (cfg.steps, cfg.identity_repel) == (3, 0.0)   # the file wins over the command's defaults
+    f.write_text("[runtime]\nsteps = 3\nidentity_repel = 1.5\n")
+    assert load_runtime_config(f, defaults=cam).identity_repel == 1.5
+    cfg = load_runtime_config(f, defaults=cam, steps=5, identity_repel=None)
+    assert (cfg.steps, cfg.identity_repel) == (5, 1.5)   # flags win; an absent flag changes nothing
+
+
+def test_a_missing_or_unreadable_config_file_is_an_error_not_the_defaults(tmp_path):
+    with pytest.raises(ConfigError, match="not found: .*typo.toml"):
+        load_runtime_config(tmp_path / "typo.toml")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_runtime_config(tmp_path)                      # a folder
+    (tmp_path / "other.toml").write_text("[model]\nimage_size = 64\n")
+    with pytest.raises(ConfigError, match=r"no \[runtime\] table"):
+        load_runtime_config(tmp_path / "other.toml")
+
+
+@pytest.mark.parametrize("command", ["cam", "anonymize"])
+def test_the_commands_refuse_a_missing_config_with_one_line(command, tmp_path, capsys):
+    """``--config typo.toml`` used to run on the built-in defaults without a word."""
+    import importlib
+
+    import cv2
+    import numpy as np
+
+    cli = importlib.import_module(f"safefm.cli.{command}")
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "in.jpg"), np.full((64, 64, 3), 128, np.uint8))
+    calls = []
+    args = {"cam": ["--source", str(src / "in.jpg"), "--no-vcam", "--record", str(tmp_path / "o.mp4"),
+                    "--no-tray"],
+            "anonymize": [str(src / "in.jpg"), "-o", str(tmp_path / "out.jpg")]}[command]
+    code = cli.main(args + ["--config", str(tmp_path / "typo.toml")],
+                    engine_factory=lambda *a, **k: calls.append(1))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and not calls
+    assert err == [f"error: config file not found: {tmp_path / 'typo.toml'}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]   # nothing written
+
+
+def test_the_live_camera_keeps_repel_off_unless_the_file_or_a_flag_sets_it(tmp_path):
+    from safefm.cli.cam import _engine_factory, build_parser
+
+    seen = []
+
+    def factory(cfg, **kw):
+        seen.append(cfg.identity_repel)
+
+    f = tmp_path / "steps.toml"
+    f.write_text("[runtime]\nsteps = 3\n")
+    on = tmp_path / "repel.toml"
+    on.write_text("[runtime]\nidentity_repel = 1.0\n")
+    for argv in ([], ["--config", str(f)], ["--config", str(on)], ["--config", str(on), "--identity-repel", "0"]):
+        _engine_factory(build_parser().parse_args(argv), factory)()
+    assert seen == [0.0, 0.0, 1.0, 0.0]

@@ -40,6 +40,9 @@ EngineFactory = Callable[..., Any]
 
 log = logging.getLogger("safefm.live")
 DEFAULT_SIZE, DEFAULT_FPS = (640, 480), 30.0
+# The camera's own runtime defaults, above the built-in ones and below --config and the flags:
+# real time first, so no identity repel (it doubles the generator's network calls).
+LIVE_DEFAULTS = {"identity_repel": 0.0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--steps", type=int, metavar="N", help="Euler steps per frame (default from the runtime config)")
     eng.add_argument("--identity-repel", type=float, metavar="R",
                      help="guide the face away from your own (dlib, once per face, in memory only), e.g. 1. "
-                          "Off live unless given here or in --config: it doubles the generator's cost")
+                          "Off live unless set here or in --config: it doubles the generator's cost")
     eng.add_argument("--seed", type=int, metavar="S", help="noise seed")
     eng.add_argument("--runtime", choices=["auto", "torch", "onnx"], help="inference runtime")
     eng.add_argument("--compute", choices=["cpu", "cuda"], help="compute device "
@@ -89,9 +92,7 @@ def _engine_factory(args, engine_factory: EngineFactory | None) -> Callable[[], 
     starting card)."""
     ns = argparse.Namespace(**vars(args))
     ns.device = args.compute                      # runtime_config_from_args reads .device
-    if ns.identity_repel is None and not args.config:
-        ns.identity_repel = 0.0                   # live: real time first (two network calls a step)
-    cfg = runtime_config_from_args(ns)
+    cfg = runtime_config_from_args(ns, defaults=LIVE_DEFAULTS)
 
     def build():
         factory = engine_factory

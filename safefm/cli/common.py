@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..config import RuntimeConfig, load_runtime_config
 from ..errors import SafeFMError
@@ -49,13 +49,15 @@ def add_runtime_args(parser: argparse.ArgumentParser, identity: bool = True):
     return g
 
 
-def runtime_config_from_args(args: argparse.Namespace, **extra) -> RuntimeConfig:
-    """RuntimeConfig from ``--config`` plus the options the user gave (and ``extra``)."""
+def runtime_config_from_args(args: argparse.Namespace, defaults: Mapping[str, Any] | None = None,
+                             **extra) -> RuntimeConfig:
+    """RuntimeConfig: built-in defaults, then the command's own ``defaults``, then ``--config``,
+    then the options the user gave (and ``extra``); see :func:`safefm.config.load_runtime_config`."""
     overrides = {"steps": getattr(args, "steps", None), "device": getattr(args, "device", None),
                  "runtime": getattr(args, "runtime", None), "seed": getattr(args, "seed", None),
                  "identity_guard": getattr(args, "identity_guard", None),
                  "identity_repel": getattr(args, "identity_repel", None), **extra}
-    return load_runtime_config(getattr(args, "config", None), **overrides)
+    return load_runtime_config(getattr(args, "config", None), defaults=defaults, **overrides)
 
 
 def add_logging_args(parser: argparse.ArgumentParser) -> None:
