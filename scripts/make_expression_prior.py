@@ -26,20 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from safefm.face.alignment import align_matrix, load_template, transform_points  # noqa: E402
-from safefm.train.data import eval_identities  # noqa: E402
-from safefm.face.landmarks import FaceMeshDetector  # noqa: E402
-from safefm.paths import shared_data_dir  # noqa: E402
-from safefm.recognition import load_rgb  # noqa: E402
-from safefm.face.retarget import EXPRESSION_PRIOR_PATH, pose_fit, to_canonical  # noqa: E402
+from safefm.face.alignment import align_matrix, load_template, transform_points
+from safefm.train.data import eval_identities
+from safefm.face.landmarks import FaceMeshDetector
+from safefm.media import read_image
+from safefm.paths import shared_data_dir
+from safefm.face.retarget import EXPRESSION_PRIOR_PATH, pose_fit, to_canonical
 
 
 def canonical_shapes(min_photos: int, max_photos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +50,7 @@ def canonical_shapes(min_photos: int, max_photos: int) -> tuple[np.ndarray, np.n
     with FaceMeshDetector(max_faces=4, static_image=True) as mesh:
         for k, d in enumerate(people):
             for p in sorted(d.glob("*.jpg"))[:max_photos]:
-                rgb = load_rgb(p)
+                rgb = read_image(p)
                 faces = mesh.detect(rgb)
                 if not faces:
                     continue

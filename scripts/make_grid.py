@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     from safefm.generator import Generator
     from safefm.identity import load_identity
     from safefm.face.landmarks import FaceMeshDetector
+    from safefm.media import VideoReader, write_image
     from safefm.paths import default_model_path, identities_dir, shared_data_dir
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -46,18 +47,16 @@ def main(argv=None) -> int:
     S = gen.model_cfg.image_size
     files = sorted(identities_dir().glob("*.pt"), key=lambda p: (p.stem != "default", p.stem))  # default first
     ids = [load_identity(p) for p in files][: args.identities]
-    cap = cv2.VideoCapture(str(shared_data_dir() / "videos" / args.clip))
-    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-    picks = np.linspace(0, n - 1, args.frames).astype(int)
     template = alignment.load_template()
     rows = []
-    with FaceMeshDetector(max_faces=1, static_image=True) as det:
+    with VideoReader(shared_data_dir() / "videos" / args.clip) as video, \
+            FaceMeshDetector(max_faces=1, static_image=True) as det:
+        n = video.frame_count
+        picks = np.linspace(0, n - 1, args.frames).astype(int)
         neutral = retarget.NeutralEstimator(cfg.neutral_window, warmup=cfg.neutral_warmup)
-        for k in range(n):
-            ok, bgr = cap.read()
-            if not ok:
+        for k, (rgb, _) in enumerate(video):
+            if k >= n:
                 break
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             faces = det.detect(rgb)
             if not faces:
                 continue
@@ -78,7 +77,7 @@ def main(argv=None) -> int:
     grid = np.concatenate(rows, 0)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(out), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    write_image(out, grid)
     print(f"wrote {out} ({len(rows)} frames x {len(ids)} identities)")
     return 0
 

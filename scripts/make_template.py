@@ -21,11 +21,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from safefm.face.alignment import TEMPLATE_PATH, umeyama  # noqa: E402
-from safefm.face.landmarks import FaceMeshDetector  # noqa: E402
-from safefm.paths import shared_data_dir  # noqa: E402
+from safefm.face.alignment import TEMPLATE_PATH, umeyama
+from safefm.face.landmarks import FaceMeshDetector
+from safefm.paths import shared_data_dir
 
 FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378,
              400, 377, 152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21,

@@ -30,12 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from safefm.train.data import (ImageItem, emb_path, list_training_images, save_shard, shard_plan,  # noqa: E402
-                         shards_dir)
-from safefm.eval.metrics import box_iou  # noqa: E402
-from safefm.paths import shared_data_dir  # noqa: E402
+from safefm.train.data import (ImageItem, emb_path, list_training_images, save_shard, shard_plan,
+                               shards_dir)
+from safefm.eval.metrics import box_iou
+from safefm.paths import shared_data_dir
 
 _STATE: dict = {}
 
@@ -63,13 +61,14 @@ def _init_worker(kind: str, size: int, nice: int) -> None:
 
 def crop_image(item: ImageItem, data_dir: Path) -> tuple[dict | None, str]:
     """One image -> (record, 'ok') or (None, reason)."""
+    from safefm.errors import InputError
     from safefm.face.alignment import align_matrix, crop_face, transform_points
-    from safefm.recognition import load_rgb
+    from safefm.media import read_image
 
     size = _STATE["size"]
     try:
-        rgb = load_rgb(data_dir / item.rel)
-    except FileNotFoundError:
+        rgb = read_image(data_dir / item.rel)
+    except InputError:
         return None, "unreadable"
     faces = _STATE["mesh"].detect(rgb)
     if not faces:
@@ -113,8 +112,8 @@ def crop_shard(args) -> tuple[int, dict, float]:
 def embed_shard(args) -> tuple[int, dict, float]:
     idx, shard, data_dir = args
     from safefm.face.alignment import invert_affine, transform_points
-    from safefm.face.landmarks import face_box
-    from safefm.recognition import load_rgb
+    from safefm.face.landmarks import clip_box, face_box
+    from safefm.media import read_image
 
     t0 = time.time()
     rec = _STATE["rec"]
@@ -124,14 +123,12 @@ def embed_shard(args) -> tuple[int, dict, float]:
     fallback = np.zeros(len(paths), bool)
     why = Counter()
     for i, (rel, lm, m) in enumerate(zip(paths, lms, mats)):
-        rgb = load_rgb(data_dir / str(rel))
-        h, w = rgb.shape[:2]
+        rgb = read_image(data_dir / str(rel))
         mesh_box = face_box(transform_points(lm, invert_affine(m)))
         best = max(rec.detect(rgb), key=lambda b: box_iou(b, mesh_box), default=None)
         if best is None or box_iou(best, mesh_box) < 0.2:
             fallback[i] = True
-            x0, y0, x1, y1 = mesh_box
-            best = (max(0, x0), max(0, y0), min(w, x1), min(h, y1))
+            best = clip_box(mesh_box, rgb.shape)
         embs[i] = rec.embed(rgb, best)
     why["embedded"] = len(paths)
     why["fallback_box"] = int(fallback.sum())

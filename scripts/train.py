@@ -33,8 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 STAGES = ("ae", "cache", "decoder", "base", "adapters", "sampler", "export", "preview", "heat-decoder")
 
 
@@ -116,7 +114,7 @@ def main(argv=None) -> int:
                     help="sampler: store N pre-vetted samples per group INSTEAD of the training "
                          "embeddings (no real-face descriptors in the file); 0 = keep them")
     ap.add_argument("--controlnet-scale", type=float, default=1.0,
-                    help="export: bake this conditioning scale into the ControlNet (see scripts/probe_control.py)")
+                    help="export: bake this conditioning scale into the ControlNet (see research/probe_control.py)")
     ap.add_argument("--out", type=Path, default=None, help="export / heat-decoder: output .safetensors")
     ap.add_argument("--from", dest="source", default="default",
                     help="heat-decoder: the model whose decoder is fine-tuned (name or .safetensors path)")

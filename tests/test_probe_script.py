@@ -1,4 +1,5 @@
-"""scripts/probe_privacy_knobs.py: each variant changes exactly what it names."""
+"""research/probe_privacy_knobs.py: each variant changes exactly what it names; the merged
+scripts (scripts/identities.py, scripts/recon_report.py) keep each former script's options."""
 
 from __future__ import annotations
 
@@ -8,14 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safefm.face.alignment import load_template
 from safefm.config import RuntimeConfig
+from safefm.face.alignment import load_template
 from safefm.identity import Identity
 
-_spec = importlib.util.spec_from_file_location(
-    "probe_privacy_knobs", Path(__file__).resolve().parents[1] / "scripts" / "probe_privacy_knobs.py")
-probe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(probe)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(rel: str):
+    spec = importlib.util.spec_from_file_location(Path(rel).stem, ROOT / rel)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+probe = _load("research/probe_privacy_knobs.py")
 
 
 def _identity():
@@ -37,3 +45,27 @@ def test_variants_change_only_what_they_name():
     for bad in ("nonsense=1", "mask_dilate"):
         with pytest.raises(ValueError):
             probe.apply_variant(bad, cfg, ident, mean, t)
+
+
+def test_identity_subcommands_keep_their_own_defaults():
+    ap = _load("scripts/identities.py").parser()
+    sel = ap.parse_args(["select", "--fidelity", "--identity-files", "a.pt,b.pt"])
+    assert (sel.candidates, sel.seed_base, sel.photos, sel.out_dir) == (16, 1000, 120, Path("runs/identity_select"))
+    assert sel.fidelity and sel.identity_files == "a.pt,b.pt"
+    scr = ap.parse_args(["screen", "--groups", "female:adult"])
+    assert (scr.candidates, scr.seed_base, scr.drivers, scr.out_dir) == (64, 2000, 8, Path("runs/identity_screen"))
+    assert scr.population == Path("runs/population.npz") and scr.groups == "female:adult"
+    with pytest.raises(SystemExit):
+        ap.parse_args(["screen", "--photos", "5"])      # a select option
+    with pytest.raises(SystemExit):
+        ap.parse_args([])                               # a subcommand is required
+
+
+def test_recon_report_subcommands():
+    ap = _load("scripts/recon_report.py").parser()
+    dec = ap.parse_args(["decoders", "--runs", "runs/lean", "--json", "docs/ae_report.json"])
+    assert (dec.command, dec.runs, dec.rows, dec.json) == ("decoders", Path("runs/lean"), 256, Path("docs/ae_report.json"))
+    mod = ap.parse_args(["models", "--rows", "64"])
+    assert (mod.command, mod.models, mod.rows) == ("models", "large,default", 64)
+    with pytest.raises(SystemExit):
+        ap.parse_args(["decoders", "--models", "default"])  # a models option

@@ -70,7 +70,8 @@ def cache_pairs(cache, data: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndar
     return keep, src[keep]
 
 
-def _images(crops: np.ndarray, rows: np.ndarray, flipped: np.ndarray) -> torch.Tensor:
+def crop_images(crops: np.ndarray, rows: np.ndarray, flipped: np.ndarray) -> torch.Tensor:
+    """(N, 3, S, S) in [-1, 1] of ``crops[rows]`` (N rows of (S, S, 3) uint8), mirrored where ``flipped``."""
     from .data import to_tensor_image
 
     return torch.stack([to_tensor_image(crops[r][:, ::-1] if f else crops[r]) for r, f in zip(rows, flipped)])
@@ -118,7 +119,7 @@ def train_decoder(ae_ckpt: dict, target: ModelConfig, tcfg: DecoderTrainConfig, 
     zs = torch.from_numpy(np.asarray(cache.a["z"], np.float32))
     ho, tr = np.arange(len(rows_c) - tcfg.holdout, len(rows_c)), np.arange(len(rows_c) - tcfg.holdout)
     z_ho = zs[rows_c[ho]]
-    x_ho = _images(data["crops"], rows_d[ho], flipped[rows_c[ho]])
+    x_ho = crop_images(data["crops"], rows_d[ho], flipped[rows_c[ho]])
     if "psnr_old_decoder" not in metrics:
         from .autoencoder import load_autoencoder
 
@@ -140,7 +141,7 @@ def train_decoder(ae_ckpt: dict, target: ModelConfig, tcfg: DecoderTrainConfig, 
     while step < tcfg.max_steps and not deadline.passed():
         set_warmup_lr(opt, step, tcfg.lr, tcfg.warmup)
         pick = tr[rng.integers(0, len(tr), tcfg.batch)]
-        x = _images(data["crops"], rows_d[pick], flipped[rows_c[pick]])
+        x = crop_images(data["crops"], rows_d[pick], flipped[rows_c[pick]])
         y = decode_raw(model, zs[rows_c[pick]])
         loss, logs = recon_terms(y, x, tcfg.grad_weight, tcfg.color_weight)
         opt.zero_grad(set_to_none=True)

@@ -72,7 +72,7 @@ def export_default(run_dir: Path | str | None, out_path: Path | str, controlnet_
 
     ``controlnet_scale`` multiplies the ControlNet's residuals (its zero-convolution weights,
     :func:`safefm.models.scale_controlnet`) before saving: the conditioning scale chosen by
-    measurement (``scripts/probe_control.py``), recorded in the training notes."""
+    measurement (``research/probe_control.py``), recorded in the training notes."""
     from ..checkpoint import save_model
     from ..models import scale_controlnet
 

@@ -9,19 +9,16 @@ see ``RuntimeConfig.controlnet_scale``) it prints the correlation of mouth openi
 opening between the conditioning landmarks and the generated face, the mean landmark error
 (crop px), and the face detection rate. No video, tracking or retargeting is involved.
 
-    python scripts/probe_control.py [--model weights/safefm_default.safetensors | --runs runs]
+    python research/probe_control.py [--model weights/safefm_default.safetensors | --runs runs]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None) -> int:
@@ -34,19 +31,17 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
 
-    import mediapipe as mp
     import torch
 
-    from safefm.train.data import LatentCache, cache_root
-    from safefm.face.heatmaps import render_heatmaps
-    from safefm.identity import load_identity
     from safefm.eval.metrics import eye_opening, mouth_opening, pearson
+    from safefm.eval.reconstruction import crop_landmarks, to_uint8
+    from safefm.face.heatmaps import render_heatmaps
+    from safefm.face.landmarks import FaceMeshDetector
+    from safefm.identity import load_identity
     from safefm.models import Velocity, scale_controlnet
     from safefm.paths import default_identity_path
     from safefm.sampler import sample
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from ae_report import _landmarks
+    from safefm.train.data import LatentCache, cache_root
 
     torch.set_num_threads(1)
     if a.model:
@@ -68,7 +63,7 @@ def main(argv=None) -> int:
     heat = torch.from_numpy(np.stack([render_heatmaps(lm, S, model.cfg.heatmap_size) for lm in lms]))
     tokens = model.identity(torch.from_numpy(np.asarray(ident.embedding, np.float32))[None]).expand(len(rows), -1, -1)
     noise = torch.randn(len(rows), *model.cfg.latent_shape, generator=torch.Generator().manual_seed(0))
-    mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=True)
+    mesh = FaceMeshDetector(max_faces=1, static_image=True)
     ref_m = np.array([mouth_opening(lm) for lm in lms])
     ref_e = np.array([eye_opening(lm, "r") + eye_opening(lm, "l") for lm in lms])
     out = {"model": label, "rows": len(rows), "steps": a.steps, "scales": {}}
@@ -82,10 +77,10 @@ def main(argv=None) -> int:
         vel = Velocity(model.unet, model.controlnet)
         with torch.no_grad():
             z = sample(lambda zz, t: vel(zz, torch.full((zz.shape[0],), t), heat, tokens), noise, a.steps)
-            img = ((model.decode(z).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            img = to_uint8(model.decode(z))
         gm, ge, gr, err = [], [], [], []
         for i, im in enumerate(img):
-            lm = _landmarks(mesh, im)
+            lm = crop_landmarks(mesh, im)
             if lm is None:
                 continue
             gr.append(i)

@@ -2,12 +2,12 @@
 """Does a runtime or identity knob move the output away from the real person? (development set)
 
 Renders one identity on training LFW photos (people NOT in EVAL_IDENTITIES.txt, photo seed 1 so
-they differ from scripts/select_identities.py's default set) under variants of the runtime
+they differ from ``scripts/identities.py select``'s default set) under variants of the runtime
 config and of the identity itself, and prints, per variant, dlib's distance between each output
 and its own original (mean, 5th percentile, share under the 0.6 match threshold).
 
-    python scripts/probe_privacy_knobs.py --photos 150
-    python scripts/probe_privacy_knobs.py --variants base,color_match=false,mask_dilate=0.25,emb_scale=1.6,shape_scale=2
+    python research/probe_privacy_knobs.py --photos 150
+    python research/probe_privacy_knobs.py --variants base,color_match=false,mask_dilate=0.25,emb_scale=1.6,shape_scale=2
 
 Variant syntax: ``base``; a RuntimeConfig field ``name=value`` (several joined by ``+``); ``emb_scale=K`` (the identity
 embedding moved K times as far from the identity sampler's mean); ``shape_scale=K`` (the
@@ -18,15 +18,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 DEFAULT_VARIANTS = ("base,color_match=false,mask_dilate=0.15,mask_dilate=0.25,mask_feather=0.12,"
                     "emb_scale=1.3,emb_scale=1.6,shape_scale=2")
@@ -66,11 +61,10 @@ def apply_variant(spec: str, cfg, ident, sampler_mean: np.ndarray, template: np.
 
 
 def main(argv=None) -> int:
-    from select_identities import originals, score, training_photos
-
-    from safefm.face.alignment import load_template
     from safefm.config import load_runtime_config
     from safefm.engine import Engine
+    from safefm.eval.identities import originals, photo_scores, training_photos
+    from safefm.face.alignment import load_template
     from safefm.generator import Generator
     from safefm.guard import default_guard
     from safefm.identity import load_identity
@@ -104,7 +98,7 @@ def main(argv=None) -> int:
     for spec, cfg, ident in plans:
         t = time.perf_counter()
         guard = default_guard(cfg, ident, gen.model_cfg.identity_dim)
-        r = score(Engine(gen, ident, cfg, video=False, guard=guard), rec, refs, mesh)
+        r = photo_scores(Engine(gen, ident, cfg, video=False, guard=guard), rec, refs, mesh)
         fid = "".join(f"  {k.replace('_', ' ', 1)} {v:.2f}" for k, v in r.items() if k.startswith(("r_", "mae_")))
         print(f"{spec:>22}: mean distance {r['mean_distance']:.3f} (others {r['other_distance']:.3f})  "
               f"p05 {r['p05_distance']:.3f}  leak {r['leak']:.3f}  face {r['face_found']:.2f}{fid}  "
