@@ -8,9 +8,16 @@
 
 LoRA is fused into the base weights at load (inference needs no adapter bookkeeping). The
 ControlNet's heatmap encoder runs once per frame, not once per Euler step: it is split off
-(``cond_embed``) and the velocity network takes its output. With the onnxruntime runtime the
-three graphs (heatmap encoder, velocity = UNet + ControlNet, decoder) are exported once to ONNX
-(opset 17, cached by the weights' checksum) and run by onnxruntime sessions.
+(``cond_embed``) and the velocity network takes its output.
+
+The three graphs (heatmap encoder, velocity = UNet + ControlNet, decoder) are run by one
+backend, chosen once: :class:`TorchBackend` or :class:`OnnxBackend` (exported once to ONNX,
+opset 17, cached by the weights' checksum, run by onnxruntime sessions). Both have the same
+small interface (``device``, ``embed``, ``velocity``, ``decode``); everything else (identity
+tokens, guidance, the sampler, uint8 conversion) is the Generator's, the same for both. All
+float32. Nothing process-wide is changed: ``threads`` sizes the onnxruntime sessions' own
+pools; torch has only a process-wide count, which is its caller's to set
+(``torch.set_num_threads``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,6 +38,8 @@ from .sampler import sample
 
 log = logging.getLogger(__name__)
 ONNX_GRAPHS = "g4"  # bump when the exported graphs change, so stale caches are not reused
+
+VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 def _onnx_available() -> bool:
@@ -57,12 +67,123 @@ class _Decoder(torch.nn.Module):
         return self.model.decode(z, heat)
 
 
+class TorchBackend:
+    """The three graphs run by torch on ``device``; inputs and outputs live there too."""
+
+    name = "torch"
+    providers = None
+
+    def __init__(self, model: SafeFMModel, velocity_net: Velocity, cond_embed: torch.nn.Module,
+                 device: torch.device):
+        self.model, self.velocity_net, self.cond_embed, self.device = model, velocity_net, cond_embed, device
+
+    def embed(self, heat: torch.Tensor) -> torch.Tensor:
+        """Heatmaps (B, Ch, H, H) -> the ControlNet's conditioning (B, C0, h, w)."""
+        return self.cond_embed(heat.to(self.device))
+
+    def velocity(self, cond: torch.Tensor, tokens: torch.Tensor) -> VelocityFn:
+        """``v(z (B, C, h, w), t) -> (B, C, h, w)`` with cond (B, C0, h, w) and tokens (1 or B, K, W) bound."""
+        net, tok = self.velocity_net, tokens.expand(cond.shape[0], -1, -1)
+
+        def v(z: torch.Tensor, t: float) -> torch.Tensor:
+            return net(z, torch.full((z.shape[0],), t, device=z.device), cond, tok)
+        return v
+
+    def decode(self, z: torch.Tensor, heat: torch.Tensor | None) -> np.ndarray:
+        """Latents (B, C, h, w) (+ heatmaps (B, Ch, H, H) or None) -> images (B, 3, S, S) in about [-1, 1]."""
+        return self.model.decode(z.to(self.device), None if heat is None else heat.to(self.device)).cpu().numpy()
+
+
 def _run1(sess, feeds: dict) -> np.ndarray:
     """Run a batch-1 session over a batch: (B, ...) inputs -> (B, ...) output, item by item."""
     n = next(iter(feeds.values())).shape[0]
     if n == 1:
         return sess.run(None, feeds)[0]
     return np.concatenate([sess.run(None, {k: v[i:i + 1] for k, v in feeds.items()})[0] for i in range(n)])
+
+
+class OnnxBackend:
+    """The three graphs exported to ONNX (batch 1, static shapes) and run by onnxruntime
+    sessions; inputs and outputs are host (CPU) tensors, batches run item by item."""
+
+    name = "onnx"
+    device = torch.device("cpu")
+
+    def __init__(self, model: SafeFMModel, velocity_net: Velocity, cond_embed: torch.nn.Module | None,
+                 digest: str, cfg: RuntimeConfig):
+        import onnxruntime as ort
+
+        mc = model.cfg
+        folder = cache_dir() / "onnx" / f"{digest[:16]}-{ONNX_GRAPHS}-{torch.__version__.split('+')[0]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        v_path, d_path, c_path = folder / "velocity.onnx", folder / "decoder.onnx", folder / "cond.onnx"
+        z = torch.zeros(1, *mc.latent_shape)
+        heat = torch.zeros(1, mc.heatmap_channels, mc.heatmap_size, mc.heatmap_size)
+        if cond_embed is not None and not c_path.exists():
+            _export(cond_embed.cpu(), (heat,), c_path, ["heat"], ["cond"])
+        if not v_path.exists():
+            cond = cond_embed.cpu()(heat) if cond_embed is not None else heat
+            args = (z, torch.full((1,), 0.5), cond, torch.zeros(1, mc.identity_tokens, mc.cross_attention_dim))
+            _export(velocity_net.cpu(), args, v_path, ["z", "t", "cond", "tokens"], ["v"])
+        if not d_path.exists():
+            if mc.decoder_heat:
+                _export(_Decoder(model).cpu(), (z, heat), d_path, ["z", "heat"], ["image"])
+            else:
+                _export(_Decoder(model).cpu(), (z,), d_path, ["z"], ["image"])
+        opts = ort.SessionOptions()
+        if cfg.threads > 0:
+            opts.intra_op_num_threads = cfg.threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No busy-waiting between runs: onnxruntime's spinning worker threads otherwise take the
+        # cores from the per-frame torch / MediaPipe / OpenCV work right after every call
+        # (measured: decode 20 ms through Generator.decode vs 9 ms inside the session).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+        if cfg.device == "cuda":
+            avail = ort.get_available_providers()
+            providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in avail] + providers
+        try:
+            self._velocity = ort.InferenceSession(str(v_path), opts, providers=providers)
+            self._decoder = ort.InferenceSession(str(d_path), opts, providers=providers)
+            self._cond = (ort.InferenceSession(str(c_path), opts, providers=providers)
+                          if cond_embed is not None else None)
+        except Exception as exc:
+            raise WeightsError(f"onnxruntime could not load the exported model in {folder} ({exc}); "
+                               "delete that folder or use --runtime torch") from None
+        self.providers = self._velocity.get_providers()
+
+    def embed(self, heat: torch.Tensor) -> torch.Tensor:
+        """Heatmaps (B, Ch, H, H) -> the ControlNet's conditioning (B, C0, h, w)."""
+        return torch.from_numpy(_run1(self._cond, {"heat": heat.cpu().numpy()}))
+
+    def velocity(self, cond: torch.Tensor, tokens: torch.Tensor) -> VelocityFn:
+        """``v(z (B, C, h, w), t) -> (B, C, h, w)`` with cond (B, C0, h, w) and tokens (1 or B, K, W) bound."""
+        sess = self._velocity
+        feeds = {"cond": cond.cpu().numpy(), "tokens": tokens.expand(cond.shape[0], -1, -1).cpu().numpy()}
+
+        def v(z: torch.Tensor, t: float) -> torch.Tensor:
+            feeds["z"] = z.numpy()
+            feeds["t"] = np.full((z.shape[0],), t, np.float32)
+            return torch.from_numpy(_run1(sess, feeds))
+        return v
+
+    def decode(self, z: torch.Tensor, heat: torch.Tensor | None) -> np.ndarray:
+        """Latents (B, C, h, w) (+ heatmaps (B, Ch, H, H) or None) -> images (B, 3, S, S) in about [-1, 1]."""
+        feeds = {"z": z.cpu().numpy().astype(np.float32)}
+        if heat is not None:
+            feeds["heat"] = np.ascontiguousarray(heat.cpu().numpy())
+        return _run1(self._decoder, feeds)
+
+
+def _export(module, args, path: Path, inputs, outputs) -> None:
+    """Batch-1 graph with static shapes: onnxruntime then folds the shape arithmetic away
+    (measured: 2,833 -> 1,017 nodes after optimisation, 15 -> 10 ms a step on 1 thread);
+    batches run item by item (``_run1``)."""
+    tmp = path.with_suffix(".tmp.onnx")
+    with torch.no_grad():
+        torch.onnx.export(module, args, str(tmp), input_names=inputs, output_names=outputs,
+                          opset_version=17, dynamo=False)
+    tmp.replace(path)
 
 
 class Generator:
@@ -73,8 +194,8 @@ class Generator:
         self.model_cfg: ModelConfig = model.cfg
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise DeviceError("--device cuda was asked for, but torch sees no CUDA GPU (use --device cpu)")
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
+        self.device = torch.device(cfg.device)
+        self.runtime = cfg.runtime if cfg.runtime != "auto" else ("onnx" if _onnx_available() else "torch")
         if cfg.controlnet_scale != 1.0 and model.controlnet is not None:
             scale_controlnet(model.controlnet, cfg.controlnet_scale)
             if digest:   # other weights than the file's: their own ONNX export
@@ -82,21 +203,23 @@ class Generator:
         if any("lora_" in k for k in model.unet.state_dict()):
             model.unet.fuse_lora()
             model.unet.unload_lora()
-        self.model = model.eval().requires_grad_(False).to(cfg.device)
+        self.model = model.eval().requires_grad_(False)
+        if self.runtime == "onnx" and not digest:
+            digest = _state_digest(self.model)   # before the split: the heatmap encoder counts too
         self.cond_embed = None
         if model.controlnet is not None:  # heatmaps (B, Ch, H, H) -> (B, C0, h, w), once per frame
             self.cond_embed = model.controlnet.controlnet_cond_embedding
             model.controlnet.controlnet_cond_embedding = torch.nn.Identity()
         self.velocity_net = Velocity(self.model.unet, self.model.controlnet)
-        self.device = torch.device(cfg.device)
-        runtime = cfg.runtime
-        if runtime == "auto":
-            runtime = "onnx" if _onnx_available() else "torch"
-        self.runtime = runtime
-        self._sess_v = self._sess_d = self._sess_c = None
+        if self.runtime == "onnx":   # exported from the CPU
+            self.backend = OnnxBackend(self.model, self.velocity_net, self.cond_embed, digest, cfg)
+        else:
+            if self.cond_embed is not None:
+                self.cond_embed.to(self.device)
+            self.backend = TorchBackend(self.model, self.velocity_net, self.cond_embed, self.device)
+        self.model.to(self.device)   # identity tokens run in torch with either backend
+        self.providers = self.backend.providers
         self._null_tokens: torch.Tensor | None = None
-        if runtime == "onnx":
-            self._init_onnx(digest or _state_digest(self.model))
 
     @classmethod
     def load(cls, path: str | Path, cfg: RuntimeConfig) -> "Generator":
@@ -104,61 +227,6 @@ class Generator:
 
         model, meta = load_model(path)
         return cls(model, cfg, digest=meta.get("sha256") or None)
-
-    # -- onnxruntime ---------------------------------------------------------------------
-    def _init_onnx(self, digest: str) -> None:
-        import onnxruntime as ort
-
-        mc = self.model_cfg
-        folder = cache_dir() / "onnx" / f"{digest[:16]}-{ONNX_GRAPHS}-{torch.__version__.split('+')[0]}"
-        folder.mkdir(parents=True, exist_ok=True)
-        v_path, d_path, c_path = folder / "velocity.onnx", folder / "decoder.onnx", folder / "cond.onnx"
-        z = torch.zeros(1, *mc.latent_shape)
-        heat = torch.zeros(1, mc.heatmap_channels, mc.heatmap_size, mc.heatmap_size)
-        if self.cond_embed is not None and not c_path.exists():
-            self._export(self.cond_embed.cpu(), (heat,), c_path, ["heat"], ["cond"])
-        if not v_path.exists():
-            cond = self.cond_embed(heat) if self.cond_embed is not None else heat
-            args = (z, torch.full((1,), 0.5), cond, torch.zeros(1, mc.identity_tokens, mc.cross_attention_dim))
-            self._export(self.velocity_net.cpu(), args, v_path, ["z", "t", "cond", "tokens"], ["v"])
-        if not d_path.exists():
-            if mc.decoder_heat:
-                self._export(_Decoder(self.model).cpu(), (z, heat), d_path, ["z", "heat"], ["image"])
-            else:
-                self._export(_Decoder(self.model).cpu(), (z,), d_path, ["z"], ["image"])
-        self.model.to(self.device)
-        opts = ort.SessionOptions()
-        if self.cfg.threads > 0:
-            opts.intra_op_num_threads = self.cfg.threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # No busy-waiting between runs: onnxruntime's spinning worker threads otherwise take the
-        # cores from the per-frame torch / MediaPipe / OpenCV work right after every call
-        # (measured: decode 20 ms through Generator.decode vs 9 ms inside the session).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
-        if self.cfg.device == "cuda":
-            avail = ort.get_available_providers()
-            providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in avail] + providers
-        try:
-            self._sess_v = ort.InferenceSession(str(v_path), opts, providers=providers)
-            self._sess_d = ort.InferenceSession(str(d_path), opts, providers=providers)
-            if self.cond_embed is not None:
-                self._sess_c = ort.InferenceSession(str(c_path), opts, providers=providers)
-        except Exception as exc:
-            raise WeightsError(f"onnxruntime could not load the exported model in {folder} ({exc}); "
-                               "delete that folder or use --runtime torch") from None
-        self.providers = self._sess_v.get_providers()
-
-    @staticmethod
-    def _export(module, args, path: Path, inputs, outputs) -> None:
-        """Batch-1 graph with static shapes: onnxruntime then folds the shape arithmetic away
-        (measured: 2,833 -> 1,017 nodes after optimisation, 15 -> 10 ms a step on 1 thread);
-        batches run item by item (``_run1``)."""
-        tmp = path.with_suffix(".tmp.onnx")
-        with torch.no_grad():
-            torch.onnx.export(module, args, str(tmp), input_names=inputs, output_names=outputs,
-                              opset_version=17, dynamo=False)
-        tmp.replace(path)
 
     # -- public calls ----------------------------------------------------------------------
     @torch.no_grad()
@@ -172,12 +240,10 @@ class Generator:
         """The ControlNet's heatmap encoder, once per frame: (B, Ch, H, H) -> (B, C0, h, w)."""
         if self.cond_embed is None:
             return heat
-        if self._sess_c is not None:
-            return torch.from_numpy(_run1(self._sess_c, {"heat": heat.cpu().numpy()}))
-        return self.cond_embed(heat.to(self.device))
+        return self.backend.embed(heat)
 
     def velocity(self, heat: torch.Tensor, tokens: torch.Tensor, guidance: float | None = None,
-                 until: float | None = None, reference: torch.Tensor | None = None):
+                 until: float | None = None, reference: torch.Tensor | None = None) -> VelocityFn:
         """The callable ``v(z, t)`` for the sampler, with heatmaps (B, Ch, H, H) and tokens bound.
 
         With ``identity_guidance`` w != 1 (classifier-free guidance on the identity; the base and
@@ -187,12 +253,12 @@ class Generator:
         embedding, so the output is pushed away from that face (``identity_repel``).
         ``guidance`` / ``until`` override the runtime config's values."""
         cond = self.embed_heatmaps(heat)
-        v_id = self._velocity(cond, tokens)
+        v_id = self.backend.velocity(cond, tokens)
         w = self.cfg.identity_guidance if guidance is None else guidance
         until = self.cfg.guidance_until if until is None else until
         if w == 1.0 or until <= 0.0:
             return v_id
-        v_null = self._velocity(cond, self.null_tokens() if reference is None else reference)
+        v_null = self.backend.velocity(cond, self.null_tokens() if reference is None else reference)
 
         def v(z: torch.Tensor, t: float) -> torch.Tensor:
             vi = v_id(z, t)
@@ -208,25 +274,6 @@ class Generator:
             self._null_tokens = self.identity_tokens(np.zeros(self.model_cfg.identity_dim, np.float32))
         return self._null_tokens
 
-    def _velocity(self, cond: torch.Tensor, tokens: torch.Tensor):
-        """``v(z, t)`` with the embedded heatmaps cond (B, C0, h, w) and tokens (1 or B, K, W) bound."""
-        b = cond.shape[0]
-        if self._sess_v is not None:
-            sess = self._sess_v
-            feeds = {"cond": cond.cpu().numpy(), "tokens": tokens.expand(b, -1, -1).cpu().numpy()}
-
-            def v(z: torch.Tensor, t: float) -> torch.Tensor:
-                feeds["z"] = z.numpy()
-                feeds["t"] = np.full((z.shape[0],), t, np.float32)
-                return torch.from_numpy(_run1(sess, feeds))
-            return v
-
-        net, tok = self.velocity_net, tokens.expand(b, -1, -1)
-
-        def v(z: torch.Tensor, t: float) -> torch.Tensor:
-            return net(z, torch.full((z.shape[0],), t, device=z.device), cond, tok)
-        return v
-
     @torch.no_grad()
     def generate(self, heat: np.ndarray | torch.Tensor, tokens: torch.Tensor, noise: torch.Tensor,
                  z_prev: torch.Tensor | None = None, t0: float = 0.0, steps: int | None = None,
@@ -235,14 +282,15 @@ class Generator:
         """Latents (B, C, h, w) for heatmaps (B, Ch, H, H) in [0, 1].
 
         noise: (B or 1, C, h, w) fixed identity noise; z_prev: the track's previous latent for a
-        warm start at flow time t0 (None = cold start from noise at t = 0); steps, guidance and
-        guidance_until default to the runtime config's ``steps``, ``identity_guidance`` and
+        warm start at flow time t0, which takes only the Euler steps of the grid left after t0
+        (:func:`safefm.sampler.sample`; None = cold start from noise at t = 0); steps, guidance
+        and guidance_until default to the runtime config's ``steps``, ``identity_guidance`` and
         ``guidance_until``; reference: the guidance's reference tokens (None: the null identity).
         """
         heat = torch.as_tensor(heat, dtype=torch.float32)
         if heat.dim() == 3:
             heat = heat[None]
-        noise = noise.expand(heat.shape[0], -1, -1, -1).to(self.device if self._sess_v is None else "cpu")
+        noise = noise.expand(heat.shape[0], -1, -1, -1).to(self.backend.device)
         v = self.velocity(heat, tokens, guidance, guidance_until, reference)
         return sample(v, noise, steps or self.cfg.steps, z_prev=z_prev, t0=t0)
 
@@ -260,12 +308,5 @@ class Generator:
         else:
             heat = torch.as_tensor(heat, dtype=torch.float32)
             heat = (heat[None] if heat.dim() == 3 else heat).expand(z.shape[0], -1, -1, -1)
-        if self._sess_d is not None:
-            feeds = {"z": z.cpu().numpy().astype(np.float32)}
-            if heat is not None:
-                feeds["heat"] = np.ascontiguousarray(heat.cpu().numpy())
-            img = _run1(self._sess_d, feeds)
-        else:
-            img = self.model.decode(z.to(self.device), None if heat is None else heat.to(self.device)).cpu()
-        img = np.asarray(img.numpy() if isinstance(img, torch.Tensor) else img).transpose(0, 2, 3, 1)
+        img = self.backend.decode(z, heat).transpose(0, 2, 3, 1)
         return np.ascontiguousarray(np.rint((np.clip(img, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8))

@@ -63,8 +63,43 @@ def test_onnx_runtime_matches_torch(tmp_path, monkeypatch, heat):
     z_o = g_o.generate(heat2, tokens, noise)  # batch of 2, item by item through the batch-1 graph
     assert torch.allclose(z_t, z_o, atol=1e-3)
     assert np.abs(g_t.decode(z_t).astype(int) - g_o.decode(z_o).astype(int)).max() <= 2
-    z_w = g_o.generate(heat2, tokens, noise, z_prev=z_o, t0=0.5, steps=2)  # warm start path
-    assert z_w.shape == z_o.shape
+    z_prev = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    w_t = g_t.generate(heat2, tokens, noise, z_prev=z_prev, t0=0.5)    # warm start, both runtimes
+    assert torch.allclose(w_t, g_o.generate(heat2, tokens, noise, z_prev=z_prev, t0=0.5), atol=1e-3)
+    assert g_o.providers and g_t.providers is None
+
+
+def count_network_calls(gen, monkeypatch) -> list[float]:
+    """The flow times at which the generator's velocity network runs, appended as it runs."""
+    times, inner = [], gen.backend.velocity
+
+    def counting(cond, tokens):
+        v = inner(cond, tokens)
+
+        def counted(z, t):
+            times.append(t)
+            return v(z, t)
+        return counted
+    monkeypatch.setattr(gen.backend, "velocity", counting)
+    return times
+
+
+def test_warm_start_takes_the_rest_of_the_grid_from_the_previous_latent(tmp_path, monkeypatch, heat):
+    gen = _gen("torch", tmp_path, monkeypatch)   # steps = 4: grid 0, 0.25, 0.5, 0.75, 1
+    tokens = gen.identity_tokens(np.ones(128, np.float32))
+    noise, z_prev, z_other = torch.randn(3, 1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    calls = count_network_calls(gen, monkeypatch)
+    cold = gen.generate(heat, tokens, noise)
+    assert calls == [0.0, 0.25, 0.5, 0.75]
+    calls.clear()
+    warm = gen.generate(heat, tokens, noise, z_prev=z_prev, t0=0.5)
+    assert calls == [0.5, 0.75]                                        # half the network calls
+    v = gen.velocity(heat, tokens)
+    x = 0.5 * noise + 0.5 * z_prev                                     # the path point at t = 0.5
+    x = x + 0.25 * v(x, 0.5)
+    assert torch.allclose(warm, x + 0.25 * v(x, 0.75), atol=1e-6)
+    assert (warm - cold).abs().max() > 1e-3
+    assert (gen.generate(heat, tokens, noise, z_prev=z_other, t0=0.5) - warm).abs().max() > 1e-3
 
 
 def test_cuda_request_without_gpu_is_a_clear_error(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from safefm import flow
-from safefm.sampler import euler_solve, sample, time_grid
+from safefm.sampler import euler_solve, first_step, sample, time_grid
 
 
 def test_interpolation_endpoints_and_target():
@@ -60,33 +60,50 @@ def test_time_grid():
         time_grid(0)
 
 
-def test_warm_start_tends_to_previous_latent_as_t0_goes_to_one():
+@pytest.mark.parametrize("steps, t0, start", [(4, 0.5, 2), (4, 0.6, 3), (4, 0.9, 3), (3, 1 / 3, 1), (5, 0.2, 1),
+                                            (4, 0.01, 1)])
+def test_warm_start_is_a_slice_of_the_one_grid(steps, t0, start):
+    """A warm frame starts at the grid point at or after t0 (never at t = 1) on the path between
+    noise and the previous latent, and takes only the remaining steps of the cold grid."""
     noise, z_prev = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
-
-    def v(x, t):  # a field that would pull everything to zero
-        return -x
-
-    assert torch.equal(sample(v, noise, 4, z_prev=z_prev, t0=1.0), z_prev)
-    gaps = [(sample(v, noise, 4, z_prev=z_prev, t0=t0) - z_prev).abs().max().item() for t0 in (0.5, 0.9, 0.99, 0.999)]
-    assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 0.02
-
-
-def test_warm_start_begins_on_the_path_between_noise_and_previous():
-    noise, z_prev = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    c = torch.randn(1, 4, 4, 4)
     seen = []
 
-    def v(x, t):
+    def v(x, t):  # constant field: Euler is exact, x(1) = x(t_start) + (1 - t_start) c
         seen.append((t, x.clone()))
-        return torch.zeros_like(x)
+        return c
 
-    sample(v, noise, 3, z_prev=z_prev, t0=0.4)
-    t_first, x_first = seen[0]
-    assert t_first == pytest.approx(0.4) and len(seen) == 3
-    assert torch.allclose(x_first, 0.6 * noise + 0.4 * z_prev)
+    out = sample(v, noise, steps, z_prev=z_prev, t0=t0)
+    grid = time_grid(steps)
+    ts = grid[start]
+    assert first_step(steps, t0) == start
+    assert [t for t, _ in seen] == grid[start:-1]               # steps - start network calls, on the grid
+    assert torch.allclose(seen[0][1], (1 - ts) * noise + ts * z_prev, atol=1e-6)
+    assert torch.allclose(out, (1 - ts) * noise + ts * z_prev + (1 - ts) * c, atol=1e-5)
+
+
+def test_warm_start_continues_from_the_previous_latent():
+    """Same noise and field, another previous latent: another result, moved by t_start * dz."""
+    noise, z_a, z_b = torch.randn(3, 1, 4, 4, 4)
+
+    def v(x, t):
+        return -x
+
+    a = sample(v, noise, 4, z_prev=z_a, t0=0.5)
+    b = sample(v, noise, 4, z_prev=z_b, t0=0.5)
+    # linear field: x(1) = (1 - 0.25)^2 x(0.5), x(0.5) = 0.5 noise + 0.5 z_prev
+    assert torch.allclose(a - b, 0.75 ** 2 * 0.5 * (z_a - z_b), atol=1e-6)
+    assert not torch.allclose(a, sample(v, noise, 4), atol=1e-3)   # not the cold answer
 
 
 def test_cold_start_ignores_previous_when_t0_is_zero():
     noise = torch.randn(1, 4, 4, 4)
     x1 = torch.randn(1, 4, 4, 4)
-    v = lambda x, t: (x1 - x) / (1 - t)  # noqa: E731
+    calls = []
+
+    def v(x, t):
+        calls.append(t)
+        return (x1 - x) / (1 - t)
+
     assert torch.allclose(sample(v, noise, 4, z_prev=torch.randn_like(noise), t0=0.0), x1, atol=1e-5)
+    assert calls == time_grid(4)[:-1] and first_step(4, 0.0) == 0
