@@ -165,33 +165,174 @@ def test_placeholder_landmarks_cover_the_dilated_hull_in_place():
     assert np.array_equal(frame[dist > 0.2 * 120], original[dist > 0.2 * 120])
 
 
-def test_color_match_moves_means_toward_the_surroundings_without_copying_texture():
-    h = w = 96
+def _ellipse(h, w, cx, cy, rx, ry) -> np.ndarray:
     yy, xx = np.mgrid[:h, :w]
-    mask = (((xx - 48) / 30) ** 2 + ((yy - 48) / 38) ** 2 <= 1).astype(np.float32)
+    return (((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1).astype(np.float32)
+
+
+def test_color_match_moves_means_to_the_reference_face_without_copying_texture():
+    h = w = 96
+    xx = np.mgrid[:h, :w][1]
+    gen_mask = _ellipse(h, w, 48, 48, 30, 38)
+    ref_mask = _ellipse(h, w, 50, 46, 26, 34)
     rng = np.random.default_rng(3)
     generated = np.empty((h, w, 3), np.uint8)
     generated[:] = (220, 190, 170)                        # bright, evenly lit synthetic face
     generated[..., 0] = np.clip(200 + (xx % 7) * 4, 0, 255)   # a little texture of its own
-    reference = rng.normal((110, 80, 60), 6, (h, w, 3)).clip(0, 255).astype(np.uint8)
-    reference[mask > 0] = rng.integers(0, 256, (int(mask.sum()), 3))  # real face: must not leak
-    out = C.color_match(generated, reference, mask)
+    reference = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)              # outside: anything
+    reference[ref_mask > 0] = rng.normal((110, 80, 60), 6, (int(ref_mask.sum()), 3)).clip(0, 255)
+    out = C.color_match(generated, reference, gen_mask, ref_mask)
     assert out.shape == generated.shape and out.dtype == np.uint8
-    inside = mask > 0.5
+    inside = gen_mask > 0.5
     before = np.abs(generated[inside].mean(0) - [110, 80, 60]).sum()
     after = np.abs(out[inside].astype(float).mean(0) - [110, 80, 60]).sum()
-    assert after < 0.3 * before
+    assert after < 0.15 * before
     # Texture: the output is a per-channel function of the generated face, nothing else.
     flat = generated.copy()
     flat[..., 0] = 210
-    flat_out = C.color_match(flat, reference, mask)
+    flat_out = C.color_match(flat, reference, gen_mask, ref_mask)
     assert flat_out[inside].std(axis=0).max() < 1.0
 
 
-def test_color_match_without_a_usable_ring_returns_the_face():
+def test_color_match_on_a_grey_frame_gives_a_grey_face_and_keeps_contrast():
+    h = w = 64
+    mask = _ellipse(h, w, 32, 32, 24, 28)
+    rng = np.random.default_rng(4)
+    generated = rng.normal((190, 140, 120), 25, (h, w, 3)).clip(0, 255).astype(np.uint8)  # colour face
+    grey = np.repeat(rng.normal(120, 2, (h, w, 1)).clip(0, 255).astype(np.uint8), 3, axis=2)  # flat grey
+    out = C.color_match(generated, grey, mask, mask).astype(int)
+    inside = mask > 0.5
+    assert np.abs(out[..., 0] - out[..., 1])[inside].mean() < 1.0
+    assert np.abs(out[..., 1] - out[..., 2])[inside].mean() < 1.0
+    # The real face's low contrast is not copied: the synthetic face is blurry enough.
+    lum = lambda img: cv2.cvtColor(img.astype(np.uint8), cv2.COLOR_RGB2GRAY)[inside].std()
+    assert lum(out) >= 0.95 * lum(generated)
+
+
+def test_color_match_without_a_usable_region_returns_the_face():
     gen = np.full((32, 32, 3), 100, np.uint8)
-    assert np.array_equal(C.color_match(gen, gen, np.ones((32, 32), np.float32)), gen)
-    assert np.array_equal(C.color_match(gen, gen, np.zeros((32, 32), np.float32)), gen)
+    ones, zeros = np.ones((32, 32), np.float32), np.zeros((32, 32), np.float32)
+    assert np.array_equal(C.color_match(gen, gen, ones, zeros), gen)
+    assert np.array_equal(C.color_match(gen, gen, zeros, ones), gen)
+    black = np.zeros((32, 32, 3), np.uint8)                  # nothing usable in the reference
+    assert np.array_equal(C.color_match(gen, black, ones, ones), gen)
+
+
+def test_skin_mask_and_face_alpha_follow_the_oval():
+    S = 128
+    lm = synthetic_landmarks(64, 64, 40, 50)                   # face width 80 px
+    hull, _ = hull_and_distance(lm, (S, S))
+    skin = C.skin_mask(lm, S)
+    assert skin.dtype == np.float32 and skin.shape == (S, S)
+    depth = cv2.distanceTransform(hull.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    assert (skin[depth < 0.15 * 80 - 1] == 0).all()             # 15 % of the width off the edge
+    assert (skin[depth > 0.15 * 80 + 1] == 1).all()
+    alpha = C.face_alpha(lm, S, inner=0.1, outer=0.0)
+    assert alpha.dtype == np.float32 and alpha.min() >= 0 and alpha.max() <= 1
+    assert (alpha[depth > 0.1 * 80 + 1] == 1).all()            # the face is kept
+    assert (alpha[~hull] == 0).all()                            # the generator's hair is not
+    ramp = (depth > 1) & (depth < 0.1 * 80 - 1)
+    assert ((alpha[ramp] > 0) & (alpha[ramp] < 1)).all()
+
+
+def test_face_alpha_drops_dark_strands_at_the_edge_but_keeps_dark_features_inside():
+    S = 128
+    lm = synthetic_landmarks(64, 64, 40, 50)
+    image = np.full((S, S, 3), (200, 160, 140), np.uint8)      # skin
+    image[40:90, 27:31] = (40, 30, 25)                          # a hair strand along the left edge
+    image[55:60, 50:60] = (30, 20, 20)                          # an eye, deep inside
+    plain = C.face_alpha(lm, S)
+    alpha = C.face_alpha(lm, S, image=image)
+    assert plain[60, 29] > 0.5 and alpha[60, 29] < 0.1
+    assert alpha[57, 55] == plain[57, 55] == 1.0
+    assert np.array_equal(alpha[image[..., 0] == 200], plain[image[..., 0] == 200])
+
+
+def test_is_grey():
+    rng = np.random.default_rng(5)
+    grey = np.repeat(rng.integers(0, 256, (40, 40, 1), dtype=np.uint8), 3, axis=2)
+    assert C.is_grey(grey)
+    noisy = grey.astype(int) + rng.integers(-1, 2, grey.shape)        # JPEG-like chroma noise
+    assert C.is_grey(noisy.clip(0, 255).astype(np.uint8))
+    colour = grey.copy()
+    colour[..., 0] = np.clip(colour[..., 0].astype(int) + 12, 0, 255)
+    assert not C.is_grey(colour)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[:20] = 255
+    half = grey.copy()
+    half[30:, :, 0] = 0                                         # colour only where not looked at
+    assert not C.is_grey(half) and C.is_grey(half, mask)
+    assert not C.is_grey(grey, np.zeros((40, 40), np.uint8))
+
+
+def test_smooth_fill_keeps_known_pixels_and_interpolates_between():
+    h, w = 32, 64
+    weights = np.zeros((h, w), np.float32)
+    weights[:, :16], weights[:, 48:] = 1, 1
+    values = np.zeros((h, w, 3), np.float32)
+    values[:, 48:] = 100
+    fill = C.smooth_fill(values, weights)
+    assert fill.shape == (h, w, 3) and fill.dtype == np.float32
+    assert np.allclose(fill[:, :16], 0, atol=1e-3) and np.allclose(fill[:, 48:], 100, atol=1e-2)
+    row = fill[16, 16:48, 0]
+    assert (np.diff(row) >= -1e-3).all() and 20 < row[16] < 80          # a ramp, no jump
+    assert not C.smooth_fill(values, np.zeros((h, w), np.float32)).any()
+
+
+def _seamless_setup(frame_rgb=(210, 200, 190)):
+    """A light frame, a crop whose face is skin and whose surroundings are dark hair, the mask
+    and the face alpha of the engine's seamless paste (crop -> frame: 2x, face at the centre)."""
+    S = 64
+    lm_crop = synthetic_landmarks(32, 32, 15, 20)
+    lm = lm_crop.copy()
+    lm[:, :2] = lm[:, :2] * 2 + (320 - 64, 240 - 64)           # the same face in the frame
+    crop = np.empty((S, S, 3), np.uint8)
+    crop[:] = (40, 30, 25)                                      # the generator's dark hair
+    crop[C.oval_distance(lm_crop, S) < 0] = (200, 150, 130)     # its face
+    M_inv = np.array([[2.0, 0, 320 - 64], [0, 2.0, 240 - 64]])
+    rng = np.random.default_rng(6)
+    frame = rng.normal(frame_rgb, 4, (H, W, 3)).clip(0, 255).astype(np.uint8)
+    mask = C.face_mask([lm], frame.shape, dilate=0.15, feather=0.08)
+    face = C.face_alpha(lm_crop, S, image=crop)
+    return frame, crop, M_inv, mask, face, lm
+
+
+def test_seamless_paste_never_depends_on_the_real_face():
+    frame, crop, M_inv, mask, face, _ = _seamless_setup()
+    out = C.paste(frame, crop, M_inv, mask, face=face)
+    full = mask == 1.0
+    other = frame.copy()
+    rng = np.random.default_rng(7)
+    other[full] = rng.integers(0, 256, (int(full.sum()), 3))   # a different real face
+    assert np.array_equal(C.paste(other, crop, M_inv, mask, face=face), out)
+    assert np.array_equal(out[mask == 0], frame[mask == 0])     # nothing changes outside
+    assert not ((out == frame).all(axis=2) & full).all()
+    # The generated face itself is kept as it is.
+    warped = cv2.warpAffine(crop, M_inv, (W, H), flags=cv2.INTER_LINEAR)
+    core = cv2.warpAffine((face == 1).astype(np.uint8), M_inv, (W, H), flags=cv2.INTER_NEAREST) > 0
+    core = cv2.erode(core.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    assert core.sum() > 1000 and np.abs(out[core & full].astype(int) - warped[core & full]).max() <= 1
+
+
+def test_seamless_paste_leaves_no_dark_band_where_the_generator_painted_hair():
+    frame, crop, M_inv, mask, face, lm = _seamless_setup()
+    plain = C.paste(frame, crop, M_inv, mask)
+    out = C.paste(frame, crop, M_inv, mask, face=face)
+    warped_face = cv2.warpAffine(face, M_inv, (W, H), flags=cv2.INTER_LINEAR)
+    band = (mask == 1.0) & (warped_face == 0)                   # hair in the crop, real face under it
+    assert band.sum() > 500
+    lum = lambda img: img[band].astype(float).mean(axis=1)
+    assert lum(plain).mean() < 60                               # the old paste: a dark band
+    assert lum(out).min() > 150                                 # now: between skin and the frame
+
+
+def test_seamless_paste_on_a_grey_frame_is_grey():
+    frame, crop, M_inv, mask, face, _ = _seamless_setup()
+    grey = cv2.cvtColor(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    out = C.paste(grey, crop, M_inv, mask, face=face)
+    assert (out.max(axis=2) == out.min(axis=2)).all()
+    colour = C.paste(frame, crop, M_inv, mask, face=face)
+    assert (colour.max(axis=2).astype(int) - colour.min(axis=2) > 20)[mask == 1.0].any()
 
 
 def test_status_frame_and_badge():

@@ -10,9 +10,17 @@ Fail-closed rules this module guarantees (see ``tests/test_composite.py``):
 - :func:`face_mask` is exactly ``1.0`` over the whole dilated face-oval hull; the feather
   lies *outside* it, so no raw-face pixel is blended into the output.
 - :func:`paste` never keeps raw content where the mask is set but the warped crop does not
-  reach: those pixels get the placeholder colour.
+  reach: those pixels get the placeholder colour, or (seamless paste, ``face=``) a smooth fill
+  computed from the generated face and the frame where ``mask < 1`` only. Pixels where the
+  mask is ``1.0`` never depend on the frame's pixels there.
 - :func:`cover_placeholder` replaces every pixel of its region (flat fill + an icon, no blur).
 - :func:`color_match` only transfers per-channel mean/std, never texture.
+
+Seamless paste (what the engine does): :func:`color_match` moves the generated face's Lab
+mean/std onto the real face's (over the inner skin of each, :func:`skin_mask`; a grey-scale
+frame gives a grey face), :func:`face_alpha` keeps the generated face and drops the hair and
+background the generator paints around it, and :func:`paste` fills the band between the face
+and the real surroundings smoothly from both sides, so no dark band or colour jump shows.
 """
 
 from __future__ import annotations
@@ -152,35 +160,86 @@ def _smoothstep_lut() -> np.ndarray:
 _FEATHER_LUT = _smoothstep_lut()
 
 
-def color_match(generated: np.ndarray, reference: np.ndarray, mask: np.ndarray,
-                ring: float = 0.15, max_gain: float = 1.25) -> np.ndarray:
-    """Shift the generated face's colours into the real frame's lighting.
+def oval_distance(landmarks: np.ndarray, size: int) -> np.ndarray:
+    """Signed distance of every pixel of a ``size`` x ``size`` crop to the edge of the face
+    oval's convex hull, in units of :func:`face_width`: negative inside, positive outside.
 
-    ``generated``, ``reference``: ``(h, w, 3) uint8`` RGB on the same pixel grid (e.g. the
-    generated crop and the real frame warped into crop space); ``mask``: ``(h, w)`` face mask.
-    Per Lab channel, the mean/std of ``generated`` inside ``mask > 0.5`` are matched to those of
-    ``reference`` over a ring of ``ring * mask width`` pixels either side of the mask edge
-    (skipping near-black and blown-out pixels); the std gain is clamped to
-    ``[1/max_gain, max_gain]``. Only these 6 numbers come from the reference: no texture.
-    Returns a new ``(h, w, 3) uint8``; ``generated`` unchanged if either region is too small.
+    ``landmarks``: ``(478, 2|3)`` points in crop pixels. Returns ``(size, size) float32``.
     """
-    inside = (np.asarray(mask) > 0.5).astype(np.uint8)
-    if int(cv2.countNonZero(inside)) < 16:
-        return generated.copy()
-    _, _, bw, bh = cv2.boundingRect(inside)
-    r = max(1.0, ring * max(bw, bh))
-    # Band of pixels within r of the mask edge, on either side.
+    pts = _checked_points(landmarks)
+    inside = np.zeros((size, size), np.uint8)
+    _fill_poly(inside, pts[face_oval_indices(), :2], 1)
     d_out = cv2.distanceTransform(1 - inside, cv2.DIST_L2, cv2.DIST_MASK_3)
     d_in = cv2.distanceTransform(inside, cv2.DIST_L2, cv2.DIST_MASK_3)
+    return (d_out - d_in) * np.float32(1.0 / face_width(pts))
+
+
+def skin_mask(landmarks: np.ndarray, size: int, depth: float = 0.15) -> np.ndarray:
+    """The inner face of a ``size`` x ``size`` crop: ``(size, size) float32``, 1 deeper than
+    ``depth`` face widths inside the oval of ``landmarks`` (``(478, 2|3)``, crop pixels), else
+    0. Away from hair and background; :func:`color_match` compares two faces over it."""
+    return (oval_distance(landmarks, size) < -depth).astype(np.float32)
+
+
+def _smoothstep(t: np.ndarray) -> np.ndarray:
+    t = np.clip(t, 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def face_alpha(landmarks: np.ndarray, size: int, inner: float = 0.08, outer: float = 0.0,
+               image: np.ndarray | None = None, edge: float = 0.2,
+               dark: tuple[float, float] = (1.0, 2.5)) -> np.ndarray:
+    """How much of a generated crop is its face: ``(size, size) float32`` in [0, 1].
+
+    ``1`` from ``inner`` face widths inside the oval of ``landmarks`` (``(478, 2|3)``, crop
+    pixels) inward, ``0`` from ``outer`` widths outside it on (smoothstep between): beyond the
+    oval the generator paints hair and background of its own, which :func:`paste` replaces.
+    With ``image`` (the ``(size, size, 3) uint8`` crop), pixels within ``edge`` face widths of
+    the oval that are far darker than the inner face's skin (lightness ``dark[0]`` to
+    ``dark[1]`` robust standard deviations below its median) are left out too: the
+    generator's hair strands and smudges along the face edge.
+    """
+    dist = oval_distance(landmarks, size)
+    alpha = _smoothstep((outer - dist) / max(inner + outer, 1e-6))
+    if image is not None:
+        L = cv2.cvtColor(image, cv2.COLOR_RGB2Lab)[..., 0].astype(np.float32)   # 0..255
+        skin = L[dist < -edge - 0.05]
+        if skin.size >= 16:
+            med = float(np.median(skin))
+            sd = max(1.4826 * float(np.median(np.abs(skin - med))), 5.0)
+            darkness = _smoothstep(((med - L) / sd - dark[0]) / max(dark[1] - dark[0], 1e-6))
+            near_edge = _smoothstep((dist + edge) / (0.5 * edge))
+            alpha *= 1.0 - near_edge * darkness
+    return alpha.astype(np.float32)
+
+
+def color_match(generated: np.ndarray, reference: np.ndarray, gen_mask: np.ndarray,
+                ref_mask: np.ndarray, max_gain: float = 1.25) -> np.ndarray:
+    """Shift the generated face's colours into the real frame's light and colour cast.
+
+    ``generated``, ``reference``: ``(h, w, 3) uint8`` RGB on the same pixel grid (the generated
+    crop and the real frame warped into crop space); ``gen_mask``, ``ref_mask``: ``(h, w)``
+    regions (``> 0.5``) to compare, e.g. the inner skin of each face (:func:`skin_mask`).
+    Per Lab channel, the mean/std of ``generated`` over ``gen_mask`` are matched to those of
+    ``reference`` over ``ref_mask`` (skipping near-black and blown-out pixels); the lightness
+    gain is clamped to ``[1, max_gain]`` (the synthetic face is blurry enough: its contrast is
+    never lowered), the a*/b* gains to ``[0, max_gain]``, so a grey-scale reference gives a
+    grey face. Only these 6 numbers come from the reference: no
+    texture. Returns a new ``(h, w, 3) uint8``; ``generated`` unchanged if a region has fewer
+    than 16 usable pixels.
+    """
+    g_in = (np.asarray(gen_mask) > 0.5).astype(np.uint8)
     lab_r = cv2.cvtColor(reference.astype(np.float32) * (1 / 255), cv2.COLOR_RGB2Lab)
     usable = cv2.inRange(lab_r, (8.0, -128.0, -128.0), (97.0, 128.0, 128.0))  # not black/blown
-    band = cv2.bitwise_and(usable, ((d_out <= r) & (d_in <= r)).view(np.uint8))
-    if int(cv2.countNonZero(band)) < 16:
+    r_in = cv2.bitwise_and(usable, (np.asarray(ref_mask) > 0.5).view(np.uint8) * np.uint8(255))
+    if int(cv2.countNonZero(g_in)) < 16 or int(cv2.countNonZero(r_in)) < 16:
         return generated.copy()
     lab_g = cv2.cvtColor(generated.astype(np.float32) * (1 / 255), cv2.COLOR_RGB2Lab)
-    mu_g, sd_g = (v.ravel() for v in cv2.meanStdDev(lab_g, mask=inside))
-    mu_r, sd_r = (v.ravel() for v in cv2.meanStdDev(lab_r, mask=band))
-    gain = np.clip(sd_r / np.maximum(sd_g, 1e-3), 1 / max_gain, max_gain)
+    mu_g, sd_g = (v.ravel() for v in cv2.meanStdDev(lab_g, mask=g_in))
+    mu_r, sd_r = (v.ravel() for v in cv2.meanStdDev(lab_r, mask=r_in))
+    gain = sd_r / np.maximum(sd_g, 1e-3)
+    gain[0] = np.clip(gain[0], 1.0, max_gain)
+    gain[1:] = np.clip(gain[1:], 0.0, max_gain)
     affine = np.zeros((3, 4), np.float32)      # lab -> (lab - mu_g) * gain + mu_r, per channel
     affine[:, :3] = np.diag(gain)
     affine[:, 3] = mu_r - gain * mu_g
@@ -188,17 +247,93 @@ def color_match(generated: np.ndarray, reference: np.ndarray, mask: np.ndarray,
     return cv2.convertScaleAbs(cv2.max(rgb, 0.0), alpha=255.0)
 
 
+def is_grey(image: np.ndarray, mask: np.ndarray | None = None, tol: float = 1.5) -> bool:
+    """Whether an ``(h, w, 3) uint8`` RGB image (over ``mask`` ``(h, w) uint8 > 0``, if given)
+    is grey-scale: its channels differ by less than ``tol`` on average and by more than
+    ``4 * tol`` at under 1 % of the pixels (a grey JPEG saved as colour keeps a little chroma
+    noise). False when no pixel is looked at."""
+    img = np.asarray(image)
+    n = img.shape[0] * img.shape[1] if mask is None else cv2.countNonZero(mask)
+    if n == 0:
+        return False
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    spread = cv2.absdiff(cv2.max(cv2.max(r, g), b), cv2.min(cv2.min(r, g), b))
+    wide = cv2.compare(spread, 4 * tol, cv2.CMP_GT)
+    if mask is not None:
+        wide = cv2.bitwise_and(wide, wide, mask=mask)
+    return float(cv2.mean(spread, mask=mask)[0]) < tol and cv2.countNonZero(wide) < 0.01 * n
+
+
+def smooth_fill(values: np.ndarray, weights: np.ndarray, levels: int = 6) -> np.ndarray:
+    """Fill an image's unknown pixels smoothly from its known ones (pull-push interpolation).
+
+    ``values``: ``(h, w, 3) float32``, already multiplied by ``weights``; ``weights``: ``(h, w)
+    float32`` in [0, 1] (1 known, 0 unknown). Known pixels keep their value, unknown ones get a
+    smooth blend of the known values around them (coarser the farther they are), over at most
+    ``levels`` halvings. Returns ``(h, w, 3) float32`` (all zeros when nothing is known).
+    """
+    pyr = [(values, weights)]
+    while len(pyr) <= levels and min(pyr[-1][1].shape) > 2:
+        v, w = pyr[-1]
+        pyr.append((cv2.pyrDown(v), cv2.pyrDown(w)))
+    v, w = pyr[-1]
+    total = float(w.sum())
+    if total <= 0:
+        return np.zeros_like(values)
+    fill = np.empty_like(v)
+    fill[:] = v.sum((0, 1)) / total                     # the mean of what is known
+    for v, w in reversed(pyr):
+        if v.shape[:2] != fill.shape[:2]:
+            fill = cv2.pyrUp(fill, dstsize=(v.shape[1], v.shape[0]))
+        conf = cv2.min(w * 2.0, 1.0)                    # how much this level knows here
+        mean = cv2.divide(v, cv2.merge([w + 1e-6] * 3))
+        fill = cv2.blendLinear(mean, fill, conf, 1.0 - conf)
+    return fill
+
+
+def _band_fill(src: np.ndarray, alpha: np.ndarray, real: np.ndarray,
+               known: np.ndarray) -> np.ndarray:
+    """Smooth colours for the band between the generated face and its real surroundings.
+
+    All at the same (low) resolution: ``src`` ``(h, w, 3) float32`` the warped crop; ``alpha``
+    ``(h, w) float32`` its face weight there; ``real`` ``(h, w, 3) float32`` the frame's pixels
+    multiplied by ``known`` ``(h, w) float32`` in [0, 1] (0 wherever the full mask is: never the
+    real face). The face (where ``alpha`` is ~1, so no hair is mixed in) and the real frame are
+    each extended across the band (:func:`smooth_fill`) and blended by the relative distance to
+    either side (smoothstep). Returns ``(h, w, 3) float32``.
+    """
+    inner = _smoothstep((alpha - 0.8) * 5.0)
+    fill = smooth_fill(src * inner[..., None], inner)
+    if known.max() > 0:
+        around = smooth_fill(real, known)
+        d_face = cv2.distanceTransform((alpha < 0.5).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_3)
+        d_real = cv2.distanceTransform((known < 0.5).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_3)
+        t = _smoothstep(d_face / np.maximum(d_face + d_real, 1e-6))[..., None]
+        fill += t * (around - fill)
+    return fill
+
+
 def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarray,
           out: np.ndarray | None = None,
-          box: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """Warp ``crop`` into the frame and alpha-blend it under ``mask``.
+          box: tuple[int, int, int, int] | None = None,
+          face: np.ndarray | None = None, fill_levels: int = 2) -> np.ndarray:
+    """Warp ``crop`` into the frame and blend it in under ``mask``.
 
     ``frame``: ``(H, W, 3) uint8``; ``crop``: ``(S, S, 3) uint8``; ``M_inv``: ``(2, 3)`` affine
     mapping crop pixels to frame pixels; ``mask``: ``(H, W) float32`` in [0, 1] (from
     :func:`face_mask`); ``box``: optional ``(x0, y0, x1, y1)`` bounding ``mask > 0`` (saves a
-    scan). Where the mask is set but the warped crop does not reach, the placeholder colour is
-    used, so masked pixels never keep raw content. Returns ``(H, W, 3) uint8`` (``out`` if
-    given; ``out`` may be ``frame`` to paste in place).
+    scan). Returns ``(H, W, 3) uint8`` (``out`` if given; ``out`` may be ``frame`` to paste in
+    place).
+
+    Without ``face``: plain alpha blend; where the mask is set but the warped crop does not
+    reach, the placeholder colour is used. With ``face`` (``(S, S) float32`` alpha of the
+    crop's own face, :func:`face_alpha`): the generated face is kept; everything else under the
+    mask (the generator's hair and background, the area the crop does not reach) becomes a
+    smooth fill between the face's edge and the frame where ``mask < 1`` (:func:`_band_fill`,
+    at ``2 ** -fill_levels`` of the resolution), so the face meets its real surroundings
+    without a band of foreign colour; a grey-scale frame gets a grey face.
+    Either way, pixels where ``mask == 1`` never depend on the frame's pixels there: no raw
+    content is kept or blended in.
     """
     if out is None:
         out = frame.copy()
@@ -211,11 +346,37 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
     M = np.asarray(M_inv, np.float64).reshape(2, 3).copy()
     M[0, 2] -= x0
     M[1, 2] -= y0
-    src = cv2.warpAffine(crop, M, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=PLACEHOLDER_RGB)
+    w, h = x1 - x0, y1 - y0
     weight = np.ascontiguousarray(mask[y0:y1, x0:x1], np.float32)
     dst = out[y0:y1, x0:x1]
-    cv2.blendLinear(src, dst, weight, 1.0 - weight, dst=dst)
+    if face is None:
+        src = cv2.warpAffine(crop, M, (w, h), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=PLACEHOLDER_RGB)
+        cv2.blendLinear(src, dst, weight, 1.0 - weight, dst=dst)
+        return out
+    src = cv2.warpAffine(crop, M, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    face8 = cv2.convertScaleAbs(np.asarray(face, np.float32), alpha=255.0)
+    alpha8 = cv2.warpAffine(face8, M, (w, h), flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    # The fill is smooth: it is worked out 2 ** fill_levels times smaller (Gaussian pyramid).
+    known = cv2.compare(weight, 1.0, cv2.CMP_LT)                  # 255 where the frame may be used
+    real = cv2.bitwise_and(dst, dst, mask=known)                  # the real face zeroed out
+    sizes = [(w, h)]
+    small = [src, alpha8, real, known]
+    for _ in range(max(0, int(fill_levels))):
+        small = [cv2.pyrDown(img) for img in small]
+        sizes.append((small[0].shape[1], small[0].shape[0]))
+    src_s, alpha_s, real_s, known_s = small
+    fill = _band_fill(src_s.astype(np.float32), alpha_s.astype(np.float32) * (1 / 255),
+                      real_s.astype(np.float32), known_s.astype(np.float32) * (1 / 255))
+    fill = cv2.convertScaleAbs(fill)        # rounds and saturates (a fill is a mean of pixels, >= 0)
+    for size in reversed(sizes[:-1]):
+        fill = cv2.pyrUp(fill, dstsize=size)
+    alpha = cv2.multiply(alpha8, 1 / 255, dtype=cv2.CV_32F)
+    synth = cv2.blendLinear(src, fill, alpha, 1.0 - alpha)
+    if is_grey(real_s, cv2.compare(known_s, 254, cv2.CMP_GE)):   # the frame around the face
+        synth = cv2.cvtColor(cv2.cvtColor(synth, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    cv2.blendLinear(synth, dst, weight, 1.0 - weight, dst=dst)
     return out
 
 

@@ -1,0 +1,173 @@
+"""Does the output face look like it was filmed by the same camera? (issue 14's measures)
+
+Every measure compares an output frame with its input frame over regions fixed by the input's
+(source) face box, at the frame's own resolution:
+
+- the **inner face**: the ellipse centred in the source face box with semi-axes ``INNER`` x
+  the box's half sides (eyes, nose, mouth and cheeks; no hair, no background);
+- the **ring**: the band between ``RING[0]`` and ``RING[1]`` x the box's half sides (an ellipse
+  scaled up), i.e. just outside the face: hair, ears, neck, background, and on the output the
+  seam where the synthetic face meets the real frame. Pixels outside the frame are left out.
+
+Measures (pure functions of ``(H, W, 3) uint8`` RGB images and ``(N, 2|3)`` source landmarks):
+
+- :func:`sharpness`: ``var(Laplacian(Gaussian_1px(grey)))`` over the inner face, output / input,
+  both cut at the source face box. Grain that a 1 px Gaussian smooths away does not count as
+  detail. 1 = as sharp as the input; over faces aggregate with the geometric mean.
+- :func:`tone_gap`: ``| dE(mean Lab of inner face, mean Lab of ring)_out - the same_in |``
+  (CIE76 dE, CIELAB from OpenCV's float conversion: L in [0, 100]). 0 = the face sits in its
+  surroundings as the real one did; a viewer notices 2-3.
+- :func:`chroma_excess`: ``max(0, mean C*_out - mean C*_in)`` over the face ellipse inscribed
+  in the box (``C* = sqrt(a*^2 + b*^2)``): the colour the output adds. A grey-scale input must
+  stay at ~0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import cv2
+import numpy as np
+
+from ..face.landmarks import face_box
+
+INNER = 0.7          # inner-face ellipse, as a fraction of the box's half sides
+RING = (1.1, 1.5)    # ring just outside the face, same units
+SHARPNESS_SIGMA = 1.0
+MEASURES = ("sharpness", "tone_gap", "chroma_excess")
+
+
+def _check_pair(inp: np.ndarray, out: np.ndarray) -> None:
+    for name, img in (("input", inp), ("output", out)):
+        if not (isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[2] == 3
+                and img.dtype == np.uint8):
+            raise ValueError(f"{name} must be an (H, W, 3) uint8 RGB image, got "
+                             f"{getattr(img, 'shape', type(img))} {getattr(img, 'dtype', '')}")
+    if inp.shape != out.shape:
+        raise ValueError(f"input {inp.shape} and output {out.shape} differ in size")
+
+
+def _clipped_box(landmarks: np.ndarray, shape) -> tuple[int, int, int, int]:
+    """The source face box ``(x0, y0, x1, y1)`` clipped to the frame; ValueError if empty."""
+    x0, y0, x1, y1 = face_box(landmarks, shape)
+    if x1 - x0 < 4 or y1 - y0 < 4:
+        raise ValueError("the face box lies (almost) outside the frame")
+    return x0, y0, x1, y1
+
+
+def ellipse_radius(landmarks: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Normalised elliptic radius of every pixel of ``box`` (frame coordinates ``(x0, y0, x1,
+    y1)``, exclusive ends) about the source face box of ``landmarks`` ``(N, 2|3)``: 1 on the
+    ellipse inscribed in that face box. Returns ``(y1 - y0, x1 - x0) float32``."""
+    fx0, fy0, fx1, fy1 = face_box(landmarks)
+    cx, cy = (fx0 + fx1 - 1) / 2.0, (fy0 + fy1 - 1) / 2.0
+    a, b = max((fx1 - fx0 - 1) / 2.0, 1.0), max((fy1 - fy0 - 1) / 2.0, 1.0)
+    x0, y0, x1, y1 = box
+    xs = ((np.arange(x0, x1, dtype=np.float32) - cx) / a)[None, :]
+    ys = ((np.arange(y0, y1, dtype=np.float32) - cy) / b)[:, None]
+    return np.sqrt(xs * xs + ys * ys)
+
+
+def _region(landmarks, shape, r_lo: float, r_hi: float):
+    """(frame box clipped to ``shape``, bool mask of ``r_lo <= radius <= r_hi`` over it)."""
+    fx0, fy0, fx1, fy1 = face_box(landmarks)
+    cx, cy = (fx0 + fx1) / 2.0, (fy0 + fy1) / 2.0
+    hx, hy = r_hi * (fx1 - fx0) / 2.0 + 1, r_hi * (fy1 - fy0) / 2.0 + 1
+    H, W = shape[:2]
+    box = (max(int(math.floor(cx - hx)), 0), max(int(math.floor(cy - hy)), 0),
+           min(int(math.ceil(cx + hx)) + 1, W), min(int(math.ceil(cy + hy)) + 1, H))
+    if box[0] >= box[2] or box[1] >= box[3]:
+        return box, np.zeros((0, 0), bool)
+    r = ellipse_radius(landmarks, box)
+    return box, (r >= r_lo) & (r <= r_hi)
+
+
+def _mean_lab(img: np.ndarray, box, mask: np.ndarray) -> np.ndarray:
+    """``(3,) float64`` mean CIELAB of ``img[box]`` over ``mask``."""
+    x0, y0, x1, y1 = box
+    lab = cv2.cvtColor(img[y0:y1, x0:x1].astype(np.float32) * (1 / 255), cv2.COLOR_RGB2Lab)
+    return lab[mask].mean(axis=0, dtype=np.float64)
+
+
+def laplacian_energy(grey: np.ndarray, mask: np.ndarray, sigma: float = SHARPNESS_SIGMA) -> float:
+    """Variance of the Laplacian of ``grey`` ``(h, w)`` (any real dtype, 0-255 scale) after a
+    Gaussian of ``sigma`` px, over ``mask`` ``(h, w) bool``."""
+    g = cv2.GaussianBlur(grey.astype(np.float32), (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    lap = cv2.Laplacian(g, cv2.CV_32F, ksize=1, borderType=cv2.BORDER_REFLECT)
+    return float(lap[mask].astype(np.float64).var())
+
+
+def sharpness(inp: np.ndarray, out: np.ndarray, landmarks: np.ndarray) -> float:
+    """Fine detail the output keeps in the inner face, relative to the input (1 = as sharp).
+
+    ``inp``, ``out``: ``(H, W, 3) uint8`` RGB, same size; ``landmarks``: ``(N, 2|3)`` source
+    face points in frame pixels. Both images are cut at the source face box (clipped to the
+    frame), turned grey, and :func:`laplacian_energy` is taken over the inner-face ellipse.
+    A flat input face gives 1.0 if the output is flat too, else ``inf``.
+    """
+    _check_pair(inp, out)
+    x0, y0, x1, y1 = box = _clipped_box(landmarks, inp.shape)
+    mask = ellipse_radius(landmarks, box) <= INNER
+    if mask.sum() < 16:
+        raise ValueError("the inner face has fewer than 16 pixels in the frame")
+    e_in, e_out = (laplacian_energy(cv2.cvtColor(img[y0:y1, x0:x1], cv2.COLOR_RGB2GRAY), mask)
+                   for img in (inp, out))
+    if e_in <= 1e-9:
+        return 1.0 if e_out <= 1e-9 else math.inf
+    return e_out / e_in
+
+
+def face_ring_delta_e(img: np.ndarray, landmarks: np.ndarray) -> float:
+    """CIE76 dE between the mean Lab of the inner face and of the ring around it in ``img``
+    ``(H, W, 3) uint8`` RGB, regions from ``landmarks`` ``(N, 2|3)``."""
+    ibox, inner = _region(landmarks, img.shape, 0.0, INNER)
+    rbox, ring = _region(landmarks, img.shape, *RING)
+    if inner.sum() < 16 or ring.sum() < 16:
+        raise ValueError("the inner face or the ring around it has fewer than 16 pixels in the frame")
+    return float(np.linalg.norm(_mean_lab(img, ibox, inner) - _mean_lab(img, rbox, ring)))
+
+
+def tone_gap(inp: np.ndarray, out: np.ndarray, landmarks: np.ndarray) -> float:
+    """``|face_ring_delta_e(out) - face_ring_delta_e(inp)|`` (CIE76 dE units, >= 0): how much
+    more (or less) the output's face stands out from its surroundings than the real one did."""
+    _check_pair(inp, out)
+    return abs(face_ring_delta_e(out, landmarks) - face_ring_delta_e(inp, landmarks))
+
+
+def mean_chroma(img: np.ndarray, landmarks: np.ndarray) -> float:
+    """Mean CIELAB chroma ``sqrt(a*^2 + b*^2)`` of ``img`` ``(H, W, 3) uint8`` RGB over the face
+    ellipse inscribed in the source face box of ``landmarks`` ``(N, 2|3)``."""
+    box, face = _region(landmarks, img.shape, 0.0, 1.0)
+    if face.sum() < 16:
+        raise ValueError("the face has fewer than 16 pixels in the frame")
+    x0, y0, x1, y1 = box
+    lab = cv2.cvtColor(img[y0:y1, x0:x1].astype(np.float32) * (1 / 255), cv2.COLOR_RGB2Lab)
+    ab = lab[face][:, 1:].astype(np.float64)
+    return float(np.sqrt((ab * ab).sum(axis=1)).mean())
+
+
+def chroma_excess(inp: np.ndarray, out: np.ndarray, landmarks: np.ndarray) -> float:
+    """``max(0, mean_chroma(out) - mean_chroma(inp))``: colour the output adds to the face
+    (CIELAB chroma units; ~0 for a grey-scale photo anonymized in grey)."""
+    _check_pair(inp, out)
+    return max(0.0, mean_chroma(out, landmarks) - mean_chroma(inp, landmarks))
+
+
+def face_realism(inp: np.ndarray, out: np.ndarray, landmarks: np.ndarray) -> dict[str, float]:
+    """All three measures for one face: ``{"sharpness", "tone_gap", "chroma_excess"}``."""
+    return {"sharpness": sharpness(inp, out, landmarks), "tone_gap": tone_gap(inp, out, landmarks),
+            "chroma_excess": chroma_excess(inp, out, landmarks)}
+
+
+def aggregate(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Over faces: geometric mean of ``sharpness``, arithmetic means of ``tone_gap`` and
+    ``chroma_excess``, and ``faces`` (their number). Empty input gives NaNs and 0 faces."""
+    rows = list(rows)
+    if not rows:
+        return {**dict.fromkeys(MEASURES, math.nan), "faces": 0}
+    sharp = np.array([r["sharpness"] for r in rows], np.float64)
+    return {"sharpness": float(np.exp(np.log(np.maximum(sharp, 1e-12)).mean())),
+            "tone_gap": float(np.mean([r["tone_gap"] for r in rows])),
+            "chroma_excess": float(np.mean([r["chroma_excess"] for r in rows])),
+            "faces": len(rows)}
