@@ -31,8 +31,11 @@ import torch
 from .face import alignment, composite, heatmaps, retarget
 from .config import RuntimeConfig
 from .generator import Generator
+from .sampler import first_step
+from .guard import default_guard, embed_real_faces
 from .identity import Identity, load_identity
-from .face.landmarks import FaceMeshDetector, FaceTracker, Track
+from .face.landmarks import FaceMeshDetector, FaceTracker, Track, face_box
+from .recognition import FaceRecognizer
 from .results import ANONYMIZED, HELD, PLACEHOLDER, FaceResult, FrameResult
 
 log = logging.getLogger(__name__)
@@ -73,15 +76,16 @@ class Engine:
         # Fault injection for tests: callable(stage, track_id, value) -> value, may raise.
         # Stages: "generate" (value: heatmaps) and "latent" (value: the generated latent).
         self.fault_injector = None
+        # The real-face recogniser of the identity guard and the identity repel, one for both
+        # (``recognizer``: a detect/embed object; default a FaceRecognizer, dlib loaded on first use).
+        self.recognizer = recognizer if recognizer is not None else FaceRecognizer(upsample=1)
         # Identity guard (safefm.guard.IdentityGuard or None): decides once per video (per image)
         # whether the chosen identity resembles the real face and another must be worn.
         self.guard = guard
         self._guard_done = False
-        # identity_repel > 0: each track's real face is embedded once (dlib, in memory only) and
-        # the generator is guided away from that embedding. ``recognizer``: detect/embed object
-        # (default: a FaceRecognizer, loaded on first use); a failure turns repel off, logged.
+        # identity_repel > 0: each track's real face is embedded once (in memory only) and the
+        # generator is guided away from that embedding; a recogniser failure turns repel off, logged.
         self._repel_on = cfg.identity_repel > 0
-        self._recognizer = recognizer
         self.set_identity(identity)
 
     # -- state ---------------------------------------------------------------------------
@@ -125,7 +129,7 @@ class Engine:
             self.gen.decode(z, heat)
         if self.guard is not None:
             try:
-                self.guard.references(self.gen)
+                self.guard.references(self.gen, self.recognizer)
             except Exception as exc:
                 log.warning("identity guard unavailable: %s", exc)
                 self.guard = None
@@ -173,9 +177,7 @@ class Engine:
             del self._states[tid]
 
         for tr in matched:
-            st = self._states.get(tr.id)
-            if st is None:
-                st = self._states[tr.id] = _TrackState(self._neutral_estimator())
+            st = self._state(tr.id)
             try:
                 results.append(self._anonymize(out, frame, tr, st, timings))
             except Exception as exc:  # fail closed: whatever broke, the raw face does not leave
@@ -183,10 +185,7 @@ class Engine:
                 results.append(self._cover(out, tr, st, reason=f"{type(exc).__name__}: {exc}",
                                            landmarks=tr.raw, missing=1))
         for tr in lost:
-            st = self._states.get(tr.id)
-            if st is None:
-                st = self._states[tr.id] = _TrackState(self._neutral_estimator())
-            results.append(self._cover(out, tr, st, reason="landmarks lost", landmarks=None,
+            results.append(self._cover(out, tr, self._state(tr.id), reason="landmarks lost", landmarks=None,
                                        missing=tr.missing))
         return FrameResult(image=out, faces=results, timings=timings)
 
@@ -194,7 +193,8 @@ class Engine:
         """The identity guard's decision for this video (or this image), before any output."""
         self._guard_done = True
         try:
-            ident, why = self.guard.choose(self.gen, frame, [tr.raw for tr in matched], self.chosen_identity)
+            ident, why = self.guard.choose(self.gen, self.recognizer, frame, [tr.raw for tr in matched],
+                                           self.chosen_identity)
             if ident is not self.identity:
                 self._wear(ident)
         except Exception as exc:   # e.g. dlib missing: anonymize with the chosen identity
@@ -209,13 +209,8 @@ class Engine:
     def _repel_tokens(self, frame: np.ndarray, tr: Track) -> torch.Tensor | None:
         """Tokens of this track's real face (dlib embedding, never stored), the reference the
         generator is guided away from; None (plain generation, logged) when it cannot be had."""
-        from .guard import embed_real_faces
-
         try:
-            if self._recognizer is None:
-                from .recognition import FaceRecognizer
-                self._recognizer = FaceRecognizer(upsample=1)
-            emb = embed_real_faces(self._recognizer, frame, [tr.raw])
+            emb = embed_real_faces(self.recognizer, frame, [tr.raw])
         except Exception as exc:   # e.g. dlib missing: anonymize without the push
             log.warning("identity repel unavailable (%s); generating without it", exc)
             self._repel_on = False
@@ -224,8 +219,13 @@ class Engine:
             return None
         return self.gen.identity_tokens(emb[0])
 
-    def _neutral_estimator(self) -> retarget.NeutralEstimator:
-        return retarget.NeutralEstimator(self.cfg.neutral_window, self.template, warmup=self.cfg.neutral_warmup)
+    def _state(self, track_id: int) -> _TrackState:
+        """What the engine remembers of this track (new for a new track)."""
+        st = self._states.get(track_id)
+        if st is None:
+            neutral = retarget.NeutralEstimator(self.cfg.neutral_window, self.template, warmup=self.cfg.neutral_warmup)
+            st = self._states[track_id] = _TrackState(neutral)
+        return st
 
     def _anonymize(self, out, frame, tr: Track, st: _TrackState, timings) -> FaceResult:
         S, cfg = self.mcfg.image_size, self.cfg
@@ -260,41 +260,41 @@ class Engine:
             guidance, until = 1.0 + cfg.identity_repel, cfg.repel_until
         else:
             guidance, until = cfg.identity_guidance, cfg.guidance_until
+        t0 = cfg.warm_t0 if warm else 0.0
         z = self.gen.generate(heat, self.tokens, self.noise, z_prev=st.z_prev if warm else None,
-                              t0=cfg.warm_t0 if warm else 0.0, steps=cfg.steps,
-                              guidance=guidance, guidance_until=until, reference=st.repel)
+                              t0=t0, steps=cfg.steps, guidance=guidance, guidance_until=until, reference=st.repel)
         if self.fault_injector:
             z = self.fault_injector("latent", tr.id, z)
         if not torch.isfinite(z).all():
             raise FloatingPointError("generator returned non-finite values")
         t_c = time.perf_counter()
         timings["generator"] += t_c - t_b
-        timings["generator_steps"] = cfg.steps
+        timings["generator_steps"] = cfg.steps - first_step(cfg.steps, t0)   # a warm frame takes fewer
         crop = self.gen.decode(z, heat)[0]
         t_d = time.perf_counter()
         timings["decode"] += t_d - t_c
 
         if cfg.color_match:
             real_crop = alignment.crop_face(frame, M, S)
-            crop_mask = composite.face_mask([lm_crop], (S, S), 0.0, 0.0)
-            crop = composite.color_match(crop, real_crop, crop_mask)
+            crop = composite.color_match(crop, real_crop, composite.skin_mask(ret_crop, S),
+                                         composite.skin_mask(lm_crop, S))
         ret_frame = alignment.transform_points(ret_crop, M_inv)
         mask = composite.face_mask([tr.raw, tr.landmarks, ret_frame], out.shape[:2],
                                    cfg.mask_dilate, cfg.mask_feather)
-        composite.paste(out, crop, M_inv, mask, out=out)
+        composite.paste(out, crop, M_inv, mask, out=out, face=composite.face_alpha(ret_crop, S, image=crop))
         timings["composite"] += time.perf_counter() - t_d
 
         st.z_prev = z.detach().clone() if self.video else None
         st.last_crop, st.last_M_inv, st.last_landmarks = crop, M_inv, tr.raw
         st.good_frames += 1
-        return FaceResult(tr.id, _box(tr.raw, out.shape), ANONYMIZED, tr.raw)
+        return FaceResult(tr.id, face_box(tr.raw, out.shape), ANONYMIZED, tr.raw)
 
     def _cover(self, out, tr: Track, st: _TrackState, *, reason: str, landmarks, missing: int) -> FaceResult:
         """Fail-closed cover for a face that was not anonymized this frame (policy in the module doc)."""
         cfg = self.cfg
         lm = landmarks if landmarks is not None else (st.last_landmarks if st.last_landmarks is not None else tr.raw)
         grow = 0.15 * max(1, missing)
-        box = _box(lm, out.shape, margin=min(1.0, 0.2 + grow))
+        box = face_box(lm, out.shape, margin=min(1.0, 0.2 + grow))
         if st.last_crop is not None and missing <= cfg.hold_frames:
             if landmarks is not None:  # the face is visible: place the held face where it is now
                 M_inv = alignment.invert_affine(alignment.align_matrix(landmarks, self.mcfg.image_size))
@@ -313,16 +313,6 @@ class Engine:
         return prev is not None and float(np.abs(thumb - prev).mean()) > self.cfg.scene_cut_threshold
 
 
-def _box(landmarks: np.ndarray, shape, margin: float = 0.0) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) around the landmarks, grown by ``margin`` x face size, clipped to the frame."""
-    x0, y0 = landmarks[:, 0].min(), landmarks[:, 1].min()
-    x1, y1 = landmarks[:, 0].max(), landmarks[:, 1].max()
-    mx, my = (x1 - x0) * margin, (y1 - y0) * margin
-    h, w = shape[:2]
-    return (int(max(0, np.floor(x0 - mx))), int(max(0, np.floor(y0 - my))),
-            int(min(w, np.ceil(x1 + mx))), int(min(h, np.ceil(y1 + my))))
-
-
 def build_engine(cfg: RuntimeConfig, model_path=None, identity_path=None, video: bool = True) -> Engine:
     """Load the weights (default: ``$SAFEFM_WEIGHTS`` or ``weights/``) and an identity file; with
     ``cfg.identity_guard`` > 0 the shipped identities are the guard's alternatives."""
@@ -330,6 +320,4 @@ def build_engine(cfg: RuntimeConfig, model_path=None, identity_path=None, video:
 
     gen = Generator.load(resolve_model_path(model_path), cfg)
     identity = load_identity(identity_path or default_identity_path(), gen.model_cfg.identity_dim)
-    from .guard import default_guard
-
     return Engine(gen, identity, cfg, video=video, guard=default_guard(cfg, identity, gen.model_cfg.identity_dim))

@@ -12,8 +12,9 @@ in memory for this decision only, never stored) and compared with each candidate
 is closer than ``RuntimeConfig.identity_guard`` to any face, the candidate farthest from all of
 them is used instead, for the whole session, and the switch is logged.
 
-:func:`pick` is the decision as a pure function; :class:`IdentityGuard` owns the recogniser and
-the references (computed once per generator, ~0.1 s an identity).
+:func:`pick` is the decision as a pure function; :class:`IdentityGuard` holds the candidates and
+their references (computed once per generator, ~0.1 s an identity). The recogniser is the
+engine's, shared with the identity repel (dlib is loaded once).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .face import heatmaps
+from .face.landmarks import face_box
 from .identity import Identity, load_identity
 
 log = logging.getLogger(__name__)
@@ -45,69 +47,50 @@ def pick(users: np.ndarray, refs: np.ndarray, current: int, threshold: float) ->
     return best, float(d[best])
 
 
-def crop_box(frame_shape, landmarks: np.ndarray, margin: float = 0.35) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) around (478, 2+) frame landmarks grown by ``margin`` x face size, clipped."""
-    lo, hi = landmarks[:, :2].min(axis=0), landmarks[:, :2].max(axis=0)
-    m = (hi - lo) * margin
-    h, w = frame_shape[:2]
-    x0, y0 = np.maximum(lo - m, 0).astype(int)
-    x1, y1 = np.minimum(hi + m, (w, h)).astype(int)
-    return int(x0), int(y0), int(x1), int(y1)
-
-
 class IdentityGuard:
     """Chooses among ``candidates`` the identity to wear for the faces in a frame.
 
-    ``recognizer``: an object with ``detect(rgb) -> [box]`` and ``embed(rgb, box) -> (D,)``
-    (default :class:`safefm.recognition.FaceRecognizer`, loaded on first use)."""
+    The methods that embed take the ``recognizer``: an object with ``detect(rgb) -> [box]`` and
+    ``embed(rgb, box) -> (D,)`` (the engine's :class:`safefm.recognition.FaceRecognizer`)."""
 
-    def __init__(self, candidates: list[Identity], threshold: float, recognizer=None):
+    def __init__(self, candidates: list[Identity], threshold: float):
         if not candidates:
             raise ValueError("the identity guard needs at least one candidate identity")
         self.candidates = list(candidates)
         self.threshold = float(threshold)
-        self._rec = recognizer
         self._refs: np.ndarray | None = None
         self._refs_for = None
 
-    @property
-    def recognizer(self):
-        if self._rec is None:
-            from .recognition import FaceRecognizer
-            self._rec = FaceRecognizer(upsample=1)
-        return self._rec
-
-    def references(self, gen) -> np.ndarray:
+    def references(self, gen, recognizer) -> np.ndarray:
         """(N, D) reference embeddings: each candidate rendered by ``gen`` on its own neutral
         shape, embedded at the shape's box (no detection needed). Cached per generator."""
         if self._refs is None or self._refs_for is not gen:
-            self._refs = np.stack([self._render_embedding(gen, c) for c in self.candidates])
+            self._refs = np.stack([self._render_embedding(gen, recognizer, c) for c in self.candidates])
             self._refs_for = gen
         return self._refs
 
-    def _render_embedding(self, gen, identity: Identity) -> np.ndarray:
+    def _render_embedding(self, gen, recognizer, identity: Identity) -> np.ndarray:
         S = gen.model_cfg.image_size
         pts = (identity.shape * S).astype(np.float32)
         heat = heatmaps.render_heatmaps(pts, S, gen.model_cfg.heatmap_size)
         z = gen.generate(heat, gen.identity_tokens(identity.embedding), identity.noise(gen.model_cfg.latent_shape))
         crop = np.pad(gen.decode(z, heat)[0], ((_PAD, _PAD), (_PAD, _PAD), (0, 0)), mode="edge")
-        (x0, y0), (x1, y1) = pts[:, :2].min(axis=0) + _PAD, pts[:, :2].max(axis=0) + _PAD
-        return np.asarray(self.recognizer.embed(crop, (int(x0), int(y0), int(x1), int(y1))), np.float32)
+        return np.asarray(recognizer.embed(crop, face_box(pts[:, :2] + _PAD)), np.float32)
 
-    def embed_faces(self, frame: np.ndarray, faces: list[np.ndarray]) -> np.ndarray:
+    def embed_faces(self, recognizer, frame: np.ndarray, faces: list[np.ndarray]) -> np.ndarray:
         """(F, D) embeddings of the real faces given as (478, 3) frame landmarks."""
-        return embed_real_faces(self.recognizer, frame, faces)
+        return embed_real_faces(recognizer, frame, faces)
 
-    def choose(self, gen, frame: np.ndarray, faces: list[np.ndarray],
+    def choose(self, gen, recognizer, frame: np.ndarray, faces: list[np.ndarray],
                current: Identity) -> tuple[Identity, str | None]:
         """(identity to wear for these faces, a one-line reason when it is not ``current``)."""
-        users = self.embed_faces(frame, faces)
+        users = self.embed_faces(recognizer, frame, faces)
         if len(users) == 0:
             return current, None
         idx = next((i for i, c in enumerate(self.candidates) if same_face(c, current)), None)
         if idx is None:   # e.g. a file picked from the tray: it joins the candidates
             self.candidates, self._refs, idx = [current, *self.candidates], None, 0
-        refs = self.references(gen)
+        refs = self.references(gen, recognizer)
         best, dist = pick(users, refs, idx, self.threshold)
         if best == idx:
             return current, None
@@ -122,16 +105,16 @@ def embed_real_faces(recognizer, frame: np.ndarray, faces: list[np.ndarray]) -> 
     when none can be embedded. ``recognizer``: ``detect(rgb) -> [box]``, ``embed(rgb, box)``."""
     out = []
     for lm in faces:
-        x0, y0, x1, y1 = crop_box(frame.shape, lm)
+        x0, y0, x1, y1 = face_box(lm, frame.shape, margin=0.35)
         if x1 - x0 < 8 or y1 - y0 < 8:
             continue
         region = np.ascontiguousarray(frame[y0:y1, x0:x1])
         hits = recognizer.detect(region)
         if hits:
             box = hits[0]
-        else:   # the detector missed it (profile, small): the landmarks' inner box
-            lo, hi = lm[:, :2].min(axis=0) - (x0, y0), lm[:, :2].max(axis=0) - (x0, y0)
-            box = (int(lo[0]), int(lo[1] + 0.2 * (hi[1] - lo[1])), int(hi[0]), int(hi[1]))
+        else:   # the detector missed it (profile, small): the landmarks' box less the forehead
+            bx0, by0, bx1, by1 = face_box(lm[:, :2] - (x0, y0))
+            box = (bx0, by0 + (by1 - by0) // 5, bx1, by1)
         out.append(recognizer.embed(region, box))
     return np.asarray(out, np.float32).reshape(len(out), -1)
 
@@ -154,7 +137,6 @@ def shipped_candidates(chosen: Identity, folder: Path, embedding_dim: int) -> li
         if not any(same_face(ident, c) for c in out):
             out.append(ident)
     return out
-
 
 
 def default_guard(cfg, chosen: Identity, embedding_dim: int, folder: Path | None = None) -> IdentityGuard | None:

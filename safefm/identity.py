@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import IdentityFileError
+from .errors import IdentityFileError, first_line
 from .face.retarget import upright_shape
 
 FORMAT = "safefm-identity"
@@ -71,7 +71,7 @@ def load_identity(path: str | Path, embedding_dim: int | None = None) -> Identit
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc, filename=False)
         detail = first[:100] if any(c.isalpha() for c in first) else type(exc).__name__
         raise IdentityFileError(f"{path} is not a readable identity file: truncated, corrupt or not "
                                 f"made by safefm-identity ({detail})") from None

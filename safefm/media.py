@@ -18,7 +18,7 @@ import av
 import cv2
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def read_image(path) -> np.ndarray:
     except FileNotFoundError:
         raise InputError(f"image not found: {path}") from None
     except OSError as exc:
-        raise InputError(f"cannot read image {path}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot read image {path}: {first_line(exc, filename=False)}") from None
     bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if bgr is None:
         raise InputError(f"cannot read image {path}: not a valid image (corrupt or unsupported)")
@@ -109,7 +109,7 @@ def write_bytes_atomic(path, data: bytes) -> None:
     try:
         tmp = _temp_path(path)
     except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot write {path}: {first_line(exc, filename=False)}") from None
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -117,7 +117,7 @@ def write_bytes_atomic(path, data: bytes) -> None:
     except BaseException as exc:
         _remove_quietly(tmp)
         if isinstance(exc, OSError):
-            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise InputError(f"cannot write {path}: {first_line(exc, filename=False)}") from None
         raise
 
 
@@ -126,7 +126,7 @@ def copy_file_atomic(src, dst) -> None:
     try:
         data = Path(src).read_bytes()
     except OSError as exc:
-        raise InputError(f"cannot read {src}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot read {src}: {first_line(exc, filename=False)}") from None
     write_bytes_atomic(dst, data)
 
 
@@ -138,12 +138,7 @@ def _open_input(path: Path):
     try:
         return av.open(str(path), "r")
     except (av.FFmpegError, OSError, ValueError) as exc:
-        raise InputError(f"cannot read video {path}: {_av_reason(exc)}") from None
-
-
-def _av_reason(exc: Exception) -> str:
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return text.splitlines()[0]
+        raise InputError(f"cannot read video {path}: {first_line(exc, filename=False)}") from None
 
 
 class VideoReader:
@@ -200,7 +195,7 @@ class VideoReader:
         except av.FFmpegError as exc:
             raise InputError(
                 f"cannot read video {self.path}: decoding failed after {index} frames "
-                f"({_av_reason(exc)})") from None
+                f"({first_line(exc, filename=False)})") from None
         if index == 0:
             raise InputError(f"cannot read video {self.path}: no decodable frames")
 
@@ -310,7 +305,7 @@ class _AudioTrack:
                         return
                 self._emit(container, pkt)
         except av.FFmpegError as exc:
-            raise InputError(f"cannot copy audio from {self._in.name}: {_av_reason(exc)}") from None
+            raise InputError(f"cannot copy audio from {self._in.name}: {first_line(exc, filename=False)}") from None
 
     def _finish(self, container) -> None:
         if not self.copy:
@@ -353,7 +348,7 @@ class VideoWriter:
         try:
             self._tmp = _temp_path(self.path)
         except OSError as exc:
-            raise InputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+            raise InputError(f"cannot write {self.path}: {first_line(exc, filename=False)}") from None
         try:
             self._c = av.open(str(self._tmp), "w")
             codec = _encoder(_VIDEO_CODECS[ext])
@@ -378,7 +373,7 @@ class VideoWriter:
         except BaseException as exc:
             self.abort()
             if isinstance(exc, (av.FFmpegError, OSError, ValueError)):
-                raise InputError(f"cannot write {self.path}: {_av_reason(exc)}") from None
+                raise InputError(f"cannot write {self.path}: {first_line(exc, filename=False)}") from None
             raise
 
     @property
@@ -403,7 +398,7 @@ class VideoWriter:
             if self._audio is not None:
                 self._audio.pump(self._c, float(self.frames / self.rate))
         except av.FFmpegError as exc:
-            raise InputError(f"cannot write {self.path}: {_av_reason(exc)}") from None
+            raise InputError(f"cannot write {self.path}: {first_line(exc, filename=False)}") from None
 
     def close(self) -> None:
         """Flush, finish the audio, and rename the temporary file to ``path``."""
@@ -422,7 +417,7 @@ class VideoWriter:
         except BaseException as exc:
             self.abort()
             if isinstance(exc, (av.FFmpegError, OSError)):
-                raise InputError(f"cannot write {self.path}: {_av_reason(exc)}") from None
+                raise InputError(f"cannot write {self.path}: {first_line(exc, filename=False)}") from None
             raise
 
     def abort(self) -> None:

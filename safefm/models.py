@@ -258,7 +258,3 @@ def count_parameters(module: nn.Module | None, trainable_only: bool = False) -> 
     if module is None:
         return 0
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def lora_parameters(unet) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in unet.state_dict().items() if "lora_" in k}

@@ -4,9 +4,10 @@ The model files ship in the ``face_recognition_models`` package; they are locate
 ``importlib.util.find_spec`` (its ``models/`` folder) and loaded lazily, once per
 :class:`FaceRecognizer`.
 
-Images are RGB ``uint8`` arrays (H, W, 3). Boxes are ``(x0, y0, x1, y1)`` integer pixels,
-x1/y1 exclusive. Embeddings are ``(128,) float32``; two photos are the same person when
-their euclidean :func:`distance` is below :data:`MATCH_THRESHOLD` (dlib's 0.6).
+Images are RGB ``uint8`` arrays (H, W, 3) (read files with :func:`safefm.media.read_image`).
+Boxes are ``(x0, y0, x1, y1)`` integer pixels, x1/y1 exclusive. Embeddings are ``(128,)
+float32``; two photos are the same person when their euclidean :func:`distance` is below
+:data:`MATCH_THRESHOLD` (dlib's 0.6).
 """
 
 from __future__ import annotations
@@ -65,13 +66,6 @@ def distance(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
     if a.ndim == 2 and b.ndim == 2:
         return np.linalg.norm(a[:, None, :] - b[None, :, :], axis=-1)
     return np.linalg.norm(a - b, axis=-1)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two (128,) descriptors."""
-    a = np.asarray(a, np.float32).ravel()
-    b = np.asarray(b, np.float32).ravel()
-    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
 def _area(box: Box) -> int:
@@ -147,12 +141,3 @@ class FaceRecognizer:
         rgb = self._rgb(rgb)
         return [(b, self._descriptor(rgb, b)) for b in self.detect(rgb)]
 
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 (H, W, 3) with OpenCV."""
-    import cv2
-
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise FileNotFoundError(f"cannot read image {path}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

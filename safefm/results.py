@@ -30,9 +30,5 @@ class FrameResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, see STAGES
     anonymized: bool = True             # False only when the caller paused anonymization
 
-    @property
-    def n_failed(self) -> int:
-        return sum(f.status != ANONYMIZED for f in self.faces)
-
 
 STAGES = ("landmarks", "retarget_heatmaps", "generator", "decode", "composite")

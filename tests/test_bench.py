@@ -55,7 +55,7 @@ def test_percentiles_known_answer():
 
 def test_live_summary_excludes_warmup():
     fresh = [(float(i) / 10, 0.05) for i in range(5)] + [(0.5 + i / 20, 0.1) for i in range(11)]
-    s = B._live_summary(fresh, 5, 1.0)
+    s = B._live_summary(fresh, 5)
     assert s["excluded_warmup_frames"] == 5 and s["fresh_frames"] == 11
     assert s["e2e_fps"] == pytest.approx(20.0)
     assert s["latency_ms"]["median"] == pytest.approx(100.0)

@@ -7,7 +7,10 @@ import json
 import pytest
 
 from safefm.cli import eval as eval_cli
-from safefm.eval.run import EvalOptions, figure_caption, jsonable, tiny_engine_factory, variants
+from safefm.eval.options import EvalOptions, variants
+from safefm.eval.plots import figure_caption
+from safefm.eval.report import jsonable
+from safefm.eval.run import tiny_engine_factory
 from safefm.eval.metrics import FEATURES
 from safefm.paths import shared_data_dir
 

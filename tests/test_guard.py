@@ -33,17 +33,17 @@ def test_pick_keeps_the_chosen_identity_unless_a_face_is_near_it():
 
 
 class _Guard(IdentityGuard):
-    """The real guard with the recogniser replaced: references are the identities' embeddings and
-    the "real face" embeds as ``user`` (counted, so tests see when the guard runs)."""
+    """The real guard with the recogniser's results replaced: references are the identities'
+    embeddings and the "real face" embeds as ``user`` (counted, so tests see when the guard runs)."""
 
     def __init__(self, candidates, threshold, user):
-        super().__init__(candidates, threshold, recognizer=object())
+        super().__init__(candidates, threshold)
         self.user, self.calls = np.asarray(user, np.float32), 0
 
-    def _render_embedding(self, gen, identity):
+    def _render_embedding(self, gen, recognizer, identity):
         return identity.embedding
 
-    def embed_faces(self, frame, faces):
+    def embed_faces(self, recognizer, frame, faces):
         self.calls += 1
         return self.user[None].repeat(len(faces), axis=0)
 
@@ -106,7 +106,7 @@ def test_a_broken_guard_still_anonymizes_with_the_chosen_identity(setup, clip_fr
     cfg, gen, a, b, c = setup
 
     class Broken(_Guard):
-        def embed_faces(self, frame, faces):
+        def embed_faces(self, recognizer, frame, faces):
             raise RuntimeError("dlib is not installed")
 
     engine = Engine(gen, a, cfg, video=True, guard=Broken([a, b], 0.5, a.embedding))

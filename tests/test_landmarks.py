@@ -66,6 +66,9 @@ def test_face_box_covers_the_landmarks_and_grows_with_margin():
     gx0, gy0, gx1, gy1 = face_box(lm, margin=0.25)
     assert gx1 - gx0 == pytest.approx(1.5 * (x1 - x0), abs=3) and gx0 < x0 and gy1 > y1
     assert all(isinstance(v, int) for v in (gx0, gy0, gx1, gy1))
+    # with the frame's shape: clipped to it, and a face past its edge gives an empty box
+    assert face_box(lm, (150, 200, 3), margin=0.25) == (gx0, gy0, 200, 150)
+    assert face_box(lm - (400, 0, 0), (300, 300)) == (0, y0, 0, y1)
 
 
 # -- tracker -------------------------------------------------------------------------------------

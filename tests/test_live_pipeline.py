@@ -312,7 +312,6 @@ def test_whole_clip_through_pyvirtualcam(clip):
     assert set(kinds) <= {OUT_STARTING, OUT_ANONYMIZED}
     assert kinds.count(OUT_ANONYMIZED) > 60
     assert_ids_never_decrease(meta)
-    assert p.buffered_high_water() == 1
     lat = [ts - tc for k, _, fresh, tc, ts in meta.frames if fresh]
     assert max(lat) < 0.6, "frames waited in a queue"
     assert assert_no_raw_face(backend.frames, kinds, raws, box) > 60
@@ -331,7 +330,6 @@ def test_slow_engine_drops_old_frames_instead_of_queueing(clip):
     assert p.wait(15)
     p.stop()
     assert p.capture.captured == 78 and p.dropped() > 20 and eng.calls < 60
-    assert p.buffered_high_water() == 1
     lat = [ts - tc for k, _, fresh, tc, ts in meta.frames if fresh]
     assert lat and max(lat) < 0.4        # ~one engine call + one output tick (a queue: seconds)
     assert_ids_never_decrease(meta)

@@ -10,6 +10,7 @@ from conftest import have_dlib
 
 from safefm.eval import metrics as M
 from safefm.face.alignment import load_template
+from safefm.face.landmarks import clip_box, face_box
 from safefm.eval.baselines import PixelateEngine, blur_box, pixelate_box
 
 SCALE, OFFSET = 200.0, np.array([60.0, 40.0, 0.0])
@@ -152,10 +153,10 @@ def test_mean_abs_diff_and_boxes():
     assert M.mean_abs_diff(a, b) == pytest.approx(50.0)
     assert M.mean_abs_diff(a, b, (0, 0, 10, 5)) == pytest.approx(100.0)
     assert math.isnan(M.mean_abs_diff(a, b, (20, 20, 30, 30)))
-    assert M.clip_box((-5, -2.5, 12.2, 8), (10, 10)) == (0, 0, 10, 8)
+    assert clip_box((-5, -2.5, 12.2, 8), (10, 10)) == (0, 0, 10, 8)
     lm = np.array([[2.0, 3.0, 0.0], [6.0, 7.0, 0.0]])
-    assert M.landmark_box(lm, (100, 100), 0.0) == (2, 3, 7, 8)
-    assert M.landmark_box(lm, (100, 100), 0.5) == (0, 1, 9, 10)
+    assert face_box(lm, (100, 100), 0.0) == (2, 3, 7, 8)
+    assert face_box(lm, (100, 100), 0.5) == (0, 1, 9, 10)
     assert M.same_face((0, 0, 10, 10), (2, 2, 12, 12))
     assert not M.same_face((0, 0, 10, 10), (8, 8, 30, 30))
     assert M.box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
@@ -230,15 +231,16 @@ needs_data = pytest.mark.skipif(not _non_eval_photos(1) or not have_dlib(),
 @needs_data
 @pytest.mark.shared
 def test_same_real_image_twice_reidentifies_at_one():
-    from safefm.recognition import FaceRecognizer, load_rgb
+    from safefm.media import read_image
+    from safefm.recognition import FaceRecognizer
 
     rec = FaceRecognizer()
     photos = _non_eval_photos(3)
-    embs = [rec.embed(load_rgb(p)) for _, p in photos]
+    embs = [rec.embed(read_image(p)) for _, p in photos]
     labels = [n for n, _ in photos]
     g = M.embedding_stack(embs)
     assert np.isfinite(g).all()
-    again = M.embedding_stack([rec.embed(load_rgb(p)) for _, p in photos])
+    again = M.embedding_stack([rec.embed(read_image(p)) for _, p in photos])
     assert M.rank1_reid(again, labels, g, labels) == 1.0
     assert M.match_rate(g, g) == 1.0
 
@@ -247,12 +249,13 @@ def test_same_real_image_twice_reidentifies_at_one():
 @pytest.mark.shared
 def test_strong_pixelation_drops_face_detection():
     from safefm.face.landmarks import FaceMeshDetector
-    from safefm.recognition import FaceRecognizer, load_rgb
+    from safefm.media import read_image
+    from safefm.recognition import FaceRecognizer
 
     rec = FaceRecognizer()
     with FaceMeshDetector(max_faces=4, static_image=True) as det:
         for _, path in _non_eval_photos(8):
-            img = load_rgb(path)
+            img = read_image(path)
             if len(rec.detect(img)) == 1 and len(det.detect(img)) == 1:
                 break
         else:

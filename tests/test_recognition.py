@@ -8,6 +8,7 @@ from conftest import needs_dlib
 
 from safefm.paths import shared_data_dir
 from safefm import recognition as rec
+from safefm.media import read_image
 
 
 def _two_photo_person():
@@ -28,12 +29,11 @@ PHOTOS = _two_photo_person()
 needs_data = pytest.mark.skipif(PHOTOS is None, reason="shared LFW data absent")
 
 
-def test_distance_and_cosine():
+def test_distance():
     a = np.zeros(128, np.float32); a[0] = 1
     b = np.zeros(128, np.float32); b[1] = 1
     assert rec.distance(a, a) == 0.0
     assert rec.distance(a, b) == pytest.approx(np.sqrt(2))
-    assert rec.cosine(a, b) == pytest.approx(0.0)
     assert rec.distance(np.stack([a, b]), np.stack([a, b, a])).shape == (2, 3)
 
 
@@ -48,7 +48,7 @@ def test_no_face_returns_none():
 @needs_dlib
 def test_real_photos_same_person():
     r = rec.FaceRecognizer()
-    img_a, img_b = rec.load_rgb(PHOTOS[0]), rec.load_rgb(PHOTOS[1])
+    img_a, img_b = read_image(PHOTOS[0]), read_image(PHOTOS[1])
     boxes = r.detect(img_a)
     assert boxes and all(0 <= b[0] < b[2] <= img_a.shape[1] for b in boxes)
     ea = r.embed(img_a)

@@ -15,6 +15,7 @@ from conftest import needs_data
 
 from safefm.config import ConfigError, RuntimeConfig, load_runtime_config
 from safefm.engine import Engine
+from safefm.guard import IdentityGuard
 from safefm.results import ANONYMIZED
 from safefm.tiny import tiny_generator, tiny_identity
 
@@ -111,3 +112,16 @@ def test_without_a_recogniser_the_face_is_still_anonymized_without_the_push(setu
     assert all(f.status == ANONYMIZED for r in out for f in r.faces)
     plain = _run(Engine(gen, a, cfg, video=True), clip_frames[:2])
     assert all(np.array_equal(x.image, y.image) for x, y in zip(out, plain))
+
+
+@needs_data
+def test_the_guard_and_the_repel_share_the_engines_recogniser(setup, clip_frames):
+    """One recogniser (dlib loaded once) embeds the guard's references, the face it checks and
+    the face the repel pushes away from."""
+    cfg, gen, a = setup
+    rec = _Recognizer(np.full(128, 0.3))
+    guard = IdentityGuard([a, tiny_identity(2, name="b")], 0.5)
+    engine = Engine(gen, a, dataclasses.replace(cfg, identity_repel=1.0), video=True, guard=guard, recognizer=rec)
+    out = _run(engine, clip_frames[:2])
+    assert engine.guard is guard and all(f.status == ANONYMIZED for r in out for f in r.faces)
+    assert rec.calls == 2 + 1 + 1        # two references, the guard's look at the face, the repel's

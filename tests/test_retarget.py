@@ -306,7 +306,7 @@ def test_a_photos_conditioning_carries_less_of_its_person_than_with_the_template
     from safefm.train.data import eval_identities
     from safefm.face.landmarks import FaceMeshDetector
     from safefm.paths import shared_data_dir
-    from safefm.recognition import load_rgb
+    from safefm.media import read_image
 
     lfw, tmpl = shared_data_dir() / "lfw", load_template()
     people = [p for p in sorted(eval_identities()) if len(list((lfw / p).glob("*.jpg"))) >= 2][:150]
@@ -314,7 +314,7 @@ def test_a_photos_conditioning_carries_less_of_its_person_than_with_the_template
     with FaceMeshDetector(max_faces=4, static_image=True) as mesh:
         for k, p in enumerate(people):
             for f in sorted((lfw / p).glob("*.jpg"))[:4]:
-                rgb = load_rgb(f)
+                rgb = read_image(f)
                 faces = mesh.detect(rgb)
                 if faces:
                     c = np.array(rgb.shape[1::-1]) / 2

@@ -14,6 +14,7 @@ import pytest
 from conftest import needs_dlib
 
 from safefm import recognition as rec
+from safefm.media import read_image
 from safefm.checkpoint import load_model
 from safefm.identity import load_identity
 from safefm.paths import default_identity_path, identities_dir, resolve_model_path, shared_data_dir, weights_dir
@@ -65,7 +66,7 @@ def test_default_model_hides_evaluation_people_from_dlib():
     r = rec.FaceRecognizer(upsample=1)
     found, dists = 0, []
     for p in photos:
-        src = rec.load_rgb(p)
+        src = read_image(p)
         orig = r.embed_all(src)
         if not orig:
             continue

@@ -14,8 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import add_logging_args, cli_main
-from .eval import _int_list, _names
+from .common import add_logging_args, cli_main, int_list, name_list
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,11 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="video file fed as a camera (default: shared videos/liveportrait_d3.mp4)")
     ap.add_argument("--model", type=Path, default=None, help="weights file, or a shipped model by name: default, large")
     ap.add_argument("--identity", type=Path, default=None, help="identity file (default: the shipped one)")
-    ap.add_argument("--steps", type=_int_list, default=(1, 2, 3, 4, 5), help="comma list (default 1,2,3,4,5)")
-    ap.add_argument("--runtimes", type=_names, default=None,
+    ap.add_argument("--steps", type=int_list, default=(1, 2, 3, 4, 5), help="comma list (default 1,2,3,4,5)")
+    ap.add_argument("--runtimes", type=name_list, default=None,
                     help="comma list of torch-cpu,onnx-cpu,torch-cuda,onnx-cuda,onnx-tensorrt "
                          "(default: every one present)")
-    ap.add_argument("--pacing", type=_names, default=("on", "off"), help="on,off (default both)")
+    ap.add_argument("--pacing", type=name_list, default=("on", "off"), help="on,off (default both)")
     ap.add_argument("--frames", type=int, default=30, help="frames timed per configuration (default 30)")
     ap.add_argument("--warmup", type=int, default=8, help="engine warm-up frames, not timed (default 8)")
     ap.add_argument("--live-seconds", type=float, default=6.0, help="length of each live run (default 6)")

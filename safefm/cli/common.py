@@ -3,6 +3,7 @@
 - :func:`add_runtime_args` / :func:`runtime_config_from_args`: the ``--identity --steps --seed
   --device --runtime --config`` group, turned into a :class:`~safefm.config.RuntimeConfig`.
 - :func:`add_logging_args` / :func:`setup_logging`: ``-v`` / ``-q``.
+- :func:`int_list` / :func:`name_list`: argparse types for comma lists (``--steps 1,2,4``).
 - :func:`cli_main`: parse, run, and turn errors into one ``error: <message>`` line on stderr
   plus an exit code (:data:`EXIT_ERROR`, :data:`EXIT_INTERRUPTED`); tracebacks only with ``-v``.
 """
@@ -15,7 +16,7 @@ import sys
 from typing import Any, Callable, Mapping, Sequence
 
 from ..config import RuntimeConfig, load_runtime_config
-from ..errors import SafeFMError
+from ..errors import SafeFMError, first_line
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -60,6 +61,22 @@ def runtime_config_from_args(args: argparse.Namespace, defaults: Mapping[str, An
     return load_runtime_config(getattr(args, "config", None), defaults=defaults, **overrides)
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type: ``"1,2,3"`` -> ``(1, 2, 3)``; at least one integer."""
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return vals
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """argparse type: ``"a, b,"`` -> ``("a", "b")``."""
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
 def add_logging_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-vv for debug); tracebacks on errors")
@@ -82,16 +99,6 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     log.propagate = False
 
 
-def one_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (its type name if it has none)."""
-    if isinstance(exc, OSError) and exc.strerror:
-        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    else:
-        text = str(exc)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def report_error(exc: BaseException, verbose: int = 0) -> int:
     """Print one ``error: ...`` line (traceback too when ``verbose``); return the exit code."""
     if isinstance(exc, KeyboardInterrupt):
@@ -102,9 +109,9 @@ def report_error(exc: BaseException, verbose: int = 0) -> int:
 
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, (SafeFMError, OSError)):
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {first_line(exc)}", file=sys.stderr)
     else:
-        print(f"error: internal error ({type(exc).__name__}: {one_line(exc)}); "
+        print(f"error: internal error ({type(exc).__name__}: {first_line(exc)}); "
               "rerun with -v for the traceback", file=sys.stderr)
     return EXIT_ERROR
 

@@ -15,25 +15,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from .common import add_logging_args, cli_main
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return vals
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+from .common import add_logging_args, cli_main, int_list, name_list
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..eval.run import METHODS, PARTS, QUICK
+    from ..eval.options import METHODS, PARTS, QUICK
 
     ap = argparse.ArgumentParser(prog="safefm-eval", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -42,16 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", type=Path, default=None,
                     help="weights file, or a shipped model by name: default, large")
     ap.add_argument("--identity", type=Path, default=None, help="identity file (default: the shipped one)")
-    ap.add_argument("--steps", type=_int_list, default=(4,),
+    ap.add_argument("--steps", type=int_list, default=(4,),
                     help="Euler steps; a comma list runs each (default 4)")
     ap.add_argument("--seed", type=int, default=None,
                     help="identity noise seed (default: the identity file's)")
     ap.add_argument("--runtime", choices=("auto", "torch", "onnx"), default="auto")
     ap.add_argument("--config", type=Path, default=None,
                     help="runtime TOML (warm start, compositing, ...; default configs/runtime_default.toml)")
-    ap.add_argument("--methods", type=_names, default=METHODS,
+    ap.add_argument("--methods", type=name_list, default=METHODS,
                     help=f"comma list of {','.join(METHODS)} (default all)")
-    ap.add_argument("--parts", type=_names, default=PARTS, help="privacy,video (default both)")
+    ap.add_argument("--parts", type=name_list, default=PARTS, help="privacy,video (default both)")
     ap.add_argument("--max-people", type=int, default=None, help="LFW eval people (default all 400)")
     ap.add_argument("--max-clips", type=int, default=None, help="video clips (default all)")
     ap.add_argument("--max-frames", type=int, default=None, help="frames per clip (default all)")
@@ -71,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace, argv=None):
-    from ..eval.run import QUICK, EvalOptions
+    from ..eval.options import QUICK, EvalOptions
 
     sizes = {k: getattr(args, k) for k in QUICK}
     if args.quick:
@@ -91,8 +77,9 @@ def main(argv: list[str] | None = None, engine_factory=None) -> int:
     """Entry point; ``engine_factory`` (method, steps, video) -> engine is for tests."""
     def run(args):
         from ..errors import ConfigError
+        from ..eval.report import rewrite_report
         from ..eval.run import run as run_eval
-        from ..eval.run import rewrite_report, tiny_engine_factory
+        from ..eval.run import tiny_engine_factory
 
         if args.replot:
             written = rewrite_report(args.out)

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from ..config import RuntimeConfig
-from .metrics import landmark_box
+from ..face.landmarks import face_box
 from ..results import ANONYMIZED, FaceResult, FrameResult
 
 BASELINES = ("none", "blur", "pixelate")
@@ -123,7 +123,7 @@ class _BoxEngine(NoAnonymization):
         out = frame.copy()
         results = []
         for i, lm in enumerate(faces):
-            box = landmark_box(lm, out.shape, self.margin)
+            box = face_box(lm, out.shape, self.margin)
             self._apply(out, box)
             results.append(FaceResult(i, box, ANONYMIZED, lm))
         timings = {"landmarks": t1 - t0, "retarget_heatmaps": 0.0, "generator": 0.0, "decode": 0.0,

@@ -28,11 +28,15 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from .provenance import file_label, machine_info
+from .report import jsonable
+from ..media import VideoReader
 from ..results import ANONYMIZED, STAGES
 
 SCHEMA = "safefm-bench/1"
@@ -91,14 +95,14 @@ def percentiles(x) -> dict:
 
 def load_frames(path: Path, n: int) -> tuple[list[np.ndarray], float]:
     """The first ``n`` frames of a video as RGB (looping if it is shorter), and its fps."""
-    from .run import read_frames, video_fps
-
-    frames = list(read_frames(path, n))
+    with VideoReader(path) as reader:
+        frames = [frame for frame, _ in islice(reader, n)]
+        fps = reader.fps
     if not frames:
         raise FileNotFoundError(f"no frames in {path}")
     while len(frames) < n:
         frames += frames[: n - len(frames)]
-    return frames, video_fps(path)
+    return frames, fps
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,22 +143,20 @@ def bench_stages(engine, frames: list[np.ndarray], fps: float, warmup: int) -> d
 
 class LoopingVideoSource:
     """A :class:`safefm.live.capture.FrameSource` playing a file in a loop for ``seconds``
-    (from its first read), then ending. Frames are decoded on each read, as a camera driver
-    would deliver them; the media time is the wall time since the first read."""
+    (from its first read), then ending. Frames are decoded (:class:`safefm.media.VideoReader`)
+    on each read, as a camera driver would deliver them; the media time is the wall time since
+    the first read. Pacing is the pipeline's job."""
 
     def __init__(self, path: Path, seconds: float):
-        import cv2
-
         from ..live.capture import SourceInfo
 
-        self._cv2 = cv2
-        self._cap = cv2.VideoCapture(str(path))
-        if not self._cap.isOpened():
-            raise FileNotFoundError(f"cannot open video {path}")
-        fps = self._cap.get(cv2.CAP_PROP_FPS)
-        self.info = SourceInfo(width=int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
-                               height=int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
-                               fps=fps if 1 <= fps <= 240 else 30.0, live=False, name=str(path))
+        self._path = Path(path)
+        self._reader = VideoReader(self._path)
+        self._frames = iter(self._reader)
+        fps = self._reader.fps
+        width, height = self._reader.size
+        self.info = SourceInfo(width=width, height=height, fps=fps if 1 <= fps <= 240 else 30.0,
+                               live=False, name=str(path))
         self.seconds = seconds
         self._t0: float | None = None
 
@@ -166,16 +168,18 @@ class LoopingVideoSource:
             self._t0 = now
         if now - self._t0 >= self.seconds:
             raise EndOfStream()
-        ok, bgr = self._cap.read()
-        if not ok:
-            self._cap.set(self._cv2.CAP_PROP_POS_FRAMES, 0)
-            ok, bgr = self._cap.read()
-            if not ok:
+        frame = next(self._frames, None)
+        if frame is None:   # end of the file: start it again
+            self._reader.close()
+            self._reader = VideoReader(self._path)
+            self._frames = iter(self._reader)
+            frame = next(self._frames, None)
+            if frame is None:
                 return None, None
-        return self._cv2.cvtColor(bgr, self._cv2.COLOR_BGR2RGB), now - self._t0
+        return frame[0], now - self._t0
 
     def close(self) -> None:
-        self._cap.release()
+        self._reader.close()
 
 
 class _RecordingSink:
@@ -216,7 +220,7 @@ class _KeepOpen:
         pass
 
 
-def _live_summary(fresh: list[tuple[float, float]], skip: int, seconds: float) -> dict:
+def _live_summary(fresh: list[tuple[float, float]], skip: int) -> dict:
     kept = fresh[skip:]
     fps = None
     if len(kept) >= 2 and kept[-1][0] > kept[0][0]:
@@ -226,55 +230,24 @@ def _live_summary(fresh: list[tuple[float, float]], skip: int, seconds: float) -
 
 
 def bench_live(engine, source: Path, pace: bool, seconds: float, warmup_fresh: int) -> dict:
-    """One live run of ``seconds`` through safefm.live's Pipeline (or, when that package is
-    missing, a simple capture-process-sink loop, reported as such)."""
+    """One live run of ``seconds`` through :class:`safefm.live.pipeline.Pipeline`."""
+    from ..live.pipeline import LiveConfig, Pipeline
+
     engine.reset()
     probe = LoopingVideoSource(source, seconds)
     info = probe.info
     probe.close()
-    try:
-        from ..live.pipeline import LiveConfig, Pipeline
-    except ImportError:
-        return _simple_live(engine, source, pace, seconds, warmup_fresh)
     sink = _RecordingSink()
     cfg = LiveConfig(width=info.width, height=info.height, fps=info.fps if pace else 240.0, pace=pace)
     pipe = Pipeline(_KeepOpen(engine), lambda: LoopingVideoSource(source, seconds), [sink], cfg)
     pipe.start()
     pipe.wait(seconds + 60)
     pipe.stop()
-    out = _live_summary(sink.fresh, warmup_fresh, seconds)
+    out = _live_summary(sink.fresh, warmup_fresh)
     out.update({"path": "safefm.live.pipeline.Pipeline", "pacing": "on" if pace else "off",
                 "source_fps": info.fps, "output_fps": cfg.fps, "seconds": seconds,
                 "captured": pipe.capture.captured, "dropped": pipe.dropped(), "sent": sink.sent,
                 "error": pipe.error})
-    return out
-
-
-def _simple_live(engine, source: Path, pace: bool, seconds: float, warmup_fresh: int) -> dict:
-    src = LoopingVideoSource(source, seconds)
-    fresh, captured, nxt = [], 0, time.monotonic()
-    from ..live.capture import EndOfStream  # pragma: no cover - only without safefm.live.pipeline
-
-    try:
-        while True:
-            if pace:
-                time.sleep(max(0.0, nxt - time.monotonic()))
-                nxt = max(nxt + 1.0 / src.info.fps, time.monotonic())
-            try:
-                frame, t = src.read()
-            except EndOfStream:
-                break
-            t_cap = time.monotonic()
-            captured += 1
-            res = engine.process(frame, t)
-            now = time.monotonic()
-            if any(f.status == ANONYMIZED for f in res.faces):
-                fresh.append((now, now - t_cap))
-    finally:
-        src.close()
-    out = _live_summary(fresh, warmup_fresh, seconds)
-    out.update({"path": "simple loop (safefm.live unavailable)", "pacing": "on" if pace else "off",
-                "source_fps": src.info.fps, "seconds": seconds, "captured": captured})
     return out
 
 
@@ -293,7 +266,6 @@ def default_engine_factory(opts: BenchOptions) -> EngineFactory:
 def run(opts: BenchOptions, engine_factory: EngineFactory | None = None) -> dict:
     """Benchmark every (runtime, steps); returns the JSON-ready result."""
     from ..config import load_runtime_config
-    from .run import _file_label, jsonable, machine_info
     from ..paths import default_model_path, resolve_model_path, shared_data_dir
 
     source = Path(opts.source or shared_data_dir() / "videos" / "liveportrait_d3.mp4")
@@ -309,7 +281,7 @@ def run(opts: BenchOptions, engine_factory: EngineFactory | None = None) -> dict
     result = {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "source": {"path": str(source), "fps": fps, "size": list(frames[0].shape[:2][::-1])},
-        "model": opts.model_label or _file_label(resolve_model_path(opts.model), default_model_path()),
+        "model": opts.model_label or file_label(resolve_model_path(opts.model), default_model_path()),
         "identity": str(opts.identity) if opts.identity else "default", "seed": None,
         "warmup": {"engine_frames": opts.warmup, "live_fresh_frames_excluded": opts.live_warmup,
                    "note": "warm-up frames are run but excluded from every number"},

@@ -20,6 +20,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..face.landmarks import clip_box
+
 # FaceMesh indices used below (refine_landmarks=True numbering).
 IDX = {
     "eye_outer_r": 33, "eye_inner_r": 133, "lid_up_r": 159, "lid_lo_r": 145, "iris_r": 468,
@@ -189,22 +191,6 @@ def compare_series(inp: np.ndarray, out: np.ndarray,
 
 # ---------------------------------------------------------------------------------------
 # Images: boxes and temporal change
-
-
-def clip_box(box: Sequence[float], shape: Sequence[int]) -> tuple[int, int, int, int]:
-    """Integer box clipped to an image of ``shape`` (H, W, ...); may come out empty."""
-    h, w = int(shape[0]), int(shape[1])
-    x0, y0 = min(max(int(math.floor(box[0])), 0), w), min(max(int(math.floor(box[1])), 0), h)
-    x1, y1 = min(max(int(math.ceil(box[2])), x0), w), min(max(int(math.ceil(box[3])), y0), h)
-    return x0, y0, x1, y1
-
-
-def landmark_box(lm: np.ndarray, shape: Sequence[int], margin: float = 0.1) -> tuple[int, int, int, int]:
-    """Box around (N, 2+) landmarks grown by ``margin`` x its size per side, clipped to ``shape``."""
-    xy = np.asarray(lm, dtype=np.float64)[:, :2]
-    lo, hi = xy.min(axis=0), xy.max(axis=0)
-    g = (hi - lo) * margin
-    return clip_box((lo[0] - g[0], lo[1] - g[1], hi[0] + g[0] + 1, hi[1] + g[1] + 1), shape)
 
 
 def same_face(a: Sequence[float], b: Sequence[float]) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -73,15 +74,26 @@ class FaceMeshDetector:
         self.close()
 
 
-def face_box(landmarks: np.ndarray, margin: float = 0.0) -> tuple[int, int, int, int]:
+def face_box(landmarks: np.ndarray, shape: Sequence[int] | None = None,
+             margin: float = 0.0) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) int pixel box around (N, 2+) landmarks, grown by ``margin`` x its size
-    on every side (x1, y1 exclusive; not clipped to the image)."""
-    xy = np.asarray(landmarks)[:, :2]
+    on every side: x0, y0 floored, x1, y1 exclusive (ceil + 1, so every landmark's pixel is in).
+    With ``shape`` ((H, W, ...) of the image) clipped to the image by :func:`clip_box`."""
+    xy = np.asarray(landmarks, dtype=np.float64)[:, :2]
     lo, hi = xy.min(axis=0), xy.max(axis=0)
     grow = (hi - lo) * margin
     lo, hi = lo - grow, hi + grow
-    return (int(math.floor(lo[0])), int(math.floor(lo[1])),
-            int(math.ceil(hi[0])) + 1, int(math.ceil(hi[1])) + 1)
+    box = (math.floor(lo[0]), math.floor(lo[1]), math.ceil(hi[0]) + 1, math.ceil(hi[1]) + 1)
+    return box if shape is None else clip_box(box, shape)
+
+
+def clip_box(box: Sequence[float], shape: Sequence[int]) -> tuple[int, int, int, int]:
+    """Integer (x0, y0, x1, y1) box (floor / ceil) clipped to an image of ``shape`` (H, W, ...);
+    may come out empty (x1 == x0 or y1 == y0), never inverted."""
+    h, w = int(shape[0]), int(shape[1])
+    x0, y0 = min(max(math.floor(box[0]), 0), w), min(max(math.floor(box[1]), 0), h)
+    x1, y1 = min(max(math.ceil(box[2]), x0), w), min(max(math.ceil(box[3]), y0), h)
+    return x0, y0, x1, y1
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from ..face.composite import badge, status_frame
-from ..errors import ConfigError, SafeFMError
+from ..errors import ConfigError, SafeFMError, first_line
 from ..results import ANONYMIZED, STATUSES
 from .capture import CaptureWorker, FrameSource, Packet
 from .identities import list_identities, next_identity
@@ -84,8 +84,6 @@ class _Result:
     t_capture: float
     kind: str                          # OUT_ANONYMIZED, OUT_PAUSED or OUT_WITHHELD
     image: np.ndarray | None = None    # None when withheld
-    n_faces: int = 0
-    timings: dict = field(default_factory=dict)
 
 
 class UnsafeResult(Exception):
@@ -101,7 +99,7 @@ def check_result(res: Any, shape: tuple[int, ...]) -> np.ndarray:
         raise UnsafeResult(f"result image is {img.dtype}, not uint8")
     if img.shape != tuple(shape):
         raise UnsafeResult(f"result image is {img.shape}, frame is {tuple(shape)}")
-    if getattr(res, "anonymized", True) is not True or getattr(res, "safe", True) is not True:
+    if getattr(res, "anonymized", True) is not True:
         raise UnsafeResult("result flagged unsafe")
     for f in getattr(res, "faces", None) or []:
         if getattr(f, "status", None) not in STATUSES:
@@ -109,13 +107,9 @@ def check_result(res: Any, shape: tuple[int, ...]) -> np.ndarray:
     return np.array(img, copy=True)   # the engine may reuse its buffer for the next frame
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {_first_line(exc)}"
+    """``Type: first line of the message``, for logs and the withheld-frame reason."""
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 class Pipeline:
@@ -183,10 +177,6 @@ class Pipeline:
         """Wait until the output ends (source finished, stop or fatal error)."""
         return self.done.wait(timeout)
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     def __enter__(self) -> "Pipeline":
         return self.start()
 
@@ -251,10 +241,6 @@ class Pipeline:
     def dropped(self) -> int:
         return self._frames.dropped + self._results.dropped
 
-    def buffered_high_water(self) -> int:
-        """Most frames ever waiting between two stages (1: one-slot mailboxes)."""
-        return max(self._frames.high_water, self._results.high_water)
-
     # ---- processing thread -----------------------------------------------------------
     def _fault(self, msg: str) -> None:
         now = time.monotonic()
@@ -278,7 +264,7 @@ class Pipeline:
                 is_factory = isinstance(src, type) or not hasattr(src, "process")
                 engine = src() if is_factory else src
             except SafeFMError as exc:      # one line a user can act on
-                self._fail(_first_line(exc))
+                self._fail(first_line(exc))
                 return
             except Exception as exc:
                 self._fail(f"engine failed to start: {_one_line(exc)}")
@@ -340,7 +326,7 @@ class Pipeline:
             self.started = True
         self._last_faces = len(faces)
         self.stats.processed(getattr(res, "timings", None), time.monotonic() - t0, False)
-        return _Result(pkt.frame_id, pkt.t_capture, OUT_ANONYMIZED, img, len(faces))
+        return _Result(pkt.frame_id, pkt.t_capture, OUT_ANONYMIZED, img)
 
     # ---- output thread ---------------------------------------------------------------
     def _card(self, kind: str, frame_id: int) -> OutFrame:

@@ -1,0 +1,138 @@
+"""Writing a ``safefm-eval`` report: :func:`jsonable` (what ``report.json`` holds: NaN as
+null, numpy as Python), :func:`write_markdown` (``report.md``: the privacy, fidelity, stability
+and per-clip tables with the run's provenance), :func:`write_report` (``report.md`` and the
+plots of a finished run) and :func:`rewrite_report` (re-render both from ``report.json``,
+e.g. after a change to this code, without running anything).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .options import PARTS
+from .plots import figure_caption, write_plots
+
+
+def jsonable(x):
+    """Deep copy with NaN/inf -> None, numpy scalars/arrays -> Python, tuples -> lists."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _fmt(v, nd: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def write_markdown(report: dict) -> str:
+    """The text of ``report.md`` for a :func:`jsonable` report."""
+    meta = report["meta"]
+    lines = ["# SAFE-FM evaluation report", "",
+             f"- created: {meta['created']}" + (" (quick subset)" if meta["quick"] else ""),
+             f"- command: `{meta['command']}`" if meta["command"] else "- command: (API call)",
+             f"- {figure_caption(meta)}",
+             f"- machine: {meta['machine'].get('cpu', meta['machine']['processor'])}, "
+             f"{meta['machine']['cpu_count']} cores, {meta['machine']['platform']}",
+             "- time of this invocation: " + ", ".join(f"{k} {v:.0f} s" for k, v in meta["seconds"].items())]
+    if meta.get("compute_seconds"):
+        lines.append("- compute of the methods, resumed pieces included (gallery and input analysis aside): "
+                     + ", ".join(f"{k} {v:.0f} s" for k, v in meta["compute_seconds"].items()))
+    lines.append("")
+    if "privacy" in report:
+        p = report["privacy"]
+        g = p["gallery"]
+        lines += ["## Privacy (LFW eval identities)", "",
+                  f"Gallery: {g['photos']} original photos of {g['people']} people "
+                  f"({g['skipped_no_dlib_face']} skipped, no dlib face); dlib threshold {g['threshold']}. "
+                  "Lower rank-1 / verification = more private. *located*: an output with no detected "
+                  "face is embedded at the source face's box; *detected only*: it counts as a miss.", "",
+                  "| method | rank-1 | rank-1 (detected only) | verification | verification (detected only) "
+                  "| face detected (dlib) | face detected (MediaPipe) | engine found no face | ms/photo |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for k, m in p["methods"].items():
+            missed = (m["engine"]["frames_without_engine_face"] / m["photos"]
+                      if m["method"] != "none" and m["photos"] else None)
+            lines.append(f"| {k} | {_fmt(m['rank1'])} | {_fmt(m['rank1_detected_only'])} | "
+                         f"{_fmt(m['verification'])} | {_fmt(m['verification_detected_only'])} | "
+                         f"{_fmt(m['face_detected_dlib'])} | {_fmt(m['face_detected_mediapipe'])} | "
+                         f"{_fmt(missed)} | {_fmt(m['engine']['ms_per_frame'], 1)} |")
+        lines.append("")
+    if "video" in report:
+        v = report["video"]
+        lines += ["## Fidelity (video clips: input vs output, FaceMesh features)", "",
+                  "Clips: " + ", ".join(f"{n} ({c['frames']} frames)" for n, c in v["clips"].items()) + ". "
+                  "Pearson r over all frames pooled (MAE in brackets; distances / inter-ocular, "
+                  "angles in degrees).", "",
+                  "| method | " + " | ".join(v["features"]) + " | mean r | output face found |",
+                  "|---|" + "---|" * (len(v["features"]) + 2)]
+        for k, m in v["methods"].items():
+            o = m["overall"]
+            cells = [f"{_fmt(o['fidelity'][f]['pearson'], 2)} ({_fmt(o['fidelity'][f]['mae'], 2)})"
+                     for f in v["features"]]
+            lines.append(f"| {k} | " + " | ".join(cells) +
+                         f" | {_fmt(o['fidelity_mean_pearson'])} | {_fmt(o['output_face_found'])} |")
+        lines += ["", "## Stability and per-frame leak (video clips)", "",
+                  f"dlib embeddings every {v['embed_stride']} frames. Flicker: output's frame-to-frame "
+                  "change in the face box / the input's (0 frozen, 1 as much as the input). Identity "
+                  "consistency: cosine of each output frame's dlib embedding to the clip's mean (dlib "
+                  "cosines crowd near 1, so the euclidean distance to the mean is given too: two "
+                  "frames 0.3 from the mean on opposite sides are 0.6 apart, dlib's "
+                  "different-person threshold).", "",
+                  "| method | flicker | identity consistency (mean / p5) "
+                  "| distance to clip mean (median / p95) | leak rate | leak (detected only) "
+                  "| ms/frame | fps |", "|---|---|---|---|---|---|---|---|"]
+        for k, m in v["methods"].items():
+            o = m["overall"]
+            ic = o["identity_consistency"]
+            idd = o["identity_distance"]
+            lines.append(f"| {k} | {_fmt(o['flicker'])} | {_fmt(ic['mean'])} / {_fmt(ic['p5'])} | "
+                         f"{_fmt(idd['median'])} / {_fmt(idd['p95'])} | {_fmt(o['leak_rate'])} | "
+                         f"{_fmt(o['leak_rate_detected_only'])} | "
+                         f"{_fmt(m['engine']['ms_per_frame'], 1)} | {_fmt(m['engine']['fps'], 1)} |")
+        lines += ["", "### Per clip", "",
+                  "| method | clip | frames | mean r | flicker | id consistency | leak | output face found |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k, m in v["methods"].items():
+            for n, c in m["clips"].items():
+                pr = [c["fidelity"][f]["pearson"] for f in v["features"]]
+                pr = [x for x in pr if x is not None and math.isfinite(x)]
+                lines.append(f"| {k} | {n} | {c['frames']} | {_fmt(float(np.mean(pr)) if pr else None)} | "
+                             f"{_fmt(c['flicker'])} | {_fmt(c['identity_consistency']['mean'])} | "
+                             f"{_fmt(c['leak_rate'])} | {_fmt(c['output_face_found'])} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def rewrite_report(out: Path) -> list[Path]:
+    """Re-render report.md and the plots of ``out/report.json`` (e.g. after a change to the
+    report code); the per-frame series plot needs the run itself and is left as it is."""
+    out = Path(out)
+    report = json.loads((out / "report.json").read_text())
+    report["meta"].setdefault("parts", [p for p in PARTS if p in report])
+    written = write_plots(report, out, {})
+    (out / "report.md").write_text(write_markdown(report))
+    return written
+
+
+def write_report(report: dict, out: Path, plot: dict | None = None) -> None:
+    """report.md and the plots (report.json is written by :func:`safefm.eval.run.run` last,
+    with timings)."""
+    rep = jsonable(report)
+    report["meta"]["plots"] = [p.name for p in write_plots(rep, out, plot or {})]
+    (out / "report.md").write_text(write_markdown(jsonable(report)))
