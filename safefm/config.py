@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -108,6 +108,7 @@ class RuntimeConfig:
     mask_dilate: float = 0.08
     mask_feather: float = 0.06
     color_match: bool = True
+    seamless_paste: bool = True
     identity_guard: float = 0.0
     identity_repel: float = 1.0
     repel_until: float = 1.0
@@ -181,7 +182,7 @@ def _read_toml(path: Path, table: str) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+        raise ConfigError(f"config file {path} cannot be read: {first_line(exc, filename=False)}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     if table not in data:

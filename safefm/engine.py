@@ -48,6 +48,7 @@ class _TrackState:
     z_prev: torch.Tensor | None = None            # (1, C, h, w) last output latent (warm start)
     last_crop: np.ndarray | None = None           # (S, S, 3) last good synthetic face
     last_M_inv: np.ndarray | None = None          # (2, 3) crop -> frame of that face
+    last_face: np.ndarray | None = None           # (S, S) float32 face alpha of that face (seamless paste)
     last_landmarks: np.ndarray | None = None      # (478, 3) real landmarks at the last sighting
     good_frames: int = 0
     heat: np.ndarray | None = field(default=None, repr=False)  # reused heatmap buffer
@@ -281,11 +282,12 @@ class Engine:
         ret_frame = alignment.transform_points(ret_crop, M_inv)
         mask = composite.face_mask([tr.raw, tr.landmarks, ret_frame], out.shape[:2],
                                    cfg.mask_dilate, cfg.mask_feather)
-        composite.paste(out, crop, M_inv, mask, out=out, face=composite.face_alpha(ret_crop, S, image=crop))
+        face = composite.face_alpha(ret_crop, S, image=crop) if cfg.seamless_paste else None
+        composite.paste(out, crop, M_inv, mask, out=out, face=face)
         timings["composite"] += time.perf_counter() - t_d
 
         st.z_prev = z.detach().clone() if self.video else None
-        st.last_crop, st.last_M_inv, st.last_landmarks = crop, M_inv, tr.raw
+        st.last_crop, st.last_M_inv, st.last_landmarks, st.last_face = crop, M_inv, tr.raw, face
         st.good_frames += 1
         return FaceResult(tr.id, face_box(tr.raw, out.shape), ANONYMIZED, tr.raw)
 
@@ -301,7 +303,7 @@ class Engine:
             else:
                 M_inv = st.last_M_inv
             mask = composite.face_mask([lm], out.shape[:2], cfg.mask_dilate + grow, cfg.mask_feather)
-            composite.paste(out, st.last_crop, M_inv, mask, out=out)
+            composite.paste(out, st.last_crop, M_inv, mask, out=out, face=st.last_face)
             return FaceResult(tr.id, box, HELD, landmarks, reason)
         composite.cover_placeholder(out, box, out=out)
         return FaceResult(tr.id, box, PLACEHOLDER, landmarks, reason)
@@ -318,6 +320,8 @@ def build_engine(cfg: RuntimeConfig, model_path=None, identity_path=None, video:
     ``cfg.identity_guard`` > 0 the shipped identities are the guard's alternatives."""
     from .paths import default_identity_path, resolve_model_path
 
+    if cfg.threads > 0 and cfg.runtime == "torch":
+        torch.set_num_threads(cfg.threads)   # process-wide by torch's design: set here, once, visibly
     gen = Generator.load(resolve_model_path(model_path), cfg)
     identity = load_identity(identity_path or default_identity_path(), gen.model_cfg.identity_dim)
     return Engine(gen, identity, cfg, video=video, guard=default_guard(cfg, identity, gen.model_cfg.identity_dim))

@@ -32,18 +32,15 @@ from pathlib import Path
 import numpy as np
 
 from safefm.face.alignment import align_matrix, load_template, transform_points
-from safefm.train.data import eval_identities
+from safefm.train.data import training_people
 from safefm.face.landmarks import FaceMeshDetector
 from safefm.media import read_image
-from safefm.paths import shared_data_dir
 from safefm.face.retarget import EXPRESSION_PRIOR_PATH, pose_fit, to_canonical
 
 
 def canonical_shapes(min_photos: int, max_photos: int) -> tuple[np.ndarray, np.ndarray]:
     """(N, 478, 3) canonical shapes and (N,) person index of the training people's photos."""
-    banned = eval_identities()
-    people = [d for d in sorted((shared_data_dir() / "lfw").iterdir())
-              if d.is_dir() and d.name not in banned and len(list(d.glob("*.jpg"))) >= min_photos]
+    people = training_people(min_photos)
     template = load_template()
     shapes, who = [], []
     t0 = time.perf_counter()

@@ -18,11 +18,12 @@ import random
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from safefm.face.alignment import TEMPLATE_PATH, umeyama
+from safefm.errors import InputError
 from safefm.face.landmarks import FaceMeshDetector
+from safefm.media import read_image
 from safefm.paths import shared_data_dir
 
 FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378,
@@ -49,10 +50,11 @@ def detect_all(paths: list[Path]) -> list[np.ndarray]:
     shapes = []
     with FaceMeshDetector(max_faces=1, static_image=True) as det:
         for p in paths:
-            bgr = cv2.imread(str(p))
-            if bgr is None:
+            try:
+                rgb = read_image(p)
+            except InputError:
                 continue
-            faces = det.detect(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            faces = det.detect(rgb)
             if faces:
                 shapes.append(faces[0].astype(np.float64))
     return shapes

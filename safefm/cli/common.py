@@ -20,7 +20,6 @@ from ..errors import SafeFMError, first_line
 
 EXIT_OK = 0
 EXIT_ERROR = 1
-EXIT_USAGE = 2          # argparse's own code for bad arguments
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 log = logging.getLogger("safefm")

@@ -26,17 +26,10 @@ import numpy as np
 from ..media import read_image
 from ..paths import shared_data_dir
 from ..recognition import MATCH_THRESHOLD, FaceRecognizer
-from ..train.data import eval_identities
+from ..train.data import training_people
 from .metrics import FEATURES, box_iou, expression_features, mae, pearson
 
 # ------------------------------------------------------------------------------ photo sets
-
-
-def training_people(min_photos: int) -> list[Path]:
-    """Folders of the LFW people outside the evaluation list with >= ``min_photos`` photos, sorted."""
-    banned = eval_identities()
-    return [d for d in sorted((shared_data_dir() / "lfw").iterdir())
-            if d.is_dir() and d.name not in banned and len(list(d.glob("*.jpg"))) >= min_photos]
 
 
 def training_photos(n: int, seed: int) -> list[Path]:

@@ -22,14 +22,12 @@ class Mailbox(Generic[T]):
         self._fresh = False
         self._closed = False
         self.dropped = 0      # items replaced before anyone took them
-        self.high_water = 0   # most unread items ever held (1 by construction)
 
     def put(self, item: T) -> None:
         with self._cond:
             if self._fresh:
                 self.dropped += 1
             self._item, self._fresh = item, True
-            self.high_water = max(self.high_water, 1)
             self._cond.notify_all()
 
     def take(self, timeout: float | None = None) -> T | None:

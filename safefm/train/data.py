@@ -92,6 +92,14 @@ def eval_identities(data_dir: Path | None = None) -> set[str]:
     return {line.strip() for line in p.read_text().splitlines() if line.strip()}
 
 
+def training_people(min_photos: int, data_dir: Path | None = None) -> list[Path]:
+    """Folders of the LFW people outside the evaluation list with >= ``min_photos`` photos, sorted."""
+    root = Path(data_dir or shared_data_dir())
+    banned = eval_identities(root)
+    return [d for d in sorted((root / "lfw").iterdir())
+            if d.is_dir() and d.name not in banned and len(list(d.glob("*.jpg"))) >= min_photos]
+
+
 def list_training_images(data_dir: Path | None = None) -> list[ImageItem]:
     """Every UTKFace image and every LFW photo of a person NOT in EVAL_IDENTITIES, sorted."""
     root = Path(data_dir or shared_data_dir())
