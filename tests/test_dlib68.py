@@ -69,3 +69,9 @@ def test_dlib_reads_a_real_face_and_refuses_a_box_with_none(clip_frames):
     f = dict(zip(FEATURES68, d.features(first_frame_rgb)))
     assert 0.15 < f["eye_open_r"] < 0.5 and abs(f["roll"]) < 20
     assert d.points(first_frame_rgb, near=(0, 0, 20, 20)) is None
+    # Faces found by the recogniser's detector (same upsampling) give the same points.
+    from safefm.recognition import FaceRecognizer
+
+    boxes = FaceRecognizer(upsample=d.upsample).detect(first_frame_rgb)
+    assert np.array_equal(d.points(first_frame_rgb, boxes=boxes), pts)
+    assert d.points(first_frame_rgb, boxes=[]) is None

@@ -11,6 +11,7 @@ from safefm.eval.options import EvalOptions, variants
 from safefm.eval.plots import figure_caption
 from safefm.eval.report import jsonable
 from safefm.eval.run import tiny_engine_factory
+from safefm.eval.dlib68 import FEATURES68
 from safefm.eval.metrics import FEATURES
 from safefm.paths import shared_data_dir
 
@@ -20,13 +21,17 @@ needs_data = pytest.mark.skipif(not (DATA / "lfw").is_dir() or not (DATA / "vide
 
 PRIVACY_FIELDS = {"method", "steps", "photos", "rank1", "rank1_detected_only", "verification",
                   "verification_detected_only", "face_detected_dlib", "face_detected_mediapipe",
-                  "located_fallback", "engine", "seconds"}
+                  "located_fallback", "realism", "engine", "seconds"}
 CLIP_FIELDS = {"frames", "frames_with_input_face", "output_face_found", "fidelity", "flicker",
                "output_change_mean", "input_change_mean", "identity_consistency", "identity_distance",
-               "leak_rate", "leak_rate_detected_only", "embedded_frames"}
+               "leak_rate", "leak_rate_detected_only", "embedded_frames", "fidelity_dlib68",
+               "dlib68_input_frames", "dlib68_output_face_found", "realism"}
 OVERALL_FIELDS = {"frames", "output_face_found", "fidelity", "fidelity_clip_mean",
                   "fidelity_mean_pearson", "flicker", "identity_consistency", "identity_distance",
-                  "leak_rate", "leak_rate_detected_only", "embedded_frames"}
+                  "leak_rate", "leak_rate_detected_only", "embedded_frames", "fidelity_dlib68",
+                  "fidelity_dlib68_clip_mean", "fidelity_dlib68_mean_pearson", "dlib68_input_frames",
+                  "dlib68_output_face_found", "realism"}
+REALISM_FIELDS = {"sharpness", "tone_gap", "chroma_excess", "faces"}
 ENGINE_FIELDS = {"frames", "ms_per_frame", "fps", "stage_ms", "generator_steps",
                  "face_status_counts", "frames_without_engine_face"}
 
@@ -105,6 +110,19 @@ def test_quick_eval_writes_every_field(tmp_path):
     none = priv["methods"]["none"]
     assert none["rank1"] == 1.0 and none["verification"] == 1.0     # the same images
     assert none["face_detected_dlib"] == 1.0
+    # Realism on the photos: colour ones and grey-scale ones apart; the input itself is the ceiling.
+    assert priv["gallery"]["grey_copies"] >= 1
+    for m in priv["methods"].values():
+        assert set(m["realism"]) == {"colour", "grey"}
+        assert all(REALISM_FIELDS <= set(r) for r in m["realism"].values())
+        assert m["realism"]["colour"]["faces"] >= 2 and m["realism"]["grey"]["faces"] >= 1
+    for part in ("colour", "grey"):
+        assert {k: none["realism"][part][k] for k in ("sharpness", "tone_gap", "chroma_excess")} == \
+            {"sharpness": 1.0, "tone_gap": 0.0, "chroma_excess": 0.0}
+        assert priv["methods"]["blur"]["realism"][part]["sharpness"] < 0.1     # blur wipes the detail
+    assert priv["methods"]["blur"]["realism"]["grey"]["chroma_excess"] < 0.5   # a blurred grey face stays grey
+    sf = priv["methods"]["safefm"]["realism"]["colour"]
+    assert sf["sharpness"] != pytest.approx(1.0) and sf["tone_gap"] > 0
 
     vid = rep["video"]
     assert vid["features"] == list(FEATURES)
@@ -116,9 +134,26 @@ def test_quick_eval_writes_every_field(tmp_path):
         assert {"mean", "median", "p5", "min", "n"} <= set(m["overall"]["identity_consistency"])
         for c in m["clips"].values():
             assert CLIP_FIELDS <= set(c)
+    assert vid["features68"] == list(FEATURES68) and vid["dlib68_frame_stride"] == 1
+    for m in vid["methods"].values():
+        assert set(m["overall"]["fidelity_dlib68"]) == set(FEATURES68)
+        assert REALISM_FIELDS <= set(m["overall"]["realism"])
+        assert m["overall"]["realism"]["faces"] == m["overall"]["frames"]       # every frame measured
+        for c in m["clips"].values():
+            assert set(c["fidelity_dlib68"]) == set(FEATURES68) and REALISM_FIELDS <= set(c["realism"])
     vn = vid["methods"]["none"]["overall"]
     assert vn["flicker"] == pytest.approx(1.0) and vn["leak_rate"] == 1.0
     assert vn["fidelity"]["yaw"]["mae"] == 0.0
+    # dlib reads the input face in every frame; the same image reads the same (and the series move).
+    assert vn["dlib68_input_frames"] == vn["frames"] and vn["dlib68_output_face_found"] == 1.0
+    assert all(vn["fidelity_dlib68"][f]["mae"] == 0.0 for f in FEATURES68)
+    assert sum(vn["fidelity_dlib68"][f]["pearson"] == pytest.approx(1.0) for f in FEATURES68) >= 3
+    assert {k: vn["realism"][k] for k in ("sharpness", "tone_gap", "chroma_excess")} == \
+        {"sharpness": 1.0, "tone_gap": 0.0, "chroma_excess": 0.0}
+    assert vid["methods"]["blur"]["overall"]["realism"]["sharpness"] < 0.1
+    assert vid["methods"]["blur"]["overall"]["dlib68_output_face_found"] < 0.5   # no face left to read
+    vs = vid["methods"]["safefm"]["overall"]["realism"]
+    assert vs["sharpness"] != pytest.approx(1.0) and vs["tone_gap"] > 0
     assert vid["methods"]["safefm"]["engine"]["generator_steps"] == 4
 
     for name in ("report.md", "privacy.png", "fidelity.png", "stability.png"):
@@ -126,6 +161,8 @@ def test_quick_eval_writes_every_field(tmp_path):
     assert set(meta["plots"]) >= {"privacy.png", "fidelity.png", "stability.png"}
     md = (out / "report.md").read_text()
     assert "rank-1" in md and "flicker" in md and "model: tiny random model" in md
+    assert "## Realism" in md and "photos, grey-scale" in md and "clips, all frames" in md
+    assert "dlib's 68-point predictor" in md
 
 
 def test_runtime_config_file_reaches_the_engines(tmp_path):

@@ -123,3 +123,22 @@ def test_aggregate_uses_the_geometric_mean_of_sharpness():
                                  "faces": 2}
     empty = R.aggregate([])
     assert empty["faces"] == 0 and math.isnan(empty["sharpness"])
+
+
+def test_grey_pictures_are_told_apart_and_made():
+    img = textured()
+    grey = R.to_grey(img)
+    assert grey.shape == img.shape and grey.dtype == np.uint8
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    assert R.is_grey(grey) and not R.is_grey(img)
+    tinted = np.clip(grey.astype(int) + (2, 0, -2), 0, 255).astype(np.uint8)   # a faint cast stays grey
+    assert R.is_grey(tinted)
+
+
+def test_face_realism_or_none_skips_what_cannot_be_measured():
+    img = textured()
+    assert R.face_realism_or_none(img, img, None) is None
+    assert R.face_realism_or_none(img, img, box_landmarks(-400, -400, -300, -300)) is None
+    assert R.face_realism_or_none(img, img, box_landmarks()) == R.face_realism(img, img, box_landmarks())
+    with pytest.raises(ValueError):                      # a wrong output is still an error
+        R.face_realism_or_none(img, img[:, :-1], box_landmarks())

@@ -1,4 +1,4 @@
-"""``safefm-eval``: privacy, fidelity and stability of SAFE-FM next to the baselines.
+"""``safefm-eval``: privacy, fidelity, realism and stability of SAFE-FM next to the baselines.
 
     safefm-eval --quick --out runs/eval-quick            # CI subset, < 2 min on a 2-core CPU
     safefm-eval --out runs/eval                          # everything (see docs/results.md for the time)

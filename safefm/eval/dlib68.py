@@ -86,7 +86,9 @@ class Dlib68:
     """dlib HOG detector + 68-point predictor, loaded once on first use.
 
     :meth:`points` finds the face nearest ``near`` (a box ``(x0, y0, x1, y1)``: the source face) or
-    the largest one, and returns its (68, 2) points, or None when dlib finds no face there.
+    the largest one, and returns its (68, 2) points, or None when dlib finds no face there. Given
+    ``boxes`` (faces already found in the image, e.g. by
+    :meth:`safefm.recognition.FaceRecognizer.detect`), it picks among them instead of detecting.
     """
 
     def __init__(self, upsample: int = 1):
@@ -101,10 +103,13 @@ class Dlib68:
             self._detector = dlib.get_frontal_face_detector()
             self._predictor = dlib.shape_predictor(str(models_dir() / PREDICTOR_FILE))
 
-    def points(self, rgb: np.ndarray, near=None) -> np.ndarray | None:
+    def points(self, rgb: np.ndarray, near=None, boxes=None) -> np.ndarray | None:
         self._load()
         rgb = np.ascontiguousarray(rgb)
-        rects = list(self._detector(rgb, self.upsample))
+        if boxes is None:
+            rects = list(self._detector(rgb, self.upsample))
+        else:   # (x0, y0, x1, y1), x1/y1 exclusive -> dlib's inclusive rectangles
+            rects = [self._dlib.rectangle(int(b[0]), int(b[1]), int(b[2]) - 1, int(b[3]) - 1) for b in boxes]
         if not rects:
             return None
         if near is None:
@@ -118,6 +123,6 @@ class Dlib68:
         shape = self._predictor(rgb, rect)
         return np.array([(shape.part(i).x, shape.part(i).y) for i in range(68)], np.float64)
 
-    def features(self, rgb: np.ndarray, near=None) -> np.ndarray:
+    def features(self, rgb: np.ndarray, near=None, boxes=None) -> np.ndarray:
         """(len(FEATURES68),) features of the face near ``near`` (NaN when none is found)."""
-        return features68(self.points(rgb, near), rgb.shape[:2])
+        return features68(self.points(rgb, near, boxes), rgb.shape[:2])

@@ -2,7 +2,9 @@
 recogniser and remembers every detection and embedding by image content, so an image seen
 twice (the ``none`` method's output is its input) is embedded once; :meth:`DlibCache.output`
 embeds an anonymized output at the detected face that lies on the source face, or, when none
-does, at the source face's box ("located"). :func:`mediapipe_faces` and :func:`pick_face`
+does, at the source face's box ("located"); :meth:`DlibCache.features68` reads dlib's 68-point
+expression features (:mod:`safefm.eval.dlib68`) at the faces the same detector found.
+:func:`mediapipe_faces` and :func:`pick_face`
 find the FaceMesh face that lies on a reference box.
 """
 
@@ -13,6 +15,7 @@ import hashlib
 import numpy as np
 
 from . import metrics as M
+from .dlib68 import Dlib68
 from ..face.landmarks import face_box
 
 
@@ -23,6 +26,7 @@ class DlibCache:
         from ..recognition import FaceRecognizer
 
         self.rec = FaceRecognizer(upsample=upsample)
+        self.d68 = Dlib68(upsample=upsample)
         self._det: dict = {}
         self._emb: dict = {}
 
@@ -47,6 +51,11 @@ class DlibCache:
         key = self._key(rgb)
         hit = next((b for b in self.detect(rgb, key) if M.same_face(b, src_box)), None)
         return self.embed(rgb, hit if hit is not None else src_box, key), hit is not None
+
+    def features68(self, rgb: np.ndarray, src_box) -> np.ndarray:
+        """(len(FEATURES68),) dlib-68 features of the detected face nearest ``src_box`` (NaN if
+        none lies near it); the detection is the cached one the embeddings use."""
+        return self.d68.features(rgb, near=src_box, boxes=self.detect(rgb))
 
 
 def mediapipe_faces(detector, rgb: np.ndarray) -> list[tuple[np.ndarray, tuple]]:

@@ -20,6 +20,9 @@ Measures (pure functions of ``(H, W, 3) uint8`` RGB images and ``(N, 2|3)`` sour
 - :func:`chroma_excess`: ``max(0, mean C*_out - mean C*_in)`` over the face ellipse inscribed
   in the box (``C* = sqrt(a*^2 + b*^2)``): the colour the output adds. A grey-scale input must
   stay at ~0.
+
+Grey-scale pictures are told apart by :func:`is_grey` and made by :func:`to_grey`, so that
+``chroma_excess`` can be reported on them separately.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ INNER = 0.7          # inner-face ellipse, as a fraction of the box's half sides
 RING = (1.1, 1.5)    # ring just outside the face, same units
 SHARPNESS_SIGMA = 1.0
 MEASURES = ("sharpness", "tone_gap", "chroma_excess")
+GREY_CHROMA = 1.5    # mean CIELAB chroma under which a whole picture counts as grey-scale
 
 
 def _check_pair(inp: np.ndarray, out: np.ndarray) -> None:
@@ -69,25 +73,46 @@ def ellipse_radius(landmarks: np.ndarray, box: tuple[int, int, int, int]) -> np.
     return np.sqrt(xs * xs + ys * ys)
 
 
-def _region(landmarks, shape, r_lo: float, r_hi: float):
-    """(frame box clipped to ``shape``, bool mask of ``r_lo <= radius <= r_hi`` over it)."""
+def _lab_radius(img: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CIELAB ``(h, w, 3) float32`` of ``img`` over the box around the ring's outer ellipse
+    (clipped to the frame; it holds the inner face, the face and the ring) and the elliptic
+    radius ``(h, w)`` of its pixels (:func:`ellipse_radius`); both empty off the frame."""
     fx0, fy0, fx1, fy1 = face_box(landmarks)
     cx, cy = (fx0 + fx1) / 2.0, (fy0 + fy1) / 2.0
-    hx, hy = r_hi * (fx1 - fx0) / 2.0 + 1, r_hi * (fy1 - fy0) / 2.0 + 1
-    H, W = shape[:2]
-    box = (max(int(math.floor(cx - hx)), 0), max(int(math.floor(cy - hy)), 0),
-           min(int(math.ceil(cx + hx)) + 1, W), min(int(math.ceil(cy + hy)) + 1, H))
-    if box[0] >= box[2] or box[1] >= box[3]:
-        return box, np.zeros((0, 0), bool)
-    r = ellipse_radius(landmarks, box)
-    return box, (r >= r_lo) & (r <= r_hi)
-
-
-def _mean_lab(img: np.ndarray, box, mask: np.ndarray) -> np.ndarray:
-    """``(3,) float64`` mean CIELAB of ``img[box]`` over ``mask``."""
-    x0, y0, x1, y1 = box
+    hx, hy = RING[1] * (fx1 - fx0) / 2.0 + 1, RING[1] * (fy1 - fy0) / 2.0 + 1
+    H, W = img.shape[:2]
+    x0, y0 = max(int(math.floor(cx - hx)), 0), max(int(math.floor(cy - hy)), 0)
+    x1, y1 = min(int(math.ceil(cx + hx)) + 1, W), min(int(math.ceil(cy + hy)) + 1, H)
+    if x0 >= x1 or y0 >= y1:
+        return np.zeros((0, 0, 3), np.float32), np.zeros((0, 0), np.float32)
     lab = cv2.cvtColor(img[y0:y1, x0:x1].astype(np.float32) * (1 / 255), cv2.COLOR_RGB2Lab)
-    return lab[mask].mean(axis=0, dtype=np.float64)
+    return lab, ellipse_radius(landmarks, (x0, y0, x1, y1))
+
+
+def _chroma(lab: np.ndarray) -> np.ndarray:
+    """CIELAB chroma ``sqrt(a*^2 + b*^2)`` ``(h, w) float32`` of ``(h, w, 3) float32`` Lab."""
+    return cv2.magnitude(np.ascontiguousarray(lab[..., 1]), np.ascontiguousarray(lab[..., 2]))
+
+
+def _masked_mean(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``(C,) float64`` mean of ``x`` ``(h, w[, C]) float32`` (C <= 3) over ``mask`` ``(h, w) bool``."""
+    return np.array(cv2.mean(x, mask.astype(np.uint8))[:1 if x.ndim == 2 else x.shape[2]])
+
+
+def _ring_delta_e(lab: np.ndarray, r: np.ndarray) -> float:
+    """:func:`face_ring_delta_e` from :func:`_lab_radius`'s ``(lab, r)``."""
+    inner, ring = r <= INNER, (r >= RING[0]) & (r <= RING[1])
+    if inner.sum() < 16 or ring.sum() < 16:
+        raise ValueError("the inner face or the ring around it has fewer than 16 pixels in the frame")
+    return float(np.linalg.norm(_masked_mean(lab, inner) - _masked_mean(lab, ring)))
+
+
+def _face_chroma(lab: np.ndarray, r: np.ndarray) -> float:
+    """:func:`mean_chroma` from :func:`_lab_radius`'s ``(lab, r)``."""
+    face = r <= 1.0
+    if face.sum() < 16:
+        raise ValueError("the face has fewer than 16 pixels in the frame")
+    return float(_masked_mean(_chroma(lab), face)[0])
 
 
 def laplacian_energy(grey: np.ndarray, mask: np.ndarray, sigma: float = SHARPNESS_SIGMA) -> float:
@@ -121,11 +146,7 @@ def sharpness(inp: np.ndarray, out: np.ndarray, landmarks: np.ndarray) -> float:
 def face_ring_delta_e(img: np.ndarray, landmarks: np.ndarray) -> float:
     """CIE76 dE between the mean Lab of the inner face and of the ring around it in ``img``
     ``(H, W, 3) uint8`` RGB, regions from ``landmarks`` ``(N, 2|3)``."""
-    ibox, inner = _region(landmarks, img.shape, 0.0, INNER)
-    rbox, ring = _region(landmarks, img.shape, *RING)
-    if inner.sum() < 16 or ring.sum() < 16:
-        raise ValueError("the inner face or the ring around it has fewer than 16 pixels in the frame")
-    return float(np.linalg.norm(_mean_lab(img, ibox, inner) - _mean_lab(img, rbox, ring)))
+    return _ring_delta_e(*_lab_radius(img, landmarks))
 
 
 def tone_gap(inp: np.ndarray, out: np.ndarray, landmarks: np.ndarray) -> float:
@@ -138,13 +159,19 @@ def tone_gap(inp: np.ndarray, out: np.ndarray, landmarks: np.ndarray) -> float:
 def mean_chroma(img: np.ndarray, landmarks: np.ndarray) -> float:
     """Mean CIELAB chroma ``sqrt(a*^2 + b*^2)`` of ``img`` ``(H, W, 3) uint8`` RGB over the face
     ellipse inscribed in the source face box of ``landmarks`` ``(N, 2|3)``."""
-    box, face = _region(landmarks, img.shape, 0.0, 1.0)
-    if face.sum() < 16:
-        raise ValueError("the face has fewer than 16 pixels in the frame")
-    x0, y0, x1, y1 = box
-    lab = cv2.cvtColor(img[y0:y1, x0:x1].astype(np.float32) * (1 / 255), cv2.COLOR_RGB2Lab)
-    ab = lab[face][:, 1:].astype(np.float64)
-    return float(np.sqrt((ab * ab).sum(axis=1)).mean())
+    return _face_chroma(*_lab_radius(img, landmarks))
+
+
+def is_grey(img: np.ndarray) -> bool:
+    """Whether ``img`` ``(H, W, 3) uint8`` RGB is a grey-scale picture: mean CIELAB chroma of the
+    whole image below :data:`GREY_CHROMA` (LFW's black-and-white photos are under 0.5, its
+    colour photos above 4)."""
+    return cv2.mean(_chroma(cv2.cvtColor(img.astype(np.float32) * (1 / 255), cv2.COLOR_RGB2Lab)))[0] < GREY_CHROMA
+
+
+def to_grey(img: np.ndarray) -> np.ndarray:
+    """Grey-scale copy of ``img`` ``(H, W, 3) uint8`` RGB, still ``(H, W, 3) uint8`` RGB."""
+    return cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
 
 
 def chroma_excess(inp: np.ndarray, out: np.ndarray, landmarks: np.ndarray) -> float:
@@ -155,9 +182,26 @@ def chroma_excess(inp: np.ndarray, out: np.ndarray, landmarks: np.ndarray) -> fl
 
 
 def face_realism(inp: np.ndarray, out: np.ndarray, landmarks: np.ndarray) -> dict[str, float]:
-    """All three measures for one face: ``{"sharpness", "tone_gap", "chroma_excess"}``."""
-    return {"sharpness": sharpness(inp, out, landmarks), "tone_gap": tone_gap(inp, out, landmarks),
-            "chroma_excess": chroma_excess(inp, out, landmarks)}
+    """All three measures for one face: ``{"sharpness", "tone_gap", "chroma_excess"}`` (each
+    image converted to Lab once)."""
+    _check_pair(inp, out)
+    lab_in, lab_out = _lab_radius(inp, landmarks), _lab_radius(out, landmarks)
+    return {"sharpness": sharpness(inp, out, landmarks),
+            "tone_gap": abs(_ring_delta_e(*lab_out) - _ring_delta_e(*lab_in)),
+            "chroma_excess": max(0.0, _face_chroma(*lab_out) - _face_chroma(*lab_in))}
+
+
+def face_realism_or_none(inp: np.ndarray, out: np.ndarray,
+                         landmarks: np.ndarray | None) -> dict[str, float] | None:
+    """:func:`face_realism`, or None when there is no source face (``landmarks`` None) or it lies
+    (almost) outside the frame."""
+    if landmarks is None:
+        return None
+    _check_pair(inp, out)             # bad images stay an error
+    try:
+        return face_realism(inp, out, landmarks)
+    except ValueError:                # the face lies (almost) outside the frame
+        return None
 
 
 def aggregate(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:

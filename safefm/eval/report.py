@@ -1,8 +1,9 @@
 """Writing a ``safefm-eval`` report: :func:`jsonable` (what ``report.json`` holds: NaN as
-null, numpy as Python), :func:`write_markdown` (``report.md``: the privacy, fidelity, stability
-and per-clip tables with the run's provenance), :func:`write_report` (``report.md`` and the
-plots of a finished run) and :func:`rewrite_report` (re-render both from ``report.json``,
-e.g. after a change to this code, without running anything).
+null, numpy as Python), :func:`write_markdown` (``report.md``: the privacy, fidelity (FaceMesh
+and dlib-68), stability, per-clip and realism tables with the run's provenance),
+:func:`write_report` (``report.md`` and the plots of a finished run) and
+:func:`rewrite_report` (re-render both from ``report.json``, e.g. after a change to this code,
+without running anything).
 """
 
 from __future__ import annotations
@@ -87,6 +88,27 @@ def write_markdown(report: dict) -> str:
                      for f in v["features"]]
             lines.append(f"| {k} | " + " | ".join(cells) +
                          f" | {_fmt(o['fidelity_mean_pearson'])} | {_fmt(o['output_face_found'])} |")
+        if "features68" in v:
+            lines += ["", "## Fidelity read by dlib's 68-point predictor (video clips)", "",
+                      "A second landmarker that shares nothing with the FaceMesh conditioning the "
+                      "generator: dlib's HOG detector (upsample 0, the detections the identity "
+                      "embeddings use) and 68-point predictor on every frame of input and output, "
+                      "at the face nearest the source face box. Pearson r over all frames pooled (MAE "
+                      "in brackets: openings / inter-ocular or eye width, angles in degrees); *clip "
+                      "mean r*: mouth / eyes r averaged over clips.", "",
+                      "| method | " + " | ".join(v["features68"]) + " | mean r | clip mean r (mouth / eyes) "
+                      "| dlib face found (output) |",
+                      "|---|" + "---|" * (len(v["features68"]) + 3)]
+            for k, m in v["methods"].items():
+                o = m["overall"]
+                fid = o["fidelity_dlib68"]
+                cells = [f"{_fmt(fid[f]['pearson'], 2)} ({_fmt(fid[f]['mae'], 2)})" for f in v["features68"]]
+                cm = o["fidelity_dlib68_clip_mean"]
+                eyes = [cm[f]["pearson"] for f in ("eye_open_r", "eye_open_l") if cm[f]["pearson"] is not None]
+                lines.append(f"| {k} | " + " | ".join(cells) + f" | {_fmt(o['fidelity_dlib68_mean_pearson'])} | "
+                             f"{_fmt(cm['mouth_open']['pearson'], 2)} / "
+                             f"{_fmt(float(np.mean(eyes)) if eyes else None, 2)} | "
+                             f"{_fmt(o['dlib68_output_face_found'])} |")
         lines += ["", "## Stability and per-frame leak (video clips)", "",
                   f"dlib embeddings every {v['embed_stride']} frames. Flicker: output's frame-to-frame "
                   "change in the face box / the input's (0 frozen, 1 as much as the input). Identity "
@@ -105,18 +127,62 @@ def write_markdown(report: dict) -> str:
                          f"{_fmt(idd['median'])} / {_fmt(idd['p95'])} | {_fmt(o['leak_rate'])} | "
                          f"{_fmt(o['leak_rate_detected_only'])} | "
                          f"{_fmt(m['engine']['ms_per_frame'], 1)} | {_fmt(m['engine']['fps'], 1)} |")
+        new = "features68" in v
         lines += ["", "### Per clip", "",
-                  "| method | clip | frames | mean r | flicker | id consistency | leak | output face found |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | clip | frames | mean r | flicker | id consistency | leak | output face found |"
+                  + (" dlib-68 mouth r | dlib-68 eye r (r / l) | sharpness | tone_gap | chroma_excess |"
+                     if new else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" * 5 if new else "")]
         for k, m in v["methods"].items():
             for n, c in m["clips"].items():
-                pr = [c["fidelity"][f]["pearson"] for f in v["features"]]
-                pr = [x for x in pr if x is not None and math.isfinite(x)]
-                lines.append(f"| {k} | {n} | {c['frames']} | {_fmt(float(np.mean(pr)) if pr else None)} | "
-                             f"{_fmt(c['flicker'])} | {_fmt(c['identity_consistency']['mean'])} | "
-                             f"{_fmt(c['leak_rate'])} | {_fmt(c['output_face_found'])} |")
+                line = (f"| {k} | {n} | {c['frames']} | {_fmt(_mean_r(c['fidelity']))} | "
+                        f"{_fmt(c['flicker'])} | {_fmt(c['identity_consistency']['mean'])} | "
+                        f"{_fmt(c['leak_rate'])} | {_fmt(c['output_face_found'])} |")
+                if new:
+                    f68, rz = c["fidelity_dlib68"], c["realism"]
+                    line += (f" {_fmt(f68['mouth_open']['pearson'], 2)} | {_fmt(f68['eye_open_r']['pearson'], 2)}"
+                             f" / {_fmt(f68['eye_open_l']['pearson'], 2)} | {_fmt(rz['sharpness'])} | "
+                             f"{_fmt(rz['tone_gap'], 2)} | {_fmt(rz['chroma_excess'], 2)} |")
+                lines.append(line)
+    lines += _realism_lines(report)
     lines.append("")
     return "\n".join(lines)
+
+
+def _mean_r(fid: dict) -> float | None:
+    """Mean of the finite Pearson r of a ``{feature: {pearson, ...}}`` table (None if none)."""
+    pr = [x["pearson"] for x in fid.values() if x["pearson"] is not None and math.isfinite(x["pearson"])]
+    return float(np.mean(pr)) if pr else None
+
+
+def _realism_lines(report: dict) -> list[str]:
+    """The realism section: one row per method and data set (colour photos, grey-scale photos,
+    clips pooled); empty for a report without realism figures."""
+    sets = []
+    if "privacy" in report and all("realism" in m for m in report["privacy"]["methods"].values()):
+        g = report["privacy"]["gallery"]
+        sets += [("photos, colour", "privacy", "colour"),
+                 (f"photos, grey-scale ({g['grey_photos']} grey + {g['grey_copies']} made grey)",
+                  "privacy", "grey")]
+    if "video" in report and "features68" in report["video"]:
+        sets.append(("clips, all frames", "video", None))
+    if not sets:
+        return []
+    lines = ["", "## Realism (does the face look filmed by the same camera?)", "",
+             "At the source face (FaceMesh on the input), at the picture's own resolution. *sharpness*: "
+             "variance of the Laplacian (after a 1 px Gaussian) of the inner face, output / input, "
+             "geometric mean over faces (1 = as sharp as the input, blur ~0); *tone_gap*: | dE76 "
+             "between the inner face and a ring just outside it, output minus input | (0 = the face "
+             "sits in its surroundings as the real one did, a viewer notices 2-3); *chroma_excess*: "
+             "mean CIELAB chroma the output adds inside the face (grey-scale photos must stay at ~0). "
+             "*none* is the input itself: the ceiling 1 / 0 / 0.", "",
+             "| method | data | faces | sharpness | tone_gap | chroma_excess |", "|---|---|---|---|---|---|"]
+    for label, part, key in sets:
+        for k, m in report[part]["methods"].items():
+            rz = m["realism"][key] if part == "privacy" else m["overall"]["realism"]
+            lines.append(f"| {k} | {label} | {rz['faces']} | {_fmt(rz['sharpness'])} | "
+                         f"{_fmt(rz['tone_gap'], 2)} | {_fmt(rz['chroma_excess'], 2)} |")
+    return lines
 
 
 def rewrite_report(out: Path) -> list[Path]:

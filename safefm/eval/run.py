@@ -1,6 +1,6 @@
 """``safefm-eval``'s orchestration: :func:`run` evaluates SAFE-FM and the baselines
-(:mod:`safefm.eval.baselines`) through one code path, privacy on LFW photos
-(:mod:`safefm.eval.privacy`) and fidelity and stability on the video clips
+(:mod:`safefm.eval.baselines`) through one code path, privacy and realism on LFW photos
+(:mod:`safefm.eval.privacy`) and fidelity, realism and stability on the video clips
 (:mod:`safefm.eval.video`), resumable piece by piece (:mod:`safefm.eval.resume`), and writes
 ``report.json``, ``report.md`` and the plots (:mod:`safefm.eval.report`, :mod:`safefm.eval.plots`).
 
@@ -27,6 +27,7 @@ from .resume import ResumeCache
 from .video import run_video
 
 SCHEMA = "safefm-eval/1"
+PIECES = 2   # what a resumable piece holds; pieces saved by another version are not reused
 
 
 def default_engine_factory(opts: EvalOptions) -> EngineFactory:
@@ -97,7 +98,8 @@ def run(opts: EvalOptions, engine_factory: EngineFactory | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model_label = opts.model_label or file_label(resolve_model_path(opts.model), default_model_path())
     signature = {"data": str(data_dir), "max_people": opts.max_people, "max_clips": opts.max_clips,
-                 "max_frames": opts.max_frames, "embed_stride": opts.embed_stride}
+                 "max_frames": opts.max_frames, "embed_stride": opts.embed_stride,
+                 "pieces": PIECES}
     rt_label = file_label(opts.runtime_config, None) if opts.runtime_config else "configs/runtime_default.toml"
     rt_changed = runtime_settings_changed(opts.runtime_config)   # a new default re-runs SAFE-FM too
     tag = hashlib.sha1(json.dumps([model_label, str(opts.identity), opts.seed, opts.runtime]
