@@ -320,8 +320,8 @@ def build_engine(cfg: RuntimeConfig, model_path=None, identity_path=None, video:
     ``cfg.identity_guard`` > 0 the shipped identities are the guard's alternatives."""
     from .paths import default_identity_path, resolve_model_path
 
-    if cfg.threads > 0 and cfg.runtime == "torch":
-        torch.set_num_threads(cfg.threads)   # process-wide by torch's design: set here, once, visibly
+    if cfg.threads > 0:   # torch's count is process-wide (its own per-frame work, and the torch runtime)
+        torch.set_num_threads(cfg.threads)
     gen = Generator.load(resolve_model_path(model_path), cfg)
     identity = load_identity(identity_path or default_identity_path(), gen.model_cfg.identity_dim)
     return Engine(gen, identity, cfg, video=video, guard=default_guard(cfg, identity, gen.model_cfg.identity_dim))

@@ -349,3 +349,16 @@ def test_status_frame_and_badge():
     assert ys.max() < 60 and xs.max() < 240                       # a small top-left badge
     assert (out == C.BADGE_RGB).all(axis=2).sum() > 200
     assert C.badge(frame, out=frame) is frame and frame.any()
+
+
+@pytest.mark.parametrize("side", [1, 2, 3, 4, 5, 9, 17])
+def test_seamless_paste_of_a_face_leaving_through_a_corner_does_not_crash(side):
+    """A mask that is only a few pixels inside the frame (a face leaving through a corner)."""
+    frame = np.full((64, 64, 3), 90, np.uint8)
+    crop = np.full((32, 32, 3), 200, np.uint8)
+    mask = np.zeros((64, 64), np.float32)
+    mask[:side, :side] = 1.0
+    M_inv = np.array([[1.0, 0, -16], [0, 1.0, -16]])          # the crop mostly outside the frame
+    out = C.paste(frame, crop, M_inv, mask, face=np.ones((32, 32), np.float32))
+    assert out.shape == frame.shape and (out[:side, :side] != 90).any()
+    assert (out[side:, side:] == 90).all()

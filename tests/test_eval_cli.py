@@ -121,8 +121,7 @@ def test_quick_eval_writes_every_field(tmp_path):
             {"sharpness": 1.0, "tone_gap": 0.0, "chroma_excess": 0.0}
         assert priv["methods"]["blur"]["realism"][part]["sharpness"] < 0.1     # blur wipes the detail
     assert priv["methods"]["blur"]["realism"]["grey"]["chroma_excess"] < 0.5   # a blurred grey face stays grey
-    sf = priv["methods"]["safefm"]["realism"]["colour"]
-    assert sf["sharpness"] != pytest.approx(1.0) and sf["tone_gap"] > 0
+    assert priv["methods"]["safefm"]["realism"]["grey"]["chroma_excess"] < 1.0  # grey photos stay grey
 
     vid = rep["video"]
     assert vid["features"] == list(FEATURES)
@@ -152,8 +151,6 @@ def test_quick_eval_writes_every_field(tmp_path):
         {"sharpness": 1.0, "tone_gap": 0.0, "chroma_excess": 0.0}
     assert vid["methods"]["blur"]["overall"]["realism"]["sharpness"] < 0.1
     assert vid["methods"]["blur"]["overall"]["dlib68_output_face_found"] < 0.5   # no face left to read
-    vs = vid["methods"]["safefm"]["overall"]["realism"]
-    assert vs["sharpness"] != pytest.approx(1.0) and vs["tone_gap"] > 0
     assert vid["methods"]["safefm"]["engine"]["generator_steps"] == 4
 
     for name in ("report.md", "privacy.png", "fidelity.png", "stability.png"):

@@ -349,7 +349,7 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
     w, h = x1 - x0, y1 - y0
     weight = np.ascontiguousarray(mask[y0:y1, x0:x1], np.float32)
     dst = out[y0:y1, x0:x1]
-    if face is None:
+    if face is None or min(w, h) < 4 << max(0, int(fill_levels)):   # a sliver (a face leaving the frame)
         src = cv2.warpAffine(crop, M, (w, h), flags=cv2.INTER_LINEAR,
                              borderMode=cv2.BORDER_CONSTANT, borderValue=PLACEHOLDER_RGB)
         cv2.blendLinear(src, dst, weight, 1.0 - weight, dst=dst)
