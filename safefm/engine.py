@@ -177,17 +177,21 @@ class Engine:
         for tid in [k for k in self._states if k not in live_ids]:
             del self._states[tid]
 
+        # With several faces, no face's paste may read another's real face (faces are pasted in turn)
+        real = [tr.raw for tr in matched] + [self._state(tr.id).last_landmarks for tr in lost]
+        protect = (composite.face_mask(real, out.shape[:2], self.cfg.mask_dilate, 0.0)
+                   if len([lm for lm in real if lm is not None]) > 1 else None)
         for tr in matched:
             st = self._state(tr.id)
             try:
-                results.append(self._anonymize(out, frame, tr, st, timings))
+                results.append(self._anonymize(out, frame, tr, st, timings, protect))
             except Exception as exc:  # fail closed: whatever broke, the raw face does not leave
                 log.warning("face %d not anonymized: %s", tr.id, exc)
                 results.append(self._cover(out, tr, st, reason=f"{type(exc).__name__}: {exc}",
-                                           landmarks=tr.raw, missing=1))
+                                           landmarks=tr.raw, missing=1, protect=protect))
         for tr in lost:
             results.append(self._cover(out, tr, self._state(tr.id), reason="landmarks lost", landmarks=None,
-                                       missing=tr.missing))
+                                       missing=tr.missing, protect=protect))
         return FrameResult(image=out, faces=results, timings=timings)
 
     def _check_identity(self, frame: np.ndarray, matched: list[Track]) -> None:
@@ -228,7 +232,7 @@ class Engine:
             st = self._states[track_id] = _TrackState(neutral)
         return st
 
-    def _anonymize(self, out, frame, tr: Track, st: _TrackState, timings) -> FaceResult:
+    def _anonymize(self, out, frame, tr: Track, st: _TrackState, timings, protect=None) -> FaceResult:
         S, cfg = self.mcfg.image_size, self.cfg
         if self._repel_on and not st.repel_tried:   # once per track: the real face to steer away from
             t_r = time.perf_counter()
@@ -283,7 +287,7 @@ class Engine:
         mask = composite.face_mask([tr.raw, tr.landmarks, ret_frame], out.shape[:2],
                                    cfg.mask_dilate, cfg.mask_feather)
         face = composite.face_alpha(ret_crop, S, image=crop) if cfg.seamless_paste else None
-        composite.paste(out, crop, M_inv, mask, out=out, face=face)
+        composite.paste(out, crop, M_inv, mask, out=out, face=face, protect=protect)
         timings["composite"] += time.perf_counter() - t_d
 
         st.z_prev = z.detach().clone() if self.video else None
@@ -291,7 +295,8 @@ class Engine:
         st.good_frames += 1
         return FaceResult(tr.id, face_box(tr.raw, out.shape), ANONYMIZED, tr.raw)
 
-    def _cover(self, out, tr: Track, st: _TrackState, *, reason: str, landmarks, missing: int) -> FaceResult:
+    def _cover(self, out, tr: Track, st: _TrackState, *, reason: str, landmarks, missing: int,
+               protect=None) -> FaceResult:
         """Fail-closed cover for a face that was not anonymized this frame (policy in the module doc)."""
         cfg = self.cfg
         lm = landmarks if landmarks is not None else (st.last_landmarks if st.last_landmarks is not None else tr.raw)
@@ -303,7 +308,7 @@ class Engine:
             else:
                 M_inv = st.last_M_inv
             mask = composite.face_mask([lm], out.shape[:2], cfg.mask_dilate + grow, cfg.mask_feather)
-            composite.paste(out, st.last_crop, M_inv, mask, out=out, face=st.last_face)
+            composite.paste(out, st.last_crop, M_inv, mask, out=out, face=st.last_face, protect=protect)
             return FaceResult(tr.id, box, HELD, landmarks, reason)
         composite.cover_placeholder(out, box, out=out)
         return FaceResult(tr.id, box, PLACEHOLDER, landmarks, reason)

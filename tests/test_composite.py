@@ -362,3 +362,26 @@ def test_seamless_paste_of_a_face_leaving_through_a_corner_does_not_crash(side):
     out = C.paste(frame, crop, M_inv, mask, face=np.ones((32, 32), np.float32))
     assert out.shape == frame.shape and (out[:side, :side] != 90).any()
     assert (out[side:, side:] == 90).all()
+
+
+def test_seamless_paste_never_reads_another_face_that_is_protected():
+    """Two faces side by side: the first one pasted must not carry the second's real pixels."""
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    crop = np.full((32, 32, 3), 180, np.uint8)
+    mask = np.zeros((64, 96), np.float32)
+    mask[8:56, 8:48] = 0.5
+    mask[16:48, 16:40] = 1.0
+    other = np.zeros((64, 96), np.float32)
+    other[8:56, 44:90] = 1.0                        # the second real face, inside the first's feather
+    M_inv = np.array([[1.0, 0, 12], [0, 1.0, 16]])
+    face = np.zeros((32, 32), np.float32)
+    face[10:22, 6:18] = 1.0                         # the generated face; the rest of the mask is fill
+    a = C.paste(frame, crop, M_inv, mask, face=face, protect=other)
+    changed = frame.copy()
+    changed[other > 0] = 255 - changed[other > 0]   # only the other face changes
+    b = C.paste(changed, crop, M_inv, mask, face=face, protect=other)
+    full = mask == 1.0
+    assert np.array_equal(a[full], b[full])
+    c = C.paste(changed, crop, M_inv, mask, face=face)
+    assert not np.array_equal(a[full], c[full])     # without protection it would have leaked in

@@ -316,7 +316,8 @@ def _band_fill(src: np.ndarray, alpha: np.ndarray, real: np.ndarray,
 def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarray,
           out: np.ndarray | None = None,
           box: tuple[int, int, int, int] | None = None,
-          face: np.ndarray | None = None, fill_levels: int = 2) -> np.ndarray:
+          face: np.ndarray | None = None, fill_levels: int = 2,
+          protect: np.ndarray | None = None) -> np.ndarray:
     """Warp ``crop`` into the frame and blend it in under ``mask``.
 
     ``frame``: ``(H, W, 3) uint8``; ``crop``: ``(S, S, 3) uint8``; ``M_inv``: ``(2, 3)`` affine
@@ -333,7 +334,8 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
     at ``2 ** -fill_levels`` of the resolution), so the face meets its real surroundings
     without a band of foreign colour; a grey-scale frame gets a grey face.
     Either way, pixels where ``mask == 1`` never depend on the frame's pixels there: no raw
-    content is kept or blended in.
+    content is kept or blended in. ``protect`` (``(H, W) float32``, e.g. every real face of the
+    frame): the fill never reads the frame where it is > 0 either (another face not pasted yet).
     """
     if out is None:
         out = frame.copy()
@@ -360,6 +362,8 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     # The fill is smooth: it is worked out 2 ** fill_levels times smaller (Gaussian pyramid).
     known = cv2.compare(weight, 1.0, cv2.CMP_LT)                  # 255 where the frame may be used
+    if protect is not None:
+        known = cv2.bitwise_and(known, cv2.compare(np.ascontiguousarray(protect[y0:y1, x0:x1]), 0.0, cv2.CMP_LE))
     real = cv2.bitwise_and(dst, dst, mask=known)                  # the real face zeroed out
     sizes = [(w, h)]
     small = [src, alpha8, real, known]
