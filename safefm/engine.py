@@ -279,14 +279,15 @@ class Engine:
         t_d = time.perf_counter()
         timings["decode"] += t_d - t_c
 
+        ret_dist = composite.oval_distance(ret_crop, S)   # once: skin mask and face alpha share it
         if cfg.color_match:
             real_crop = alignment.crop_face(frame, M, S)
-            crop = composite.color_match(crop, real_crop, composite.skin_mask(ret_crop, S),
+            crop = composite.color_match(crop, real_crop, composite.skin_mask(ret_crop, S, dist=ret_dist),
                                          composite.skin_mask(lm_crop, S))
         ret_frame = alignment.transform_points(ret_crop, M_inv)
         mask = composite.face_mask([tr.raw, tr.landmarks, ret_frame], out.shape[:2],
                                    cfg.mask_dilate, cfg.mask_feather)
-        face = composite.face_alpha(ret_crop, S, image=crop) if cfg.seamless_paste else None
+        face = composite.face_alpha(ret_crop, S, image=crop, dist=ret_dist) if cfg.seamless_paste else None
         composite.paste(out, crop, M_inv, mask, out=out, face=face, protect=protect)
         timings["composite"] += time.perf_counter() - t_d
 

@@ -174,11 +174,15 @@ def oval_distance(landmarks: np.ndarray, size: int) -> np.ndarray:
     return (d_out - d_in) * np.float32(1.0 / face_width(pts))
 
 
-def skin_mask(landmarks: np.ndarray, size: int, depth: float = 0.15) -> np.ndarray:
+def skin_mask(landmarks: np.ndarray, size: int, depth: float = 0.15,
+              dist: np.ndarray | None = None) -> np.ndarray:
     """The inner face of a ``size`` x ``size`` crop: ``(size, size) float32``, 1 deeper than
     ``depth`` face widths inside the oval of ``landmarks`` (``(478, 2|3)``, crop pixels), else
-    0. Away from hair and background; :func:`color_match` compares two faces over it."""
-    return (oval_distance(landmarks, size) < -depth).astype(np.float32)
+    0. Away from hair and background; :func:`color_match` compares two faces over it.
+    ``dist``: :func:`oval_distance` of ``landmarks`` when the caller already has it."""
+    if dist is None:
+        dist = oval_distance(landmarks, size)
+    return (dist < -depth).astype(np.float32)
 
 
 def _smoothstep(t: np.ndarray) -> np.ndarray:
@@ -188,7 +192,7 @@ def _smoothstep(t: np.ndarray) -> np.ndarray:
 
 def face_alpha(landmarks: np.ndarray, size: int, inner: float = 0.08, outer: float = 0.0,
                image: np.ndarray | None = None, edge: float = 0.2,
-               dark: tuple[float, float] = (1.0, 2.5)) -> np.ndarray:
+               dark: tuple[float, float] = (1.0, 2.5), dist: np.ndarray | None = None) -> np.ndarray:
     """How much of a generated crop is its face: ``(size, size) float32`` in [0, 1].
 
     ``1`` from ``inner`` face widths inside the oval of ``landmarks`` (``(478, 2|3)``, crop
@@ -197,9 +201,11 @@ def face_alpha(landmarks: np.ndarray, size: int, inner: float = 0.08, outer: flo
     With ``image`` (the ``(size, size, 3) uint8`` crop), pixels within ``edge`` face widths of
     the oval that are far darker than the inner face's skin (lightness ``dark[0]`` to
     ``dark[1]`` robust standard deviations below its median) are left out too: the
-    generator's hair strands and smudges along the face edge.
+    generator's hair strands and smudges along the face edge. ``dist``: :func:`oval_distance`
+    of ``landmarks`` when the caller already has it.
     """
-    dist = oval_distance(landmarks, size)
+    if dist is None:
+        dist = oval_distance(landmarks, size)
     alpha = _smoothstep((outer - dist) / max(inner + outer, 1e-6))
     if image is not None:
         L = cv2.cvtColor(image, cv2.COLOR_RGB2Lab)[..., 0].astype(np.float32)   # 0..255
