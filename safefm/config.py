@@ -42,6 +42,8 @@ class ModelConfig:
     decoder_widths: tuple[int, ...] = (128, 64, 32)
     decoder_blocks: tuple[int, ...] = (3, 2, 1)
     decoder_heat: bool = False
+    detail_width: int = 0          # > 0: a 2x detail stage (DetailNet) of this width after the decoder
+    detail_blocks: int = 2
 
     @property
     def latent_size(self) -> int:
@@ -72,6 +74,9 @@ class ModelConfig:
                 raise ConfigError(
                     f"the fast decoder upsamples by 2 ** len(decoder_widths) = {2 ** len(self.decoder_widths)} "
                     f"(the last 2x by pixel shuffle), not latent_downscale={self.latent_downscale}")
+        if self.detail_width < 0 or (self.detail_width and self.detail_blocks < 1):
+            raise ConfigError(f"detail_width must be >= 0 (0: no detail stage) and detail_blocks >= 1, "
+                              f"got {self.detail_width} and {self.detail_blocks}")
         cn_down = 2 ** (len(self.controlnet_embedding_channels) - 1)
         if self.heatmap_size != self.latent_size * cn_down:
             raise ConfigError(
@@ -109,6 +114,7 @@ class RuntimeConfig:
     mask_feather: float = 0.06
     color_match: bool = True
     seamless_paste: bool = True
+    detail_min_px: int = 160
     identity_guard: float = 0.0
     identity_repel: float = 1.0
     repel_until: float = 1.0
@@ -141,6 +147,8 @@ class RuntimeConfig:
                               "kinds of guidance: use one of them")
         if not 0.0 <= self.identity_guard <= 2.0:
             raise ConfigError(f"identity_guard must be in [0, 2] (0 = off), got {self.identity_guard}")
+        if self.detail_min_px < 0:
+            raise ConfigError(f"detail_min_px must be >= 0 (0 = never use the detail stage), got {self.detail_min_px}")
         if not 0.0 <= self.eye_gain <= 3.0:
             raise ConfigError(f"eye_gain must be in [0, 3], got {self.eye_gain}")
 

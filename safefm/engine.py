@@ -46,9 +46,9 @@ class _TrackState:
     """What the engine remembers of one face track between frames."""
     neutral: retarget.NeutralEstimator
     z_prev: torch.Tensor | None = None            # (1, C, h, w) last output latent (warm start)
-    last_crop: np.ndarray | None = None           # (S, S, 3) last good synthetic face
+    last_crop: np.ndarray | None = None           # (S or 2S, same, 3) last good synthetic face
     last_M_inv: np.ndarray | None = None          # (2, 3) crop -> frame of that face
-    last_face: np.ndarray | None = None           # (S, S) float32 face alpha of that face (seamless paste)
+    last_face: np.ndarray | None = None           # its (same side) float32 face alpha (seamless paste)
     last_landmarks: np.ndarray | None = None      # (478, 3) real landmarks at the last sighting
     good_frames: int = 0
     heat: np.ndarray | None = field(default=None, repr=False)  # reused heatmap buffer
@@ -288,6 +288,14 @@ class Engine:
         mask = composite.face_mask([tr.raw, tr.landmarks, ret_frame], out.shape[:2],
                                    cfg.mask_dilate, cfg.mask_feather)
         face = composite.face_alpha(ret_crop, S, image=crop, dist=ret_dist) if cfg.seamless_paste else None
+        if self._wants_detail(M):   # a large face: the 2x detail stage, pasted from 2S px
+            t_e = time.perf_counter()
+            crop = self.gen.refine(crop[None])[0]
+            face = None if face is None else cv2.resize(face, (2 * S, 2 * S), interpolation=cv2.INTER_LINEAR)
+            M_inv = alignment.resized_crop_affine(M_inv, S, 2 * S)
+            t_f = time.perf_counter()
+            timings["decode"] += t_f - t_e
+            t_d += t_f - t_e
         composite.paste(out, crop, M_inv, mask, out=out, face=face, protect=protect)
         timings["composite"] += time.perf_counter() - t_d
 
@@ -295,6 +303,18 @@ class Engine:
         st.last_crop, st.last_M_inv, st.last_landmarks, st.last_face = crop, M_inv, tr.raw, face
         st.good_frames += 1
         return FaceResult(tr.id, face_box(tr.raw, out.shape), ANONYMIZED, tr.raw)
+
+    def _wants_detail(self, M: np.ndarray) -> bool:
+        """Whether a face whose frame -> crop affine is ``M`` gets the 2x detail stage: the model
+        has one and the crop spans at least ``detail_min_px`` frame pixels."""
+        px = self.cfg.detail_min_px
+        return self.gen.has_detail and px > 0 and self.mcfg.image_size / alignment.affine_scale(M) >= px
+
+    def _crop_to_frame(self, landmarks: np.ndarray, crop_size: int) -> np.ndarray:
+        """The crop -> frame affine of a ``crop_size`` px crop aligned on ``landmarks``."""
+        S = self.mcfg.image_size
+        M_inv = alignment.invert_affine(alignment.align_matrix(landmarks, S))
+        return M_inv if crop_size == S else alignment.resized_crop_affine(M_inv, S, crop_size)
 
     def _cover(self, out, tr: Track, st: _TrackState, *, reason: str, landmarks, missing: int,
                protect=None) -> FaceResult:
@@ -305,7 +325,7 @@ class Engine:
         box = face_box(lm, out.shape, margin=min(1.0, 0.2 + grow))
         if st.last_crop is not None and missing <= cfg.hold_frames:
             if landmarks is not None:  # the face is visible: place the held face where it is now
-                M_inv = alignment.invert_affine(alignment.align_matrix(landmarks, self.mcfg.image_size))
+                M_inv = self._crop_to_frame(landmarks, st.last_crop.shape[0])
             else:
                 M_inv = st.last_M_inv
             mask = composite.face_mask([lm], out.shape[:2], cfg.mask_dilate + grow, cfg.mask_feather)

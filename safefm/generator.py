@@ -5,15 +5,16 @@
 - ``identity_tokens(embedding (D,)) -> (1, K, W)``      once per identity
 - ``generate(heat, tokens, noise, z_prev, t0, steps)``  the Euler ODE (:mod:`safefm.sampler`)
 - ``decode(z) -> (B, S, S, 3) uint8``                   latent to RGB crops
+- ``refine(crops) -> (B, 2S, 2S, 3) uint8``             the model's 2x detail stage, if it has one
 
 LoRA is fused into the base weights at load (inference needs no adapter bookkeeping). The
 ControlNet's heatmap encoder runs once per frame, not once per Euler step: it is split off
 (``cond_embed``) and the velocity network takes its output.
 
-The three graphs (heatmap encoder, velocity = UNet + ControlNet, decoder) are run by one
-backend, chosen once: :class:`TorchBackend` or :class:`OnnxBackend` (exported once to ONNX,
+The graphs (heatmap encoder, velocity = UNet + ControlNet, decoder, and the detail stage
+when the model has one) are run by one backend, chosen once: :class:`TorchBackend` or :class:`OnnxBackend` (exported once to ONNX,
 opset 17, cached by the weights' checksum, run by onnxruntime sessions). Both have the same
-small interface (``device``, ``embed``, ``velocity``, ``decode``); everything else (identity
+small interface (``device``, ``embed``, ``velocity``, ``decode``, ``refine``); everything else (identity
 tokens, guidance, the sampler, uint8 conversion) is the Generator's, the same for both. All
 float32. Nothing process-wide is changed: ``threads`` sizes the onnxruntime sessions' own
 pools; torch has only a process-wide count, which is its caller's to set
@@ -93,6 +94,10 @@ class TorchBackend:
         """Latents (B, C, h, w) (+ heatmaps (B, Ch, H, H) or None) -> images (B, 3, S, S) in about [-1, 1]."""
         return self.model.decode(z.to(self.device), None if heat is None else heat.to(self.device)).cpu().numpy()
 
+    def refine(self, x: np.ndarray) -> np.ndarray:
+        """Images (B, 3, S, S) in [-1, 1] -> the detail stage's (B, 3, 2S, 2S)."""
+        return self.model.detail(torch.from_numpy(x).to(self.device)).cpu().numpy()
+
 
 def _run1(sess, feeds: dict) -> np.ndarray:
     """Run a batch-1 session over a batch: (B, ...) inputs -> (B, ...) output, item by item."""
@@ -117,6 +122,7 @@ class OnnxBackend:
         folder = cache_dir() / "onnx" / f"{digest[:16]}-{ONNX_GRAPHS}-{torch.__version__.split('+')[0]}"
         folder.mkdir(parents=True, exist_ok=True)
         v_path, d_path, c_path = folder / "velocity.onnx", folder / "decoder.onnx", folder / "cond.onnx"
+        r_path = folder / "detail.onnx"
         z = torch.zeros(1, *mc.latent_shape)
         heat = torch.zeros(1, mc.heatmap_channels, mc.heatmap_size, mc.heatmap_size)
         if cond_embed is not None and not c_path.exists():
@@ -130,6 +136,9 @@ class OnnxBackend:
                 _export(_Decoder(model).cpu(), (z, heat), d_path, ["z", "heat"], ["image"])
             else:
                 _export(_Decoder(model).cpu(), (z,), d_path, ["z"], ["image"])
+        if model.detail is not None and not r_path.exists():
+            _export(model.detail.cpu(), (torch.zeros(1, 3, mc.image_size, mc.image_size),), r_path,
+                    ["image"], ["detail"])
         opts = ort.SessionOptions()
         if cfg.threads > 0:
             opts.intra_op_num_threads = cfg.threads
@@ -147,6 +156,8 @@ class OnnxBackend:
             self._decoder = ort.InferenceSession(str(d_path), opts, providers=providers)
             self._cond = (ort.InferenceSession(str(c_path), opts, providers=providers)
                           if cond_embed is not None else None)
+            self._detail = (ort.InferenceSession(str(r_path), opts, providers=providers)
+                            if model.detail is not None else None)
         except Exception as exc:
             raise WeightsError(f"onnxruntime could not load the exported model in {folder} ({exc}); "
                                "delete that folder or use --runtime torch") from None
@@ -173,6 +184,10 @@ class OnnxBackend:
         if heat is not None:
             feeds["heat"] = np.ascontiguousarray(heat.cpu().numpy())
         return _run1(self._decoder, feeds)
+
+    def refine(self, x: np.ndarray) -> np.ndarray:
+        """Images (B, 3, S, S) in [-1, 1] -> the detail stage's (B, 3, 2S, 2S)."""
+        return _run1(self._detail, {"image": np.ascontiguousarray(x, np.float32)})
 
 
 def _export(module, args, path: Path, inputs, outputs) -> None:
@@ -308,5 +323,24 @@ class Generator:
         else:
             heat = torch.as_tensor(heat, dtype=torch.float32)
             heat = (heat[None] if heat.dim() == 3 else heat).expand(z.shape[0], -1, -1, -1)
-        img = self.backend.decode(z, heat).transpose(0, 2, 3, 1)
-        return np.ascontiguousarray(np.rint((np.clip(img, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8))
+        return _to_uint8(self.backend.decode(z, heat))
+
+    @property
+    def has_detail(self) -> bool:
+        """Whether the model has a 2x detail stage (:meth:`refine`)."""
+        return self.model.detail is not None
+
+    @torch.no_grad()
+    def refine(self, crops: np.ndarray) -> np.ndarray:
+        """RGB crops (B, S, S, 3) uint8 -> (B, 2S, 2S, 3) uint8 through the model's 2x detail
+        stage (:class:`safefm.models.DetailNet`). Raises RuntimeError without one."""
+        if not self.has_detail:
+            raise RuntimeError("this model has no detail stage")
+        x = np.ascontiguousarray(crops.transpose(0, 3, 1, 2), np.float32) / 127.5 - 1.0
+        return _to_uint8(self.backend.refine(x))
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    """(B, 3, H, W) float in about [-1, 1] -> (B, H, W, 3) uint8."""
+    img = img.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(np.rint((np.clip(img, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8))

@@ -9,6 +9,9 @@
     python scripts/train.py --stage sampler                     # identity sampler over dlib embeddings
     python scripts/train.py --stage export   [--out weights/safefm_default.safetensors]
     python scripts/train.py --stage preview                     # runs/preview_*.png (recon + samples)
+    python scripts/train.py --stage detail-data                 # data_cache/detail_pack.npz: crops + product outputs
+    python scripts/train.py --stage detail --device cuda --max-minutes 7   # 2x detail stage (patch GAN)
+    python scripts/train.py --stage detail-export --from default --out weights/safefm_default.safetensors
     python scripts/train.py --stage heat-decoder --from default --max-minutes 40 \
         --out weights/safefm_default.safetensors               # decoder that also reads the heatmaps (eyelids)
 
@@ -33,7 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("ae", "cache", "decoder", "base", "adapters", "sampler", "export", "preview", "heat-decoder")
+STAGES = ("ae", "cache", "decoder", "base", "adapters", "sampler", "export", "preview", "heat-decoder",
+          "detail-data", "detail", "detail-export")
 
 
 def _overrides(tcfg, a):
@@ -118,6 +122,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="export / heat-decoder: output .safetensors")
     ap.add_argument("--from", dest="source", default="default",
                     help="heat-decoder: the model whose decoder is fine-tuned (name or .safetensors path)")
+    ap.add_argument("--device", default="cpu", help="detail: torch device (cpu, cuda)")
+    ap.add_argument("--pack", type=Path, default=None,
+                    help="detail-data / detail: the crops + product outputs pack (default data_cache/detail_pack.npz)")
+    ap.add_argument("--detail", default="",
+                    help="detail: DetailTrainConfig overrides, e.g. 'width=32,blocks=2,adv=0.05'")
+    ap.add_argument("--real", type=int, default=4000, help="detail-data: real crops in the pack")
+    ap.add_argument("--sampled", type=int, default=1500, help="detail-data: product outputs in the pack")
     a = ap.parse_args(argv)
 
     from safefm.config import load_model_config
@@ -136,7 +147,7 @@ def main(argv=None) -> int:
     log = print if runner is None or runner.is_main else (lambda *_: None)
     root = Path(a.runs or runs_root())
     sdir = root / a.stage
-    if a.stage in ("ae", "decoder", "base", "adapters", "sampler", "heat-decoder"):
+    if a.stage in ("ae", "decoder", "base", "adapters", "sampler", "heat-decoder", "detail"):
         if runner is None or runner.is_main:
             _prepare_run(sdir, a.fresh)
         if runner is not None:
@@ -211,7 +222,46 @@ def main(argv=None) -> int:
         preview(root)
     elif a.stage == "heat-decoder":
         stage_heat_decoder(a, sdir)
+    elif a.stage == "detail-data":
+        from safefm.train.detail import write_pack
+
+        out = write_pack(a.pack or _default_pack(), real=a.real, sampled=a.sampled, source=a.source)
+        print(f"wrote {out}")
+    elif a.stage == "detail":
+        stage_detail(a, sdir)
+    elif a.stage == "detail-export":
+        from safefm.train.detail import export_detail
+
+        out = a.out or root / "export" / "safefm_default.safetensors"
+        export_detail(a.source, sdir.with_name("detail") / "last.pt", out)
+        print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
+
+
+def _default_pack() -> Path:
+    from safefm.train.data import cache_root
+
+    return cache_root() / "detail_pack.npz"
+
+
+def stage_detail(a, sdir: Path) -> None:
+    """The 2x detail stage (safefm.train.detail) on a pack from --stage detail-data."""
+    from safefm.train.detail import DetailTrainConfig, read_pack, train_detail
+
+    pairs = [kv.split("=", 1) for kv in a.detail.split(",") if kv.strip()]
+    fields = {f.name: f.type for f in dataclasses.fields(DetailTrainConfig)}
+    over = {}
+    for k, v in pairs:
+        k = k.strip()
+        if k not in fields:
+            raise SystemExit(f"--detail: unknown field {k!r} (fields: {', '.join(fields)})")
+        over[k] = tuple(float(x) for x in v.split("/")) if k == "blur" else (
+            int(v) if fields[k] == "int" else float(v))
+    tcfg = dataclasses.replace(DetailTrainConfig(), **over)
+    real, sampled = read_pack(a.pack or _default_pack())
+    print(f"detail: {len(real)} real crops, {len(sampled)} product outputs, {tcfg}", flush=True)
+    ck = train_detail(real, sampled, tcfg, sdir, device=a.device, max_minutes=a.max_minutes)
+    print(json.dumps({"step": ck["step"], **ck["eval"]}, indent=2))
 
 
 def stage_heat_decoder(a, sdir: Path) -> None:

@@ -125,6 +125,14 @@ def affine_scale(m: np.ndarray) -> float:
     return float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
 
 
+def resized_crop_affine(m_inv: np.ndarray, size: int, new_size: int) -> np.ndarray:
+    """The crop -> frame affine ``m_inv`` (2, 3) of a ``size`` px crop, for the same crop
+    resampled to ``new_size`` px (pixel centres kept: ``p_old = (p_new + 0.5) * size / new_size - 0.5``)."""
+    f = size / new_size
+    scale = np.array([[f, 0.0, 0.5 * f - 0.5], [0.0, f, 0.5 * f - 0.5], [0.0, 0.0, 1.0]])
+    return np.asarray(m_inv, np.float64) @ scale
+
+
 def transform_points(pts: np.ndarray, m: np.ndarray) -> np.ndarray:
     """Apply a (2, 3) affine to (N, 2) or (N, 3) points; z (if any) is multiplied by the
     affine's scale so it stays in the pixel units of the new image. Returns float32, same shape."""
