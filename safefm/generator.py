@@ -215,6 +215,12 @@ class Generator:
             scale_controlnet(model.controlnet, cfg.controlnet_scale)
             if digest:   # other weights than the file's: their own ONNX export
                 digest = hashlib.sha256(f"{digest}:cn{cfg.controlnet_scale!r}".encode()).hexdigest()
+        if cfg.detail_strength != 1.0 and model.detail is not None:
+            with torch.no_grad():   # the residual's last convolution carries the whole residual
+                model.detail.tail.weight.mul_(cfg.detail_strength)
+                model.detail.tail.bias.mul_(cfg.detail_strength)
+            if digest:
+                digest = hashlib.sha256(f"{digest}:detail{cfg.detail_strength!r}".encode()).hexdigest()
         if any("lora_" in k for k in model.unet.state_dict()):
             model.unet.fuse_lora()
             model.unet.unload_lora()

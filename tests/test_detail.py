@@ -182,3 +182,14 @@ def test_engine_pastes_large_faces_from_the_detail_stage(clip_frames, monkeypatc
     assert calls and set(calls) == {1}
     assert np.abs(outs[1].astype(int) - outs[0].astype(int)).max() > 20
     assert np.array_equal(outs[0], outs[100000])
+
+
+def test_detail_strength_scales_the_learned_residual():
+    crops = sharp_images(1)
+    out = {s: Generator(detail_model(), load_runtime_config(runtime="torch", detail_strength=s)).refine(crops)
+           .astype(float) for s in (0.0, 0.5, 1.0)}
+    up = cv2.resize(crops[0], (64, 64), interpolation=cv2.INTER_LINEAR).astype(float)
+    assert np.abs(out[0.0][0] - up).max() <= 1   # strength 0: the plain bilinear upsample
+    half = np.abs(out[0.5] - out[0.0]).mean()
+    full = np.abs(out[1.0] - out[0.0]).mean()
+    assert full > 1 and half == pytest.approx(full / 2, rel=0.15)
