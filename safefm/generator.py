@@ -38,7 +38,7 @@ from .paths import cache_dir
 from .sampler import sample
 
 log = logging.getLogger(__name__)
-ONNX_GRAPHS = "g4"  # bump when the exported graphs change, so stale caches are not reused
+ONNX_GRAPHS = "g5"  # bump when the exported graphs change, so stale caches are not reused
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 

@@ -91,7 +91,9 @@ class FastDecoder(nn.Module):
 class DetailNet(nn.Module):
     """The 2x detail stage: image (B, 3, s, s) in [-1, 1] -> image (B, 3, 2s, 2s), about [-1, 1].
 
-    The bilinear 2x upsample of the input plus a learned residual: a head convolution, residual
+    The bilinear 2x upsample of the input plus a learned residual: a fixed binomial low-pass
+    ([1, 2, 1] / 4 each way: the fast decoder's own pixel shuffle leaves a faint 2 px pattern that
+    a sharpening stage would otherwise turn into a visible mesh), a head convolution, residual
     blocks at the input's resolution and a pixel shuffle (so no convolution runs at the output's
     resolution). The residual's last convolution starts at zero, so an untrained stage is the
     plain bilinear upsample. Fully convolutional: trained on 64 -> 128 px pairs (the only scale
@@ -105,11 +107,14 @@ class DetailNet(nn.Module):
                                                  nn.Conv2d(width, width, 3, padding=1)) for _ in range(blocks)])
         self.tail = nn.Conv2d(width, 3 * 4, 3, padding=1)
         self.shuffle = nn.PixelShuffle(2)
+        k = torch.tensor([1.0, 2.0, 1.0]) / 4
+        self.register_buffer("lowpass", (k[:, None] * k[None, :]).expand(3, 1, 3, 3).clone(), persistent=False)
         nn.init.zeros_(self.tail.weight)
         nn.init.zeros_(self.tail.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = nn.functional.leaky_relu(self.head(x), 0.2)
+        xl = nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), self.lowpass, groups=3)
+        h = nn.functional.leaky_relu(self.head(xl), 0.2)
         for block in self.body:
             h = h + block(h)
         up = nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
