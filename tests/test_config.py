@@ -118,3 +118,15 @@ def test_the_live_camera_keeps_repel_off_unless_the_file_or_a_flag_sets_it(tmp_p
     for argv in ([], ["--config", str(f)], ["--config", str(on)], ["--config", str(on), "--identity-repel", "0"]):
         _engine_factory(build_parser().parse_args(argv), factory)()
     assert seen == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_the_live_camera_keeps_the_detail_stage_off_unless_asked(tmp_path):
+    from safefm.cli.cam import _engine_factory, build_parser
+
+    seen = []
+    on = tmp_path / "detail.toml"
+    on.write_text("[runtime]\ndetail_min_px = 200\n")
+    for argv in ([], ["--config", str(on)], ["--detail-min-px", "160"]):
+        _engine_factory(build_parser().parse_args(argv), lambda cfg, **kw: seen.append(cfg.detail_min_px))()
+    assert seen == [0, 200, 160]
+    assert load_runtime_config().detail_min_px == 160          # files and images: on for large faces

@@ -41,8 +41,9 @@ EngineFactory = Callable[..., Any]
 log = logging.getLogger("safefm.live")
 DEFAULT_SIZE, DEFAULT_FPS = (640, 480), 30.0
 # The camera's own runtime defaults, above the built-in ones and below --config and the flags:
-# real time first, so no identity repel (it doubles the generator's network calls).
-LIVE_DEFAULTS = {"identity_repel": 0.0}
+# real time first, so no identity repel (it doubles the generator's network calls) and no 2x
+# detail stage (+6.5 ms a face on a 2-core CPU, docs/results.md).
+LIVE_DEFAULTS = {"identity_repel": 0.0, "detail_min_px": 0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--identity-repel", type=float, metavar="R",
                      help="guide the face away from your own (dlib, once per face, in memory only), e.g. 1. "
                           "Off live unless set here or in --config: it doubles the generator's cost")
+    eng.add_argument("--detail-min-px", type=int, metavar="PX",
+                     help="faces spanning at least PX pixels get the 2x detail stage (sharper, ~6 ms a face "
+                          "on a 2-core CPU); off live (0) unless set here or in --config, e.g. 160")
     eng.add_argument("--seed", type=int, metavar="S", help="noise seed")
     eng.add_argument("--runtime", choices=["auto", "torch", "onnx"], help="inference runtime")
     eng.add_argument("--compute", choices=["cpu", "cuda"], help="compute device "

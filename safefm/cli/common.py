@@ -56,7 +56,8 @@ def runtime_config_from_args(args: argparse.Namespace, defaults: Mapping[str, An
     overrides = {"steps": getattr(args, "steps", None), "device": getattr(args, "device", None),
                  "runtime": getattr(args, "runtime", None), "seed": getattr(args, "seed", None),
                  "identity_guard": getattr(args, "identity_guard", None),
-                 "identity_repel": getattr(args, "identity_repel", None), **extra}
+                 "identity_repel": getattr(args, "identity_repel", None),
+                 "detail_min_px": getattr(args, "detail_min_px", None), **extra}
     return load_runtime_config(getattr(args, "config", None), defaults=defaults, **overrides)
 
 
