@@ -12,10 +12,11 @@ ControlNet's heatmap encoder runs once per frame, not once per Euler step: it is
 (``cond_embed``) and the velocity network takes its output.
 
 The graphs (heatmap encoder, velocity = UNet + ControlNet, decoder, and the detail stage
-when the model has one) are run by one backend, chosen once: :class:`TorchBackend` or :class:`OnnxBackend` (exported once to ONNX,
-opset 17, cached by the weights' checksum, run by onnxruntime sessions). Both have the same
-small interface (``device``, ``embed``, ``velocity``, ``decode``, ``refine``); everything else (identity
-tokens, guidance, the sampler, uint8 conversion) is the Generator's, the same for both. All
+when the model has one) are run by one backend, chosen once: :class:`TorchBackend` or
+:class:`OnnxBackend` (exported once to ONNX, opset 17, cached by the weights' checksum, run by
+onnxruntime sessions). Both have the same small interface (``device``, ``embed``,
+``velocity``, ``decode``, ``refine``); everything else (identity tokens, guidance, the
+sampler, uint8 conversion) is the Generator's, the same for both. All
 float32. Nothing process-wide is changed: ``threads`` sizes the onnxruntime sessions' own
 pools; torch has only a process-wide count, which is its caller's to set
 (``torch.set_num_threads``).
