@@ -133,8 +133,12 @@ class Engine:
                 st.z_prev = None
 
     def reset(self) -> None:
-        """Forget all tracks and temporal state (between unrelated images or files)."""
+        """Forget all tracks and temporal state (between unrelated images or files), the
+        landmarker's tracking included (else the last face of one video is "found" in the next)."""
         self.tracker.reset()
+        reset = getattr(self.detector, "reset", None)
+        if reset is not None:
+            reset()
         self._states.clear()
         if self.assigner is not None:
             self.assigner.reset()

@@ -52,23 +52,6 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _fresh_detector(engine) -> None:
-    """Give ``engine`` a new MediaPipe detector. In video mode MediaPipe tracks across calls and
-    ``Engine.reset()`` does not clear that: the previous video's last face would be "found" in
-    the next video's first frames (a ghost track, covered by a placeholder) and an output would
-    depend on which files its worker processed before. A new FaceMesh costs milliseconds."""
-    from ..face.landmarks import FaceMeshDetector
-
-    old = getattr(engine, "detector", None)
-    if not isinstance(old, FaceMeshDetector):   # an injected detector: the caller's business
-        return
-    cfg = engine.cfg
-    engine.detector = FaceMeshDetector(max_faces=cfg.max_faces, static_image=False,
-                                       min_detection_confidence=cfg.min_detection_confidence,
-                                       min_tracking_confidence=cfg.min_tracking_confidence)
-    old.close()
-
-
 class FileWorker:
     """Holds warm engines (one per identity mode a job uses: the run's, and at most one other
     for manifest rows that ask for ``auto`` / a file) and anonymizes one video per call."""
@@ -110,8 +93,7 @@ class FileWorker:
             for stale in temp_files_for(item.dst):   # left by a worker killed mid-file
                 stale.unlink(missing_ok=True)
             engine = self._engine(item.identity or self.spec.identity)
-            engine.reset()    # an unrelated video: no tracks or warm start carried over
-            _fresh_detector(engine)
+            engine.reset()    # an unrelated video: no tracks, landmarker state or warm start carried over
             summary = Summary("video", item.dst)
             with VideoReader(item.src) as reader:
                 audio = reader.has_audio
