@@ -119,6 +119,10 @@ class RuntimeConfig:
     identity_guard: float = 0.0
     identity_repel: float = 1.0
     repel_until: float = 1.0
+    identity_per_track: bool = False
+    identity_match: tuple[str, ...] = ("gender", "age")
+    identity_seed: int = -1
+    identity_memory: int = 150
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 50:
@@ -154,6 +158,13 @@ class RuntimeConfig:
             raise ConfigError(f"detail_min_px must be >= 0 (0 = never use the detail stage), got {self.detail_min_px}")
         if not 0.0 <= self.eye_gain <= 3.0:
             raise ConfigError(f"eye_gain must be in [0, 3], got {self.eye_gain}")
+        bad = [a for a in self.identity_match if a not in ("gender", "age")]
+        if bad or len(set(self.identity_match)) != len(self.identity_match):
+            raise ConfigError(f"identity_match must list gender and/or age (each once; [] = none), "
+                              f"got {list(self.identity_match)}")
+        if self.identity_seed < -1 or self.identity_memory < 0:
+            raise ConfigError(f"identity_seed must be >= -1 (-1 = random) and identity_memory >= 0 frames, "
+                              f"got {self.identity_seed} and {self.identity_memory}")
 
 
 def _coerce(cls, values: Mapping[str, Any]):

@@ -5,6 +5,10 @@ One frame: landmarks (MediaPipe FaceMesh) -> tracks (ids, One-Euro smoothing) ->
 generator (Euler ODE, warm-started from the track's previous latent) -> decode -> colour match
 and paste back (feathered mask covering the real face oval).
 
+Identity: every face wears the one identity given (``safefm-cam``, ``--identity FILE``), or with
+``identity_per_track`` each track its own, drawn from the identity sampler when the track starts
+and kept for its life (:mod:`safefm.identity_assign`; ``safefm-anonymize``'s default).
+
 Fail-closed policy (a real face's pixels never leave while anonymizing):
 
 1. A tracked face that is anonymized this frame gets a fresh synthetic face (``ANONYMIZED``).
@@ -32,10 +36,11 @@ from .face import alignment, composite, heatmaps, retarget
 from .config import RuntimeConfig
 from .generator import Generator
 from .sampler import first_step
-from .guard import default_guard, embed_real_faces
+from .guard import IdentityGuard, default_guard, embed_real_faces
 from .identity import Identity, load_identity
+from .identity_assign import IdentityAssigner
 from .face.landmarks import FaceMeshDetector, FaceTracker, Track, face_box
-from .recognition import FaceRecognizer
+from .recognition import MATCH_THRESHOLD, FaceRecognizer
 from .results import ANONYMIZED, HELD, PLACEHOLDER, FaceResult, FrameResult
 
 log = logging.getLogger(__name__)
@@ -53,14 +58,19 @@ class _TrackState:
     good_frames: int = 0
     heat: np.ndarray | None = field(default=None, repr=False)  # reused heatmap buffer
     repel: torch.Tensor | None = field(default=None, repr=False)  # tokens of the real face (identity_repel)
-    repel_tried: bool = False
+    real: np.ndarray | None = field(default=None, repr=False)     # (128,) the real face's dlib descriptor (memory only)
+    real_tried: bool = False                      # the real face was embedded (once per track, again after a cut)
+    identity: Identity | None = None              # identity_per_track: this track's own identity
+    tokens: torch.Tensor | None = field(default=None, repr=False)   # its generator tokens
+    noise: torch.Tensor | None = field(default=None, repr=False)    # its fixed noise
 
 
 class Engine:
     """Anonymizes frames. Not thread-safe: one engine per processing thread."""
 
     def __init__(self, generator: Generator, identity: Identity, cfg: RuntimeConfig, *,
-                 video: bool = True, detector=None, guard=None, recognizer=None):
+                 video: bool = True, detector=None, guard=None, recognizer=None,
+                 assigner: IdentityAssigner | None = None):
         self.cfg = cfg
         self.video = video
         self.gen = generator
@@ -74,6 +84,7 @@ class Engine:
         self._states: dict[int, _TrackState] = {}
         self._prev_thumb: np.ndarray | None = None
         self._frame_index = 0
+        self._lost_ids: set[int] = set()   # tracks not seen this frame
         # Fault injection for tests: callable(stage, track_id, value) -> value, may raise.
         # Stages: "generate" (value: heatmaps) and "latent" (value: the generated latent).
         self.fault_injector = None
@@ -87,6 +98,11 @@ class Engine:
         # identity_repel > 0: each track's real face is embedded once (in memory only) and the
         # generator is guided away from that embedding; a recogniser failure turns repel off, logged.
         self._repel_on = cfg.identity_repel > 0
+        # identity_per_track: each track wears its own identity from the sampler (safefm.identity_assign);
+        # ``identity`` is then only the warm-up face. Else every face wears ``identity``.
+        self.assigner = (assigner or IdentityAssigner.shipped(cfg, self.mcfg.identity_dim)) \
+            if cfg.identity_per_track else None
+        self._embed_on = self._repel_on or self.assigner is not None   # each track's real face embedded once
         self.set_identity(identity)
 
     # -- state ---------------------------------------------------------------------------
@@ -100,18 +116,32 @@ class Engine:
         self._guard_done = False
         self._wear(identity)
 
+    def identity_of(self, track_id: int) -> Identity | None:
+        """The identity the face of track ``track_id`` wears (None: no such track, or not drawn yet)."""
+        st = self._states.get(track_id)
+        if st is None:
+            return None
+        return st.identity if self.assigner is not None else self.identity
+
     def _wear(self, identity: Identity) -> None:
         self.identity = identity
         self.tokens = self.gen.identity_tokens(identity.embedding)
         seed = self.cfg.seed if self.cfg.seed >= 0 else identity.seed
         self.noise = Identity(identity.embedding, identity.shape, seed).noise(self.mcfg.latent_shape)
         for st in self._states.values():  # a new face: no warm start from the old one
-            st.z_prev = None
+            if st.identity is None:
+                st.z_prev = None
 
     def reset(self) -> None:
-        """Forget all tracks and temporal state (between unrelated images or files)."""
+        """Forget all tracks and temporal state (between unrelated images or files), the
+        landmarker's tracking included (else the last face of one video is "found" in the next)."""
         self.tracker.reset()
+        reset = getattr(self.detector, "reset", None)
+        if reset is not None:
+            reset()
         self._states.clear()
+        if self.assigner is not None:
+            self.assigner.reset()
         self._prev_thumb = None
         self._frame_index = 0
         self._guard_done = False
@@ -164,9 +194,9 @@ class Engine:
         if self.video and self._scene_cut(frame):
             for st in self._states.values():   # a cut may put another person on a track
                 st.z_prev = None
-                st.repel, st.repel_tried = None, False
+                st.repel, st.real_tried = None, False
         timings["landmarks"] = time.perf_counter() - t_a
-        if self.guard is not None and matched and (not self._guard_done or not self.video):
+        if self.guard is not None and self.assigner is None and matched and (not self._guard_done or not self.video):
             t_g = time.perf_counter()
             self._check_identity(frame, matched)
             timings["guard"] = time.perf_counter() - t_g
@@ -175,7 +205,10 @@ class Engine:
         results: list[FaceResult] = []
         live_ids = {tr.id for tr in matched} | {tr.id for tr in lost}
         for tid in [k for k in self._states if k not in live_ids]:
-            del self._states[tid]
+            st = self._states.pop(tid)
+            if self.assigner is not None and st.identity is not None:   # kept a while for the person's return
+                self.assigner.retire(st.identity, st.real, self._frame_index)
+        self._lost_ids = {tr.id for tr in lost}
 
         # With several faces, no face's paste may read another's real face (faces are pasted in turn)
         real = [tr.raw for tr in matched] + [self._state(tr.id).last_landmarks for tr in lost]
@@ -211,18 +244,64 @@ class Engine:
         if why:
             (log.warning if self.video else log.info)(why)
 
-    def _repel_tokens(self, frame: np.ndarray, tr: Track) -> torch.Tensor | None:
-        """Tokens of this track's real face (dlib embedding, never stored), the reference the
-        generator is guided away from; None (plain generation, logged) when it cannot be had."""
+    def _real_embedding(self, frame: np.ndarray, tr: Track) -> np.ndarray | None:
+        """(128,) dlib descriptor of this track's real face (in memory only, never stored): the
+        reference the identity repel pushes away from, and what the per-track identity is matched
+        and re-found by; None (logged) when it cannot be had."""
         try:
             emb = embed_real_faces(self.recognizer, frame, [tr.raw])
-        except Exception as exc:   # e.g. dlib missing: anonymize without the push
-            log.warning("identity repel unavailable (%s); generating without it", exc)
-            self._repel_on = False
+        except Exception as exc:   # e.g. dlib missing: anonymize without the push or the matching
+            log.warning("identity repel unavailable (%s); generating without it%s", exc,
+                        "; per-track identities drawn without attributes" if self.assigner is not None else "")
+            self._repel_on = self._embed_on = False
             return None
-        if len(emb) == 0:
-            return None
-        return self.gen.identity_tokens(emb[0])
+        return emb[0] if len(emb) else None
+
+    def _embed_track(self, frame: np.ndarray, tr: Track, st: _TrackState) -> None:
+        """Once per track (again after a scene cut): the real face's descriptor, the repel's
+        tokens, and with per-track identities the track's identity (a new one for a new person)."""
+        st.real_tried = True
+        was = st.real
+        st.real = self._real_embedding(frame, tr) if self._embed_on else None
+        st.repel = self.gen.identity_tokens(st.real) if (self._repel_on and st.real is not None) else None
+        if self.assigner is None:
+            st.real = None   # not needed beyond the repel's tokens
+            return
+        if st.identity is not None and (st.real is None or was is None
+                                        or float(np.linalg.norm(st.real - was)) < MATCH_THRESHOLD):
+            return           # the same person (or no way to tell): the track keeps its identity
+        if st.identity is not None:   # a scene cut put another person on this track
+            self.assigner.retire(st.identity, was, self._frame_index)
+        others = [(k, o) for k, o in self._states.items() if o is not st and o.identity is not None]
+        seen = [o.identity for k, o in others if k not in self._lost_ids]
+        lost = [(o.identity, o.real) for k, o in others if k in self._lost_ids]
+        ident, how = self.assigner.assign(st.real, self._frame_index, seen, lost,
+                                          render=self._render_identities if self._embed_on else None)
+        for k, o in others:   # taken back from a lost track of the same person: it gives it up
+            if o.identity is ident:
+                o.identity = o.tokens = o.noise = None
+                o.real_tried = False
+        self._wear_track(st, ident)
+        log.info("face %d: identity %s (%s)", tr.id, ident.name, how)
+
+    def _render_identities(self, identities: list[Identity]) -> np.ndarray:
+        """(N, 128) dlib descriptors of the identities as this model draws them (each on its own
+        rest shape: the identity guard's references)."""
+        return IdentityGuard(identities, 1.0).references(self.gen, self.recognizer)
+
+    def _wear_track(self, st: _TrackState, identity: Identity) -> None:
+        """This track wears ``identity`` from now on (its own tokens and noise; no warm start)."""
+        st.identity = identity
+        st.tokens = self.gen.identity_tokens(identity.embedding)
+        seed = self.cfg.seed if self.cfg.seed >= 0 else identity.seed
+        st.noise = Identity(identity.embedding, identity.shape, seed).noise(self.mcfg.latent_shape)
+        st.z_prev = None
+
+    def _worn(self, st: _TrackState) -> tuple[Identity, torch.Tensor, torch.Tensor]:
+        """(identity, tokens, noise) this track's face is generated with."""
+        if st.identity is not None:
+            return st.identity, st.tokens, st.noise
+        return self.identity, self.tokens, self.noise
 
     def _state(self, track_id: int) -> _TrackState:
         """What the engine remembers of this track (new for a new track)."""
@@ -234,10 +313,11 @@ class Engine:
 
     def _anonymize(self, out, frame, tr: Track, st: _TrackState, timings, protect=None) -> FaceResult:
         S, cfg = self.mcfg.image_size, self.cfg
-        if self._repel_on and not st.repel_tried:   # once per track: the real face to steer away from
-            t_r = time.perf_counter()
-            st.repel, st.repel_tried = self._repel_tokens(frame, tr), True
+        if not st.real_tried and (self._embed_on or (self.assigner is not None and st.identity is None)):
+            t_r = time.perf_counter()   # once per track: the real face to steer away from / to match
+            self._embed_track(frame, tr, st)
             timings["repel"] += time.perf_counter() - t_r
+        identity, tokens, noise = self._worn(st)
         t_a = time.perf_counter()
         M = alignment.align_matrix(tr.landmarks, S)
         M_inv = alignment.invert_affine(M)
@@ -253,7 +333,7 @@ class Engine:
             neutral = retarget.single_image_neutral(canon, template=self.template)
         else:
             neutral = self.template
-        ret_crop = retarget.retarget(lm_crop, neutral, self.identity.shape, cfg.expression_gain, pose=pose,
+        ret_crop = retarget.retarget(lm_crop, neutral, identity.shape, cfg.expression_gain, pose=pose,
                                      eye_gain=cfg.eye_gain)
         st.heat = heatmaps.render_heatmaps(ret_crop, S, self.mcfg.heatmap_size, out=st.heat)
         t_b = time.perf_counter()
@@ -266,7 +346,7 @@ class Engine:
         else:
             guidance, until = cfg.identity_guidance, cfg.guidance_until
         t0 = cfg.warm_t0 if warm else 0.0
-        z = self.gen.generate(heat, self.tokens, self.noise, z_prev=st.z_prev if warm else None,
+        z = self.gen.generate(heat, tokens, noise, z_prev=st.z_prev if warm else None,
                               t0=t0, steps=cfg.steps, guidance=guidance, guidance_until=until, reference=st.repel)
         if self.fault_injector:
             z = self.fault_injector("latent", tr.id, z)
@@ -343,11 +423,15 @@ class Engine:
 
 def build_engine(cfg: RuntimeConfig, model_path=None, identity_path=None, video: bool = True) -> Engine:
     """Load the weights (default: ``$SAFEFM_WEIGHTS`` or ``weights/``) and an identity file; with
-    ``cfg.identity_guard`` > 0 the shipped identities are the guard's alternatives."""
+    ``cfg.identity_guard`` > 0 the shipped identities are the guard's alternatives. With
+    ``cfg.identity_per_track`` every track draws its own identity instead (the guard is not used)."""
     from .paths import default_identity_path, resolve_model_path
 
     if cfg.threads > 0:   # torch's count is process-wide (its own per-frame work, and the torch runtime)
         torch.set_num_threads(cfg.threads)
     gen = Generator.load(resolve_model_path(model_path), cfg)
     identity = load_identity(identity_path or default_identity_path(), gen.model_cfg.identity_dim)
-    return Engine(gen, identity, cfg, video=video, guard=default_guard(cfg, identity, gen.model_cfg.identity_dim))
+    if cfg.identity_per_track and cfg.identity_guard > 0:
+        log.info("identity guard off: it chooses among the shipped identities, and each face draws its own")
+    guard = None if cfg.identity_per_track else default_guard(cfg, identity, gen.model_cfg.identity_dim)
+    return Engine(gen, identity, cfg, video=video, guard=guard)

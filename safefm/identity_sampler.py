@@ -86,6 +86,15 @@ def identity_table(embs: np.ndarray, gender: np.ndarray, age: np.ndarray, person
             np.concatenate(rows_a).astype(np.int64))
 
 
+def _distance_to(x: np.ndarray, avoid: np.ndarray | None) -> np.ndarray:
+    """(N,) distance from each row of x (N, D) to its nearest row of ``avoid`` (M, D); inf when
+    there is none."""
+    if avoid is None or not len(avoid):
+        return np.full(len(x), np.inf)
+    d = np.linalg.norm(np.asarray(x, np.float32)[:, None, :] - np.asarray(avoid, np.float32)[None], axis=2)
+    return d.min(axis=1)
+
+
 @dataclass
 class _Gaussian:
     mean: np.ndarray     # (D,) float64
@@ -169,10 +178,16 @@ class IdentitySampler:
         return np.sqrt(np.maximum(d2.min(1), 0))
 
     def sample(self, rng: np.random.Generator, gender=None, age=None, max_tries: int = 4000,
-               temperature: float = 1.0, escalate_every: int = 512) -> np.ndarray:
+               temperature: float = 1.0, escalate_every: int = 512, avoid: np.ndarray | None = None,
+               min_distance: float = 0.0) -> np.ndarray:
         """One (128,) float32 embedding of a new identity, at distance >= threshold from
         every training embedding. gender: None/'male'/'female'/0/1; age: None, a group name
         (child/young/adult/senior) or years.
+
+        ``avoid`` (M, 128): identities already worn (e.g. by the other people in a video); the
+        draw is also at distance >= ``min_distance`` from each of them. A file saved with banks
+        picks at random among the bank samples far enough from ``avoid``, or the farthest one
+        when none is (logged by the caller if it matters).
 
         ``temperature`` scales the Gaussian's spread (> 1: more distinctive, less average
         identities, fewer rejections). Dense groups reject almost every draw at 1.0 (measured
@@ -185,7 +200,10 @@ class IdentitySampler:
             bank = self.banks.get(key)
             if bank is None or not len(bank):
                 raise SamplingError(f"no pre-vetted bank for group {key}")
-            return np.asarray(bank[rng.integers(len(bank))], np.float32).copy()
+            far = _distance_to(bank, avoid)
+            ok = np.nonzero(far >= min_distance)[0]
+            i = ok[rng.integers(len(ok))] if len(ok) else int(np.argmax(far))
+            return np.asarray(bank[i], np.float32).copy()
         gauss = self.groups[key]
         tries = 0
         while tries < max_tries:
@@ -193,7 +211,8 @@ class IdentitySampler:
             k = min(64, max_tries - tries)
             z = rng.standard_normal((k, gauss.mean.shape[0])) * temp
             x = (gauss.mean + z @ gauss.chol.T).astype(np.float32)
-            ok = np.nonzero(self.nearest_distance(x) >= self.threshold)[0]
+            ok = np.nonzero((self.nearest_distance(x) >= self.threshold)
+                            & (_distance_to(x, avoid) >= min_distance))[0]
             if len(ok):
                 return x[ok[0]]
             tries += k
@@ -276,3 +295,46 @@ class IdentitySampler:
                 if f"group{i}.bank" in keys:
                     banks[k] = f.get_tensor(f"group{i}.bank").astype(np.float32)
         return cls(groups, ref, float(meta["threshold"]), banks=banks)
+
+
+# ---------------------------------------------------------------------------------------
+# Identities drawn from the sampler (safefm-identity new, the engine's per-track identities)
+
+SAMPLER_NAME = "identity_sampler.safetensors"
+
+
+def sampler_path() -> Path:
+    """The shipped sampler: ``weights/identity_sampler.safetensors`` (or under ``$SAFEFM_WEIGHTS``)."""
+    from .paths import weights_dir
+
+    return weights_dir() / SAMPLER_NAME
+
+
+def load_default_sampler() -> "IdentitySampler":
+    """The shipped sampler; a one-line SafeFMError when it is missing."""
+    from .errors import SafeFMError
+
+    p = sampler_path()
+    if not p.is_file():
+        raise SafeFMError(f"no identity sampler at {p}: train it (scripts/train.py --stage sampler) "
+                          "or set SAFEFM_WEIGHTS")
+    return IdentitySampler.load(p)
+
+
+def new_identity(seed: int, gender: str | None = None, age: str | None = None, name: str | None = None,
+                 sampler: IdentitySampler | None = None, avoid: np.ndarray | None = None,
+                 min_distance: float = 0.0):
+    """Draw a synthetic identity (:class:`safefm.identity.Identity`): its embedding from the
+    sampler's (gender, age) group, at least ``min_distance`` from each row of ``avoid`` (M, 128);
+    its rest shape the canonical template under a deformation seeded by ``seed``, which is also
+    its noise seed. Nothing of it comes from anyone's face."""
+    from .face.alignment import load_template
+    from .identity import Identity, random_shape
+
+    sampler = sampler or load_default_sampler()
+    rng = np.random.default_rng(seed)
+    emb = np.asarray(sampler.sample(rng, gender=gender, age=age, avoid=avoid, min_distance=min_distance),
+                     np.float32)
+    attrs = {k: v for k, v in (("gender", gender), ("age", age)) if v}
+    return Identity(embedding=emb, shape=random_shape(load_template(), rng), seed=int(seed),
+                    name=name or f"synthetic-{seed}", attributes=attrs)

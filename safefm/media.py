@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -52,6 +53,17 @@ def _temp_path(path: Path) -> Path:
         pass
     os.close(fd)
     return Path(tmp)
+
+
+def temp_files_for(path) -> list[Path]:
+    """The temporary files :func:`_temp_path` may have left beside ``path`` (a process killed
+    mid-write cannot remove its own); only this writer's naming matches, nothing else."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.stem}.") + r"[a-z0-9_]{8}" + re.escape(f".part{path.suffix}"))
+    try:
+        return sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name))
+    except FileNotFoundError:
+        return []
 
 
 def _umask() -> int:

@@ -182,3 +182,22 @@ def test_two_real_faces_side_by_side_get_two_tracks(clip_frames):
     assert centres[0] < w < centres[1]
     matched, _ = FaceTracker(RuntimeConfig()).update(faces, 0.0)
     assert sorted(t.id for t in matched) == [0, 1]
+
+
+@needs_data
+@pytest.mark.shared
+def test_reset_makes_a_video_detector_start_afresh(clip_frames):
+    """After ``reset`` (a new file in a batch worker), the next frame is read exactly as a new
+    detector reads it: nothing of the previous video's tracking carries over."""
+    nxt = clip_frames[30]
+    with FaceMeshDetector(max_faces=2) as fresh:
+        expected = fresh.detect(nxt)
+    with FaceMeshDetector(max_faces=2) as det:
+        for frame in clip_frames[:10]:
+            det.detect(frame)
+        carried = det.detect(nxt)
+        det.reset()
+        got = det.detect(nxt)
+    assert len(expected) == 1 and len(got) == 1
+    assert np.abs(carried[0] - expected[0]).max() > 0.01            # tracking does carry state over ...
+    np.testing.assert_array_equal(got[0], expected[0])              # ... and reset clears it

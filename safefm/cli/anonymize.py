@@ -1,12 +1,19 @@
 """``safefm-anonymize``: replace every face in an image, a folder of images, or a video.
 
-    safefm-anonymize INPUT -o OUTPUT [--identity FILE] [--steps N] [--seed S]
-                     [--device cpu|cuda] [--runtime auto|torch|onnx] [--model FILE] [--overwrite]
+    safefm-anonymize INPUT -o OUTPUT [--identity auto|FILE] [--match gender,age|gender|age|none]
+                     [--steps N] [--seed S] [--device cpu|cuda] [--runtime auto|torch|onnx]
+                     [--model FILE] [--overwrite]
 
 - INPUT image  -> OUTPUT image of the same size (OUTPUT may be a folder: same file name).
 - INPUT folder -> OUTPUT folder, same file names; only the folder's own images are processed,
   other entries are skipped and listed. Images without faces are copied unchanged and listed.
 - INPUT video  -> OUTPUT video with the same resolution and frame rate, audio kept.
+
+``--identity auto`` (the default): each person gets their own synthetic identity, drawn from the
+identity sampler and kept for as long as they are tracked; with ``--match`` (default
+``gender,age``) it is drawn from the sampler group of the person's estimated gender and age group,
+so those two attributes survive; ``--match none`` keeps neither. ``--identity FILE``: every face
+wears that identity file (``--match`` does not apply).
 
 Every output is written to a temporary file and renamed when complete, so an error or Ctrl-C
 never leaves a half-written file. Existing outputs are only replaced with ``--overwrite``; an
@@ -26,7 +33,8 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from ..errors import IdentityFileError, InputError, WeightsError
+from ..errors import ConfigError, IdentityFileError, InputError, WeightsError
+from ..identity_assign import parse_match
 from ..media import (IMAGE_EXTS, VIDEO_EXTS, VideoReader, VideoWriter, copy_file_atomic, is_image,
                      is_video, read_image, write_image)
 from ..results import ANONYMIZED, HELD, PLACEHOLDER, FrameResult
@@ -190,7 +198,7 @@ def _checked_image(res: FrameResult, frame) -> object:
 
 
 def _check_model_files(args) -> None:
-    if args.identity and not Path(args.identity).is_file():
+    if args.identity and args.identity != "auto" and not Path(args.identity).is_file():
         raise IdentityFileError(f"identity file not found: {args.identity}")
     if args.model and not Path(args.model).is_file():
         raise WeightsError(f"model file not found: {args.model}")
@@ -237,26 +245,39 @@ def _run_images(job: Job, args, engine, summary: Summary, first=None) -> None:
             bar.update()
 
 
-def _run_video(job: Job, args, engine, reader: VideoReader, summary: Summary) -> None:
-    job.output.parent.mkdir(parents=True, exist_ok=True)
-    audio = job.input if reader.has_audio else None
+def anonymize_video(engine, reader: VideoReader, dst: Path, summary: Summary,
+                    on_frame: Callable[[], None] | None = None) -> None:
+    """Anonymize the opened video ``reader`` into ``dst`` (same size and rate, audio kept,
+    written atomically); the counts go to ``summary``, ``on_frame()`` runs after each frame.
+    Also the per-file step of ``safefm-batch``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    audio = reader.path if reader.has_audio else None
     t0 = time.perf_counter()
-    with VideoWriter(job.output, reader.rate, reader.size, audio_from=audio) as writer, \
-            _progress(args, total=reader.frame_count or None, unit="frame") as bar:
+    with VideoWriter(dst, reader.rate, reader.size, audio_from=audio) as writer:
         for frame, t in reader:
             res = engine.process(frame, timestamp=t)
             writer.write(_checked_image(res, frame))
             summary.add(res)
-            bar.update()
+            if on_frame is not None:
+                on_frame()
     summary.seconds = time.perf_counter() - t0
     summary.files = 1
+
+
+def _run_video(job: Job, args, engine, reader: VideoReader, summary: Summary) -> None:
+    with _progress(args, total=reader.frame_count or None, unit="frame") as bar:
+        anonymize_video(engine, reader, job.output, summary, on_frame=bar.update)
 
 
 def run(args: argparse.Namespace, engine_factory: EngineFactory | None = None) -> int:
     """Run one ``safefm-anonymize`` invocation; returns the exit code (errors raise)."""
     job = plan_job(args.input, args.output, args.overwrite)
     _check_model_files(args)
-    cfg = runtime_config_from_args(args)
+    auto = args.identity in (None, "auto")
+    if args.match is not None and not auto:
+        raise ConfigError("--match applies to --identity auto (one identity per person), not to an identity file")
+    cfg = runtime_config_from_args(args, identity_per_track=auto,
+                                   identity_match=None if args.match is None else parse_match(args.match))
     if engine_factory is None:
         from ..engine import build_engine as engine_factory
     summary = Summary(job.kind, job.output, skipped=list(job.skipped))
@@ -264,8 +285,12 @@ def run(args: argparse.Namespace, engine_factory: EngineFactory | None = None) -
     reader = VideoReader(job.input) if job.kind == "video" else None
     first = read_image(job.input) if job.kind == "image" else None  # fail before loading weights
     try:
-        engine = engine_factory(cfg, model_path=args.model, identity_path=args.identity,
+        engine = engine_factory(cfg, model_path=args.model, identity_path=None if auto else args.identity,
                                 video=job.kind == "video")
+        if getattr(args, "audit", False):
+            from ..audit import StatusRecorder
+
+            engine = StatusRecorder(engine)   # keeps each frame's face statuses for the audit
         try:
             if reader is not None:
                 _run_video(job, args, engine, reader, summary)
@@ -278,11 +303,19 @@ def run(args: argparse.Namespace, engine_factory: EngineFactory | None = None) -
             reader.close()
 
     print("\n".join(summary.lines()))
+    code = EXIT_OK
+    if getattr(args, "audit", False):
+        from ..audit import audit_anonymized, report_path
+        from .audit import finish
+
+        done = [src for src, _ in job.items if src.name not in summary.unreadable]
+        code = finish(audit_anonymized(job.kind, job.input, job.output, done, engine.frames),
+                      report_path(job.output))
     if summary.unreadable:
         print(f"error: {len(summary.unreadable)} of {len(job.items)} images could not be read: "
               f"{_names(summary.unreadable)}", file=sys.stderr)
         return EXIT_ERROR
-    return EXIT_OK
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,9 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-o", "--output", required=True,
                     help="output image, folder or video (same kind as the input)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    ap.add_argument("--audit", action="store_true",
+                    help="then audit the output against the input (safefm-audit) and write OUTPUT.audit.json; "
+                         "exit status 3 if a frame still matches the person or shows the raw face")
     ap.add_argument("--model", metavar="FILE", default=None,
                     help="weights file, or a shipped model by name: default, large (weights/safefm_NAME.safetensors)")
-    add_runtime_args(ap)
+    g = add_runtime_args(ap, identity_auto=True)
+    g.add_argument("--match", metavar="LIST", default=None,
+                   help="with --identity auto: the person's attributes the identity is drawn to match, "
+                        "gender,age (default), gender, age or none; they survive anonymization")
     add_logging_args(ap)
     return ap
 

@@ -25,10 +25,15 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 log = logging.getLogger("safefm")
 
 
-def add_runtime_args(parser: argparse.ArgumentParser, identity: bool = True):
-    """Add the engine options group; returns the group (for extra options)."""
+def add_runtime_args(parser: argparse.ArgumentParser, identity: bool = True, identity_auto: bool = False):
+    """Add the engine options group; returns the group (for extra options). ``identity_auto``:
+    ``--identity`` also takes ``auto`` (one identity per face), its default."""
     g = parser.add_argument_group("engine")
-    if identity:
+    if identity and identity_auto:
+        g.add_argument("--identity", metavar="auto|FILE", default="auto",
+                       help="auto (default): each person gets their own synthetic identity, drawn from the "
+                            "identity sampler; FILE: every face wears that identity file")
+    elif identity:
         g.add_argument("--identity", metavar="FILE", default=None,
                        help="synthetic identity file (default: the shipped default identity)")
         g.add_argument("--identity-guard", type=float, default=None, metavar="D",

@@ -3,6 +3,7 @@
     safefm-eval --quick --out runs/eval-quick            # CI subset, < 2 min on a 2-core CPU
     safefm-eval --out runs/eval                          # everything (see docs/results.md for the time)
     safefm-eval --steps 1,2,3,4,5 --methods safefm,none  # one SAFE-FM row per step count
+    safefm-eval --attacker --parts privacy               # + a trained attacker and clip linkage
 
 Writes ``report.json``, ``report.md`` and PNG plots (numbers only, no faces) to ``--out``.
 Data: ``$SAFEFM_SHARED_DATA`` (``lfw/EVAL_IDENTITIES.txt`` people, ``videos/*.mp4``).
@@ -43,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-frames", type=int, default=None, help="frames per clip (default all)")
     ap.add_argument("--embed-stride", type=int, default=None,
                     help="dlib-embed every n-th video frame for identity/leak metrics (default 3)")
+    ap.add_argument("--attacker", action="store_true",
+                    help="also a trained attacker (a re-identification head trained on anonymized photos of "
+                         "other people) and clip linkage, next to the plain recogniser (adds minutes)")
+    ap.add_argument("--attacker-photos", type=int, default=None,
+                    help="training photos the attacker's head sees per method (default 800)")
     ap.add_argument("--quick", action="store_true",
                     help="CI subset: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     ap.add_argument("--resume", action="store_true",
@@ -69,6 +75,7 @@ def options_from_args(args: argparse.Namespace, argv=None):
                        model=args.model, identity=args.identity, runtime=args.runtime,
                        runtime_config=args.config,
                        parts=args.parts, quick=args.quick, resume=args.resume, command=cmd,
+                       attacker=args.attacker,
                        model_label="tiny random model (safefm.tiny)" if args.tiny_model else None,
                        **sizes)
 

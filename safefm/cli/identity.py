@@ -18,33 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SafeFMError
-from ..identity import Identity, describe, load_identity, random_shape, save_identity
-from ..paths import weights_dir
-
-SAMPLER_NAME = "identity_sampler.safetensors"
-
-
-def sampler_path() -> Path:
-    return weights_dir() / SAMPLER_NAME
-
-
-def new_identity(seed: int, gender: str | None = None, age: str | None = None, name: str | None = None,
-                 sampler=None) -> Identity:
-    """Draw a synthetic identity (embedding from the sampler, shape from the template)."""
-    from ..face.alignment import load_template
-    from ..identity_sampler import IdentitySampler
-
-    if sampler is None:
-        p = sampler_path()
-        if not p.is_file():
-            raise SafeFMError(f"no identity sampler at {p}: train it (scripts/train.py --stage sampler) "
-                              "or set SAFEFM_WEIGHTS")
-        sampler = IdentitySampler.load(p)
-    rng = np.random.default_rng(seed)
-    emb = np.asarray(sampler.sample(rng, gender=gender, age=age), np.float32)
-    attrs = {k: v for k, v in (("gender", gender), ("age", age)) if v}
-    return Identity(embedding=emb, shape=random_shape(load_template(), rng), seed=int(seed),
-                    name=name or f"synthetic-{seed}", attributes=attrs)
+from ..identity import describe, load_identity, save_identity
+from ..identity_sampler import SAMPLER_NAME, new_identity, sampler_path  # noqa: F401 (shared with the engine)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from .baselines import BASELINES
 
 METHODS = ("safefm",) + BASELINES
 PARTS = ("privacy", "video")
-QUICK = {"max_people": 5, "max_clips": 2, "max_frames": 20, "embed_stride": 4}
+QUICK = {"max_people": 5, "max_clips": 2, "max_frames": 20, "embed_stride": 4, "attacker_photos": 40}
 EngineFactory = Callable[[str, int, bool], object]
 """(method, steps, video) -> an engine with process(frame, t) / reset() / close()."""
 
@@ -35,6 +35,8 @@ class EvalOptions:
     max_clips: int | None = None     # video clips (None: all)
     max_frames: int | None = None    # frames per clip (None: all)
     embed_stride: int = 3            # dlib-embed every n-th video frame (identity metrics)
+    attacker: bool = False           # also the trained attacker and clip linkage (safefm.eval.attacker)
+    attacker_photos: int | None = None   # its training photos per method (None: attacker.TRAIN_PHOTOS)
     parts: tuple[str, ...] = PARTS
     quick: bool = False
     resume: bool = False             # reuse finished pieces in out/partial/ (same settings only)
@@ -54,6 +56,8 @@ class EvalOptions:
             raise ValueError("steps must be 1..50")
         if self.embed_stride < 1:
             raise ValueError("embed_stride must be >= 1")
+        if self.attacker_photos is not None and self.attacker_photos < 2:
+            raise ValueError("attacker_photos must be >= 2")
 
 
 def variants(opts: EvalOptions) -> list[tuple[str, str, int]]:

@@ -1,6 +1,6 @@
 """Writing a ``safefm-eval`` report: :func:`jsonable` (what ``report.json`` holds: NaN as
 null, numpy as Python), :func:`write_markdown` (``report.md``: the privacy, fidelity (FaceMesh
-and dlib-68), stability, per-clip and realism tables with the run's provenance),
+and dlib-68), stability, per-clip, stronger-attacker and realism tables with the run's provenance),
 :func:`write_report` (``report.md`` and the plots of a finished run) and
 :func:`rewrite_report` (re-render both from ``report.json``, e.g. after a change to this code,
 without running anything).
@@ -144,9 +144,39 @@ def write_markdown(report: dict) -> str:
                              f" / {_fmt(f68['eye_open_l']['pearson'], 2)} | {_fmt(rz['sharpness'])} | "
                              f"{_fmt(rz['tone_gap'], 2)} | {_fmt(rz['chroma_excess'], 2)} |")
                 lines.append(line)
+    lines += _attacker_lines(report)
     lines += _realism_lines(report)
     lines.append("")
     return "\n".join(lines)
+
+
+def _attacker_lines(report: dict) -> list[str]:
+    """The stronger-attacker section (``safefm-eval --attacker``); empty without it."""
+    if "attacker" not in report:
+        return []
+    a = report["attacker"]
+    g = a["gallery"]
+    lines = ["", "## A stronger attacker: trained on this anonymizer, and clip linkage", "",
+             f"*recogniser*: dlib as in the privacy table. *attacker*: a residual MLP on dlib embeddings, "
+             f"trained per method on {a['train']['photos']} (anonymized, original) photo pairs of people "
+             f"the evaluation never uses ({a['train']['sources']}) to map an anonymized face to its "
+             f"original's embedding, then matched against the gallery of originals ({g['photos']} photos "
+             f"of {g['people']} people; chance {1 / max(g['people'], 1):.3f}). *other photos*: the probe's "
+             "own original is left out of the gallery. *Linkage*: each clip cut in two halves (mean "
+             f"embedding of every {a['embed_stride']}-th frame); AUC that two halves of one clip are "
+             "closer than halves of two clips (0.5 = chance) and rank-1 of the right half among "
+             f"{len(a['clips'])} (chance {1 / max(len(a['clips']), 1):.3f}); halves of one clip share "
+             "background and light, so this bounds linkage from above.", "",
+             "| method | rank-1 recogniser | rank-1 attacker | rank-1 other photos (recogniser / attacker) "
+             "| linkage AUC (recogniser / attacker) | linkage rank-1 (recogniser / attacker) | train pairs |",
+             "|---|---|---|---|---|---|---|"]
+    for k, m in a["methods"].items():
+        r1, ro, lk = m["rank1"], m["rank1_other_photos"], m["linkage"]
+        lines.append(f"| {k} | {_fmt(r1['recogniser'])} | {_fmt(r1['attacker'])} | "
+                     f"{_fmt(ro['recogniser'])} / {_fmt(ro['attacker'])} | "
+                     f"{_fmt(lk['recogniser']['auc'])} / {_fmt(lk['attacker']['auc'])} | "
+                     f"{_fmt(lk['recogniser']['rank1'])} / {_fmt(lk['attacker']['rank1'])} | {m['train_pairs']} |")
+    return lines
 
 
 def _mean_r(fid: dict) -> float | None:

@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+from .attacker import run_attacker
 from .baselines import build_baseline
 from .options import EngineFactory, EvalOptions, variants
 from .privacy import run_privacy
@@ -108,7 +109,8 @@ def run(opts: EvalOptions, engine_factory: EngineFactory | None = None) -> dict:
     cache = ResumeCache(out / "partial", signature, opts.resume, opts.log, tag.hexdigest()[:10])
     meta = {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": opts.command,
-        "quick": opts.quick, "parts": list(opts.parts), "methods": [v[0] for v in variants(opts)],
+        "quick": opts.quick, "parts": list(opts.parts) + (["attacker"] if opts.attacker else []),
+        "methods": [v[0] for v in variants(opts)],
         "model": model_label,
         "identity": None, "seed": None, "steps": list(opts.steps), "runtime": opts.runtime,
         "runtime_config": rt_label,
@@ -129,6 +131,10 @@ def run(opts: EvalOptions, engine_factory: EngineFactory | None = None) -> dict:
         t1 = time.perf_counter()
         report["video"], plot = run_video(opts, factory, data_dir, cache)
         meta["seconds"]["video"] = time.perf_counter() - t1
+    if opts.attacker:
+        t1 = time.perf_counter()
+        report["attacker"] = run_attacker(opts, factory, data_dir, cache)
+        meta["seconds"]["attacker"] = time.perf_counter() - t1
     meta["seconds"]["total"] = time.perf_counter() - t0
     meta["compute_seconds"] = {part: sum(float(m.get("seconds") or 0.0) for m in report[part]["methods"].values())
                                for part in ("privacy", "video") if part in report}

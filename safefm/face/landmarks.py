@@ -38,10 +38,19 @@ class FaceMeshDetector:
             import mediapipe as mp
         except ImportError:
             raise ImportError("mediapipe is not installed: pip install mediapipe==0.10.21") from None
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
+        self._static = static_image
+        self._make = lambda: mp.solutions.face_mesh.FaceMesh(
             static_image_mode=static_image, max_num_faces=max_faces, refine_landmarks=True,
             min_detection_confidence=min_detection_confidence,
             min_tracking_confidence=min_tracking_confidence)
+        self._mesh = self._make()
+
+    def reset(self) -> None:
+        """Forget the faces tracked so far (video mode keeps tracking across calls): the next
+        call detects afresh, as on a new stream. A new graph costs a few milliseconds."""
+        if self._mesh is not None and not self._static:
+            self._mesh.close()
+            self._mesh = self._make()
 
     def detect(self, rgb: np.ndarray) -> list[np.ndarray]:
         """Faces in one (H, W, 3) uint8 RGB image -> list of (478, 3) float32 pixel landmarks."""

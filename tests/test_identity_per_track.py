@@ -1,0 +1,159 @@
+"""One synthetic identity per person (``identity_per_track``, ``safefm-anonymize --identity auto``).
+
+Engine tests: two real people side by side (two shared clips), tiny random models, the real dlib
+recogniser (each face embedded once) and the shipped identity sampler.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from conftest import VIDEOS, needs_data, needs_dlib, read_frames
+
+from safefm.config import ConfigError, RuntimeConfig, load_runtime_config
+from safefm.identity_assign import IdentityAssigner, parse_match
+from safefm.identity_sampler import load_default_sampler
+from safefm.results import ANONYMIZED
+from safefm.tiny import tiny_engine
+
+SIDE = 256
+
+
+@pytest.fixture(scope="module")
+def pair_frames():
+    """12 frames: liveportrait_d0 on the left, liveportrait_d3 on the right, 256 px each."""
+    if not VIDEOS.is_dir():
+        pytest.skip("../shared/data not present")
+    left = read_frames(VIDEOS / "liveportrait_d0.mp4", 12, step=2)
+    right = read_frames(VIDEOS / "liveportrait_d3.mp4", 12, step=2)
+    return [np.concatenate([cv2.resize(a, (SIDE, SIDE), interpolation=cv2.INTER_AREA),
+                            cv2.resize(b, (SIDE, SIDE), interpolation=cv2.INTER_AREA)], axis=1)
+            for a, b in zip(left, right)]
+
+
+def _engine(per_track: bool, **kw):
+    cfg = load_runtime_config(runtime="torch", identity_repel=0.0, identity_per_track=per_track,
+                              identity_seed=3, **kw)
+    return tiny_engine(cfg, seed=0)
+
+
+def _sides(res) -> dict[str, int]:
+    """{"left" | "right": track id} of the faces in a FrameResult."""
+    return {("left" if f.box[0] + f.box[2] < 2 * SIDE else "right"): f.track_id for f in res.faces}
+
+
+@needs_data
+@needs_dlib
+def test_two_people_wear_two_identities_kept_through_a_short_loss(pair_frames):
+    eng = _engine(True, identity_match=())
+    worn = {"left": set(), "right": set()}
+    frames = list(pair_frames[:6])
+    grey = frames[5].copy()
+    grey[:, SIDE:] = 128                      # the right person leaves for 3 frames ...
+    frames += [grey, grey, grey] + list(pair_frames[6:9])   # ... and comes back
+    for i, f in enumerate(frames):
+        res = eng.process(f, i / 25)
+        ids = _sides(res)
+        assert "left" in ids
+        for side, tid in ids.items():
+            if any(x.track_id == tid and x.status == ANONYMIZED for x in res.faces):
+                worn[side].add(eng.identity_of(tid).name)
+        if len(ids) == 2 and all(x.status == ANONYMIZED for x in res.faces):
+            a, b = eng.identity_of(ids["left"]), eng.identity_of(ids["right"])
+            assert a is not b and not np.array_equal(a.embedding, b.embedding) and a.seed != b.seed
+    assert len(worn["left"]) == 1 and len(worn["right"]) == 1   # one identity each, all along
+    assert worn["left"] != worn["right"]
+    assert eng.identity_of(ids["left"]) is not eng.identity  # drawn from the sampler, not the file
+    eng.close()
+
+
+@needs_data
+@needs_dlib
+def test_a_person_found_again_as_a_new_track_gets_their_identity_back(pair_frames):
+    eng = _engine(True, identity_match=())
+    for i, f in enumerate(pair_frames[:3]):
+        first = _sides(eng.process(f, i / 25))
+    right = eng.identity_of(first["right"])
+    moved = pair_frames[3].copy()
+    moved[:, SIDE:] = np.roll(moved[:, SIDE:], -SIDE // 3, axis=1)   # the right person jumped aside
+    moved[:, 2 * SIDE - SIDE // 3:] = 128
+    res = eng.process(moved, 3 / 25)
+    now = _sides(res)
+    new_id = max(f.track_id for f in res.faces if f.status == ANONYMIZED)
+    assert new_id not in first.values()               # the tracker saw a new face ...
+    assert eng.identity_of(new_id) is right           # ... the engine knew the person
+    assert eng.identity_of(now["left"]) is not right
+    eng.close()
+
+
+@needs_data
+def test_an_identity_file_is_worn_by_everyone(pair_frames):
+    eng = _engine(False)
+    for i, f in enumerate(pair_frames[:3]):
+        ids = _sides(eng.process(f, i / 25))
+    assert len(ids) == 2
+    assert eng.identity_of(ids["left"]) is eng.identity_of(ids["right"]) is eng.identity
+    eng.close()
+
+
+def test_match_parsing_and_its_one_line_errors():
+    assert parse_match(None) == ("gender", "age")
+    assert parse_match("age, gender") == ("gender", "age") and parse_match("gender") == ("gender",)
+    assert parse_match("none") == () and parse_match("NONE") == ()
+    for bad, words in (("race", "unknown attribute 'race'"), ("gender,gender", "twice"), (",", "nothing"),
+                       ("none,age", "unknown attribute 'none'")):
+        with pytest.raises(ConfigError, match=words) as e:
+            parse_match(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="identity_match"):
+        RuntimeConfig(identity_match=("gender", "eyes"))
+    assert RuntimeConfig().identity_per_track is False      # safefm-cam: one identity file
+
+
+def _cli(capsys, *argv):
+    from safefm.cli.anonymize import main
+
+    seen = {}
+
+    def factory(cfg, model_path=None, identity_path=None, video=True):
+        seen.update(cfg=cfg, identity_path=identity_path)
+        raise KeyboardInterrupt   # stop before any work: the options are what is checked
+
+    code = main([str(a) for a in argv], engine_factory=factory)
+    return code, capsys.readouterr().err, seen
+
+
+def test_anonymize_draws_per_person_by_default_and_an_identity_file_turns_it_off(tmp_path, capsys):
+    img = tmp_path / "in.png"
+    cv2.imwrite(str(img), np.zeros((32, 32, 3), np.uint8))
+    _, _, seen = _cli(capsys, img, "-o", tmp_path / "out.png")
+    assert seen["cfg"].identity_per_track and seen["cfg"].identity_match == ("gender", "age")
+    assert seen["identity_path"] is None
+    _, _, seen = _cli(capsys, img, "-o", tmp_path / "out.png", "--match", "none")
+    assert seen["cfg"].identity_per_track and seen["cfg"].identity_match == ()
+    ident = tmp_path / "id.pt"
+    ident.write_bytes(b"x")
+    _, _, seen = _cli(capsys, img, "-o", tmp_path / "out.png", "--identity", ident)
+    assert not seen["cfg"].identity_per_track and seen["identity_path"] == str(ident)
+    for argv, words in ((["--match", "gender,eyes"], "error: --match: unknown attribute 'eyes'"),
+                        (["--identity", ident, "--match", "age"], "error: --match applies to --identity auto")):
+        code, err, seen = _cli(capsys, img, "-o", tmp_path / "out.png", *argv)
+        assert code == 1 and err.startswith(words) and err.count("\n") == 1 and not seen
+
+
+def test_draws_are_distinct_and_remembered_for_a_while():
+    sampler = load_default_sampler()
+    asg = IdentityAssigner(sampler, match=(), seed=0, memory=10)
+    a, _ = asg.assign(None, 0, [])
+    b, _ = asg.assign(None, 0, [a])
+    assert np.linalg.norm(a.embedding - b.embedding) >= 0.8
+    person = np.full(128, 0.05, np.float32)
+    asg.retire(a, person, frame=5)
+    back, how = asg.assign(person + 0.01, 12, [b])
+    assert back is a and how == "returned"
+    asg.retire(a, person, frame=5)
+    later, _ = asg.assign(person, 30, [b])             # forgotten after ``memory`` frames
+    assert later is not a
+    with pytest.raises(ValueError, match="classifier"):
+        IdentityAssigner(sampler, None, match=("gender",))
