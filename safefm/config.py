@@ -116,6 +116,7 @@ class RuntimeConfig:
     seamless_paste: bool = True
     detail_min_px: int = 160
     detail_strength: float = 1.0
+    int8: bool = False
     identity_guard: float = 0.0
     identity_repel: float = 1.0
     repel_until: float = 1.0
@@ -154,6 +155,8 @@ class RuntimeConfig:
             raise ConfigError(f"identity_guard must be in [0, 2] (0 = off), got {self.identity_guard}")
         if not 0.0 <= self.detail_strength <= 2.0:
             raise ConfigError(f"detail_strength must be in [0, 2], got {self.detail_strength}")
+        if self.int8 and self.runtime == "torch":
+            raise ConfigError("int8 runs on onnxruntime: use --runtime onnx (or auto), or turn int8 off")
         if self.detail_min_px < 0:
             raise ConfigError(f"detail_min_px must be >= 0 (0 = never use the detail stage), got {self.detail_min_px}")
         if not 0.0 <= self.eye_gain <= 3.0:

@@ -163,6 +163,24 @@ class OnnxBackend:
             raise WeightsError(f"onnxruntime could not load the exported model in {folder} ({exc}); "
                                "delete that folder or use --runtime torch") from None
         self.providers = self._velocity.get_providers()
+        self._folder, self._opts, self._providers = folder, opts, providers
+
+    def use_int8(self, feeds_fn) -> None:
+        """Run the velocity and decoder graphs with int8 convolutions
+        (:mod:`safefm.quantize`; made once from ``feeds_fn()`` and cached beside the float ones)."""
+        import onnxruntime as ort
+
+        from .quantize import ensure_int8
+
+        names = ["velocity", "decoder"]   # the detail stage stays float: int8 left a dot pattern in its residual
+        paths = ensure_int8(self._folder, names, feeds_fn)
+        try:
+            sessions = {n: ort.InferenceSession(str(p), self._opts, providers=self._providers)
+                        for n, p in paths.items()}
+        except Exception as exc:
+            raise WeightsError(f"onnxruntime could not load the int8 model in {self._folder} ({exc}); "
+                               "delete its *.int8.onnx files or run without int8") from None
+        self._velocity, self._decoder = sessions["velocity"], sessions["decoder"]
 
     def embed(self, heat: torch.Tensor) -> torch.Tensor:
         """Heatmaps (B, Ch, H, H) -> the ControlNet's conditioning (B, C0, h, w)."""
@@ -242,6 +260,19 @@ class Generator:
         self.model.to(self.device)   # identity tokens run in torch with either backend
         self.providers = self.backend.providers
         self._null_tokens: torch.Tensor | None = None
+        self.int8 = cfg.int8 and self.runtime == "onnx"
+        if cfg.int8 and not self.int8:
+            log.warning("int8 needs onnxruntime (runtime %s): running in float32", self.runtime)
+        if self.int8:
+            from .paths import identities_dir
+            from .identity import load_identity
+            from .quantize import calibration_feeds
+
+            def feeds():
+                shipped = [load_identity(p, self.model_cfg.identity_dim)
+                           for p in sorted(identities_dir().glob("*.pt"))]
+                return calibration_feeds(self, shipped or [_random_identity(self.model_cfg.identity_dim)])
+            self.backend.use_int8(feeds)
 
     @classmethod
     def load(cls, path: str | Path, cfg: RuntimeConfig) -> "Generator":
@@ -345,6 +376,15 @@ class Generator:
             raise RuntimeError("this model has no detail stage")
         x = np.ascontiguousarray(crops.transpose(0, 3, 1, 2), np.float32) / 127.5 - 1.0
         return _to_uint8(self.backend.refine(x))
+
+
+def _random_identity(dim: int):
+    """A seeded identity on the template face (int8 calibration when no identity ships)."""
+    from .face.alignment import load_template
+    from .identity import Identity
+
+    e = np.random.default_rng(0).normal(size=dim).astype(np.float32)
+    return Identity(e / np.linalg.norm(e), load_template().astype(np.float32), 0)
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:

@@ -49,6 +49,9 @@ def add_runtime_args(parser: argparse.ArgumentParser, identity: bool = True, ide
     g.add_argument("--device", choices=("cpu", "cuda"), default=None, help="compute device")
     g.add_argument("--runtime", choices=("auto", "torch", "onnx"), default=None,
                    help="inference runtime (auto: onnxruntime when installed)")
+    g.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
+                   help="onnxruntime with int8 convolutions (calibrated once per model, cached; default "
+                        "from the runtime config)")
     g.add_argument("--config", metavar="FILE", default=None,
                    help="runtime TOML (default: configs/runtime_default.toml)")
     return g
@@ -62,7 +65,8 @@ def runtime_config_from_args(args: argparse.Namespace, defaults: Mapping[str, An
                  "runtime": getattr(args, "runtime", None), "seed": getattr(args, "seed", None),
                  "identity_guard": getattr(args, "identity_guard", None),
                  "identity_repel": getattr(args, "identity_repel", None),
-                 "detail_min_px": getattr(args, "detail_min_px", None), **extra}
+                 "detail_min_px": getattr(args, "detail_min_px", None), "int8": getattr(args, "int8", None),
+                 **extra}
     return load_runtime_config(getattr(args, "config", None), defaults=defaults, **overrides)
 
 
