@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--live-warmup", type=int, default=5,
                     help="fresh frames not counted at the start of each live run (default 5)")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: library default)")
+    ap.add_argument("--path", choices=("live", "files"), default="live",
+                    help="runtime defaults timed: live = safefm-cam's (no identity repel, no detail stage; "
+                         "default), files = safefm-anonymize's")
     ap.add_argument("--tiny-model", action="store_true", help="time the seeded tiny random model")
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--plot", type=Path, default=None, help="also write a PNG of FPS vs steps here")
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None, engine_factory=None) -> int:
         opts = BenchOptions(source=args.source, steps=args.steps, runtimes=args.runtimes,
                             pacing=args.pacing, frames=args.frames, warmup=args.warmup,
                             live_seconds=args.live_seconds, live_warmup=args.live_warmup,
-                            model=args.model, identity=args.identity, threads=args.threads,
+                            model=args.model, identity=args.identity, threads=args.threads, path=args.path,
                             model_label="tiny random model (safefm.tiny)" if args.tiny_model else None,
                             log=log)
         factory = engine_factory

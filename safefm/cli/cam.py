@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..config import LIVE_DEFAULTS
 from ..errors import DeviceError, IdentityFileError, InputError, SafeFMError, WeightsError
 from ..live.capture import open_source
 from ..live.pipeline import LiveConfig, Pipeline
@@ -40,10 +41,6 @@ EngineFactory = Callable[..., Any]
 
 log = logging.getLogger("safefm.live")
 DEFAULT_SIZE, DEFAULT_FPS = (640, 480), 30.0
-# The camera's own runtime defaults, above the built-in ones and below --config and the flags:
-# real time first, so no identity repel (it doubles the generator's network calls) and no 2x
-# detail stage (+6.5 ms a face on a 2-core CPU, docs/results.md).
-LIVE_DEFAULTS = {"identity_repel": 0.0, "detail_min_px": 0}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,7 @@ import numpy as np
 from .provenance import file_label, machine_info
 from .report import jsonable
 from ..media import VideoReader
+from ..config import LIVE_DEFAULTS
 from ..results import ANONYMIZED, STAGES
 
 SCHEMA = "safefm-bench/1"
@@ -57,6 +58,7 @@ class BenchOptions:
     model: Path | None = None
     identity: Path | None = None
     threads: int = 0
+    path: str = "live"                     # "live": safefm-cam's runtime defaults; "files": safefm-anonymize's
     model_label: str | None = None
     log: Callable[[str], None] = field(default=lambda msg: None)
 
@@ -68,6 +70,7 @@ def available_runtimes() -> list[dict]:
         import onnxruntime as ort
 
         out.append({"name": "onnx-cpu", "runtime": "onnx", "device": "cpu"})
+        out.append({"name": "onnx-cpu-int8", "runtime": "onnx", "device": "cpu", "int8": True})
         eps = set(ort.get_available_providers())
     except ImportError:
         eps = set()
@@ -286,12 +289,16 @@ def run(opts: BenchOptions, engine_factory: EngineFactory | None = None) -> dict
         "warmup": {"engine_frames": opts.warmup, "live_fresh_frames_excluded": opts.live_warmup,
                    "note": "warm-up frames are run but excluded from every number"},
         "runtimes_present": names, "runtimes_missing": missing, "machine": machine_info(),
+        "path": {"name": opts.path, "runtime_defaults": dict(LIVE_DEFAULTS) if opts.path == "live" else {},
+                 "note": "live: safefm-cam's runtime defaults (no identity repel, no detail stage); "
+                         "files: safefm-anonymize's (built-in defaults)"},
         "results": [],
     }
     for rt in runtimes:
         for steps in opts.steps:
-            cfg = load_runtime_config(runtime=rt["runtime"], device=rt["device"], steps=steps,
-                                      threads=opts.threads)
+            cfg = load_runtime_config(defaults=LIVE_DEFAULTS if opts.path == "live" else None,
+                                      runtime=rt["runtime"], device=rt["device"], steps=steps,
+                                      threads=opts.threads, int8=rt.get("int8", False))
             t0 = time.perf_counter()
             engine = factory(cfg)
             build_s = time.perf_counter() - t0
