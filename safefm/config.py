@@ -110,8 +110,9 @@ class RuntimeConfig:
     hold_frames: int = 8
     placeholder_frames: int = 50
     scene_cut_threshold: float = 0.45
-    mask_dilate: float = 0.08
-    mask_feather: float = 0.06
+    mask_dilate: float = 0.03
+    mask_feather: float = 0.04
+    face_inner: float = 0.03
     color_match: bool = True
     seamless_paste: bool = True
     detail_min_px: int = 160
@@ -157,6 +158,8 @@ class RuntimeConfig:
             raise ConfigError(f"detail_strength must be in [0, 2], got {self.detail_strength}")
         if self.int8 and self.runtime == "torch":
             raise ConfigError("int8 runs on onnxruntime: use --runtime onnx (or auto), or turn int8 off")
+        if not 0.0 <= self.face_inner <= 0.3:
+            raise ConfigError(f"face_inner must be in [0, 0.3] face widths, got {self.face_inner}")
         if self.detail_min_px < 0:
             raise ConfigError(f"detail_min_px must be >= 0 (0 = never use the detail stage), got {self.detail_min_px}")
         if not 0.0 <= self.eye_gain <= 3.0:

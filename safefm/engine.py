@@ -367,7 +367,8 @@ class Engine:
         ret_frame = alignment.transform_points(ret_crop, M_inv)
         mask = composite.face_mask([tr.raw, tr.landmarks, ret_frame], out.shape[:2],
                                    cfg.mask_dilate, cfg.mask_feather)
-        face = composite.face_alpha(ret_crop, S, image=crop, dist=ret_dist) if cfg.seamless_paste else None
+        face = (composite.face_alpha(ret_crop, S, inner=cfg.face_inner, image=crop, dist=ret_dist)
+                if cfg.seamless_paste else None)
         if self._wants_detail(M):   # a large face: the 2x detail stage, pasted from 2S px
             t_e = time.perf_counter()
             crop = self.gen.refine(crop[None])[0]

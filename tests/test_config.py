@@ -130,3 +130,8 @@ def test_the_live_camera_keeps_the_detail_stage_off_unless_asked(tmp_path):
         _engine_factory(build_parser().parse_args(argv), lambda cfg, **kw: seen.append(cfg.detail_min_px))()
     assert seen == [0, 200, 160]
     assert load_runtime_config().detail_min_px == 160          # files and images: on for large faces
+
+
+def test_face_inner_out_of_range_is_one_line():
+    with pytest.raises(ConfigError, match="face_inner"):
+        RuntimeConfig(face_inner=0.5)
