@@ -113,6 +113,7 @@ class RuntimeConfig:
     mask_dilate: float = 0.03
     mask_feather: float = 0.04
     face_inner: float = 0.03
+    match_grain: bool = True
     color_match: bool = True
     seamless_paste: bool = True
     detail_min_px: int = 160

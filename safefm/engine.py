@@ -377,7 +377,7 @@ class Engine:
             t_f = time.perf_counter()
             timings["decode"] += t_f - t_e
             t_d += t_f - t_e
-        composite.paste(out, crop, M_inv, mask, out=out, face=face, protect=protect)
+        composite.paste(out, crop, M_inv, mask, out=out, face=face, protect=protect, grain=cfg.match_grain)
         timings["composite"] += time.perf_counter() - t_d
 
         st.z_prev = z.detach().clone() if self.video else None

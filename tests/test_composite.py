@@ -385,3 +385,26 @@ def test_seamless_paste_never_reads_another_face_that_is_protected():
     assert np.array_equal(a[full], b[full])
     c = C.paste(changed, crop, M_inv, mask, face=face)
     assert not np.array_equal(a[full], c[full])     # without protection it would have leaked in
+
+
+@pytest.mark.parametrize("camera_noise", [6.0, 0.0])
+def test_pasted_face_gets_the_cameras_grain_and_no_more(camera_noise):
+    """A noisy camera: the smooth generated face gets grain like the frame around it (not a
+    plastic patch); a clean frame gets none. The same input gives the same output."""
+    rng = np.random.default_rng(1)
+    frame = np.clip(120 + rng.normal(0, camera_noise, (H, W, 1)), 0, 255).astype(np.uint8).repeat(3, 2)
+    lm = synthetic_landmarks()
+    S = 64
+    crop = np.empty((S, S, 3), np.uint8)
+    crop[:] = CROP_RGB
+    side = 2.0 * 160 / S
+    M_inv = np.array([[side, 0, 320 - side * S / 2], [0, side, 240 - side * S / 2]])
+    mask = C.face_mask([lm], frame.shape, dilate=0.03, feather=0.04)
+    face = np.ones((S, S), np.float32)
+    core = (mask == 1.0).astype(np.uint8)
+    plain = C.paste(frame, crop, M_inv, mask, face=face)
+    grainy = C.paste(frame, crop, M_inv, mask, face=face, grain=True)
+    assert C.noise_sigma(plain, core) < 0.5                       # the generated face alone is smooth
+    assert C.noise_sigma(grainy, core) == pytest.approx(camera_noise, abs=0.25 * camera_noise + 0.5)
+    assert np.array_equal(grainy, C.paste(frame, crop, M_inv, mask, face=face, grain=True))
+    assert np.array_equal(grainy[mask == 0], frame[mask == 0])

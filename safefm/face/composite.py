@@ -319,11 +319,32 @@ def _band_fill(src: np.ndarray, alpha: np.ndarray, real: np.ndarray,
     return fill
 
 
+def noise_sigma(image: np.ndarray, where: np.ndarray) -> float:
+    """Robust standard deviation (0..255 levels) of an ``(h, w, 3) uint8`` image's fine grain
+    (its lightness minus a σ = 1 px Gaussian of it) over ``where`` (``(h, w)`` > 0); 0 when
+    fewer than 64 pixels are given."""
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    resid = grey - cv2.GaussianBlur(grey, (0, 0), 1.0)
+    r = resid[where > 0]
+    if r.size < 64:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(r - np.median(r))))
+
+
+def add_grain(synth: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    """``synth`` ``(h, w, 3) uint8`` plus grey (the same on every channel) Gaussian grain of
+    ``sigma`` levels, seeded by ``seed``; returns a new array (``synth`` when ``sigma`` <= 0.2)."""
+    if sigma <= 0.2:
+        return synth
+    g = np.random.default_rng(seed).standard_normal(synth.shape[:2], dtype=np.float32) * sigma
+    return cv2.convertScaleAbs(synth.astype(np.float32) + g[..., None])
+
+
 def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarray,
           out: np.ndarray | None = None,
           box: tuple[int, int, int, int] | None = None,
           face: np.ndarray | None = None, fill_levels: int = 2,
-          protect: np.ndarray | None = None) -> np.ndarray:
+          protect: np.ndarray | None = None, grain: bool = False) -> np.ndarray:
     """Warp ``crop`` into the frame and blend it in under ``mask``.
 
     ``frame``: ``(H, W, 3) uint8``; ``crop``: ``(S, S, 3) uint8``; ``M_inv``: ``(2, 3)`` affine
@@ -342,6 +363,9 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
     Either way, pixels where ``mask == 1`` never depend on the frame's pixels there: no raw
     content is kept or blended in. ``protect`` (``(H, W) float32``, e.g. every real face of the
     frame): the fill never reads the frame where it is > 0 either (another face not pasted yet).
+    ``grain`` (with ``face``): grey grain is added to the synthetic region so its fine noise
+    matches the frame's just outside the mask (:func:`noise_sigma`; seeded by the crop, so the
+    same input gives the same output); grain is not detail: a σ = 1 px blur removes it.
     """
     if out is None:
         out = frame.copy()
@@ -384,6 +408,11 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
         fill = cv2.pyrUp(fill, dstsize=size)
     alpha = cv2.multiply(alpha8, 1 / 255, dtype=cv2.CV_32F)
     synth = cv2.blendLinear(src, fill, alpha, 1.0 - alpha)
+    if grain:   # the camera's grain, which the generated face and the smooth fill lack
+        around = noise_sigma(dst, cv2.bitwise_and(known, cv2.compare(weight, 0.0, cv2.CMP_GT)))
+        own = noise_sigma(synth, alpha8 > 128)
+        synth = add_grain(synth, float(np.sqrt(max(around ** 2 - own ** 2, 0.0))),
+                          seed=int(crop[::7, ::7].sum()))
     if is_grey(real_s, cv2.compare(known_s, 254, cv2.CMP_GE)):   # the frame around the face
         synth = cv2.cvtColor(cv2.cvtColor(synth, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
     cv2.blendLinear(synth, dst, weight, 1.0 - weight, dst=dst)
