@@ -135,3 +135,13 @@ def test_the_live_camera_keeps_the_detail_stage_off_unless_asked(tmp_path):
 def test_face_inner_out_of_range_is_one_line():
     with pytest.raises(ConfigError, match="face_inner"):
         RuntimeConfig(face_inner=0.5)
+
+
+def test_the_live_camera_runs_int8_unless_told_not_to():
+    from safefm.cli.cam import _engine_factory, build_parser
+
+    seen = []
+    for argv in ([], ["--no-int8"]):
+        _engine_factory(build_parser().parse_args(argv), lambda cfg, **kw: seen.append(cfg.int8))()
+    assert seen == [True, False]
+    assert load_runtime_config().int8 is False                  # files and images: float32

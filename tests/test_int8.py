@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from safefm.config import load_runtime_config
-from safefm.errors import ConfigError
 from safefm.generator import Generator
 from safefm.tiny import tiny_model
 
@@ -51,11 +50,10 @@ def test_int8_draws_the_same_face_and_is_calibrated_once(tmp_path, monkeypatch, 
     assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp." in p.name or ".pre." in p.name]
 
 
-def test_int8_needs_onnxruntime(tmp_path, monkeypatch, caplog):
-    with pytest.raises(ConfigError, match="int8 runs on onnxruntime"):
-        load_runtime_config(runtime="torch", int8=True)
+@pytest.mark.parametrize("runtime", ["torch", "auto"])
+def test_int8_without_onnxruntime_runs_float_and_says_so(tmp_path, monkeypatch, caplog, runtime):
     monkeypatch.setattr("safefm.generator._onnx_available", lambda: False)
     with caplog.at_level(logging.WARNING):
-        gen = _gen(tmp_path, monkeypatch, True, runtime="auto")
+        gen = _gen(tmp_path, monkeypatch, True, runtime=runtime)
     assert gen.runtime == "torch" and not gen.int8
     assert "int8 needs onnxruntime" in caplog.text

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "on a 2-core CPU); off live (0) unless set here or in --config, e.g. 160")
     eng.add_argument("--seed", type=int, metavar="S", help="noise seed")
     eng.add_argument("--runtime", choices=["auto", "torch", "onnx"], help="inference runtime")
+    eng.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
+                     help="onnxruntime's int8 convolutions (on live unless --no-int8 or set in --config; "
+                          "calibrated once per model on first use, a few seconds)")
     eng.add_argument("--compute", choices=["cpu", "cuda"], help="compute device "
                      "(--device names the virtual camera here)")
     eng.add_argument("--config", metavar="FILE", help="runtime TOML (default: configs/runtime_default.toml)")
