@@ -175,9 +175,9 @@ class RuntimeConfig:
 # The camera's own runtime defaults (safefm-cam, and what safefm-bench times by default), above the
 # built-in ones and below --config and the flags: real time first, so no identity repel (it
 # doubles the generator's network calls) and no 2x detail stage (+6.5 ms a face on a 2-core CPU).
-# int8 (onnxruntime's int8 convolutions, safefm.quantize) saves ~9 ms a frame here at the same
-# quality (docs/results.md); files keep float32.
-LIVE_DEFAULTS = {"identity_repel": 0.0, "detail_min_px": 0, "int8": True}
+# int8 (onnxruntime's int8 convolutions, safefm.quantize) stays off: it saves ~9 ms a frame here
+# but raised flicker on every clip (1.14 -> 1.37, docs/results.md).
+LIVE_DEFAULTS = {"identity_repel": 0.0, "detail_min_px": 0}
 
 
 def _coerce(cls, values: Mapping[str, Any]):

@@ -137,11 +137,11 @@ def test_face_inner_out_of_range_is_one_line():
         RuntimeConfig(face_inner=0.5)
 
 
-def test_the_live_camera_runs_int8_unless_told_not_to():
+def test_int8_is_a_camera_option_off_by_default():
     from safefm.cli.cam import _engine_factory, build_parser
 
     seen = []
-    for argv in ([], ["--no-int8"]):
+    for argv in ([], ["--int8"]):
         _engine_factory(build_parser().parse_args(argv), lambda cfg, **kw: seen.append(cfg.int8))()
-    assert seen == [True, False]
-    assert load_runtime_config().int8 is False                  # files and images: float32
+    assert seen == [False, True]
+    assert load_runtime_config().int8 is False

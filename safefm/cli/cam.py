@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--seed", type=int, metavar="S", help="noise seed")
     eng.add_argument("--runtime", choices=["auto", "torch", "onnx"], help="inference runtime")
     eng.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
-                     help="onnxruntime's int8 convolutions (on live unless --no-int8 or set in --config; "
-                          "calibrated once per model on first use, a few seconds)")
+                     help="onnxruntime's int8 convolutions: faster, but more flicker (measured); calibrated "
+                          "once per model on first use, a few seconds (default from the runtime config: off)")
     eng.add_argument("--compute", choices=["cpu", "cuda"], help="compute device "
                      "(--device names the virtual camera here)")
     eng.add_argument("--config", metavar="FILE", help="runtime TOML (default: configs/runtime_default.toml)")
