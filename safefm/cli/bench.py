@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--live-warmup", type=int, default=5,
                     help="fresh frames not counted at the start of each live run (default 5)")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: library default)")
+    ap.add_argument("--no-pipeline", action="store_true",
+                    help="live runs process each frame's stages one after another (default: overlapped, "
+                         "as safefm-cam runs)")
     ap.add_argument("--tiny-model", action="store_true", help="time the seeded tiny random model")
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--plot", type=Path, default=None, help="also write a PNG of FPS vs steps here")
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None, engine_factory=None) -> int:
                             pacing=args.pacing, frames=args.frames, warmup=args.warmup,
                             live_seconds=args.live_seconds, live_warmup=args.live_warmup,
                             model=args.model, identity=args.identity, threads=args.threads,
+                            pipelined=not args.no_pipeline,
                             model_label="tiny random model (safefm.tiny)" if args.tiny_model else None,
                             log=log)
         factory = engine_factory
