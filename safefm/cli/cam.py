@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--no-tray", action="store_true", help="no system-tray icon")
     ui.add_argument("--stats", action="store_true",
                     help="print FPS, per-stage latency and dropped frames once a second")
+    ui.add_argument("--seconds", type=float, default=0, metavar="S",
+                    help="stop after S seconds (soak runs, scripts; default: run until stopped)")
     ui.add_argument("--stats-log", metavar="PATH",
                     help="write FPS, latency p50/p95 and resident memory once a second to PATH "
                          "(CSV for .csv, else JSON lines)")
@@ -153,6 +155,8 @@ def run(args, engine_factory: EngineFactory | None = None) -> int:
         raise IdentityFileError(f"identity file not found: {args.identity}")
     if args.model and not Path(args.model).is_file():
         raise WeightsError(f"model file not found: {args.model}")
+    if args.seconds < 0:
+        raise ConfigError(f"--seconds must be >= 0 (0: until stopped), got {args.seconds:g}")
     if args.loop and not args.source:
         raise ConfigError("--loop plays a --source file again and again; a camera has no end")
     plan = _vcam_plan(args)
@@ -215,6 +219,10 @@ def run(args, engine_factory: EngineFactory | None = None) -> int:
                            next_identity=lambda: pipe.next_identity(identities_dir()),
                            quit=quit_ev.set) if preview_sink is not None else None
     old = _install_signals(quit_ev, pipe)
+    timer = threading.Timer(args.seconds, quit_ev.set) if args.seconds else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     tray = None
     try:
         pipe.start()
@@ -242,6 +250,8 @@ def run(args, engine_factory: EngineFactory | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if timer is not None:
+            timer.cancel()
         joined = pipe.stop()
         if tray is not None:
             tray.stop()

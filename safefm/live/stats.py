@@ -163,3 +163,34 @@ def read_stats_log(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     rows = list(csv.DictReader(text.splitlines()))
     return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in rows]
+
+
+def soak_summary(rows: list[dict], warmup_s: float = 10.0) -> dict:
+    """Memory and speed drift of a :class:`StatsLog` run, over the rows ``warmup_s`` seconds
+    after the first fresh frame (the model loads before it):
+    resident memory at the start (median of the first rows), at the end, and its largest
+    departure from the start as a fraction (``rss_spread``: the soak's "flat within 5 %");
+    end-to-end FPS of the first and last quarter and their ratio (``fps_ratio``: drift);
+    the medians of the per-second latency p50 / p95."""
+    live = [r for r in rows if r["fps_fresh"]]
+    if not live:
+        raise ValueError("no fresh frame in the stats log: nothing was anonymized")
+    kept = [r for r in rows if r["t"] >= live[0]["t"] + warmup_s] or live
+    q = max(1, len(kept) // 4)
+
+    def med(vals):
+        vals = [v for v in vals if v is not None]
+        return float(np.median(vals)) if vals else None
+
+    rss = [r["rss_mb"] for r in kept if r.get("rss_mb") is not None]
+    rss0 = med(rss[:q])
+    fps0, fps1 = med(r["fps_fresh"] for r in kept[:q]), med(r["fps_fresh"] for r in kept[-q:])
+    return {
+        "seconds": kept[-1]["t"] - kept[0]["t"], "rows": len(kept), "warmup_s": warmup_s,
+        "rss_start_mb": rss0, "rss_end_mb": med(rss[-q:]), "rss_max_mb": max(rss) if rss else None,
+        "rss_spread": max(abs(v - rss0) for v in rss) / rss0 if rss0 else None,
+        "fps_start": fps0, "fps_end": fps1, "fps_mean": med(r["fps_fresh"] for r in kept),
+        "fps_ratio": fps1 / fps0 if fps0 else None,
+        "latency_p50_ms": med(r.get("latency_p50_ms") for r in kept),
+        "latency_p95_ms": med(r.get("latency_p95_ms") for r in kept),
+    }
