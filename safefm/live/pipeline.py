@@ -161,6 +161,7 @@ class Pipeline:
         self._reset_asked = threading.Event()        # a later stage failed: reset before the next frame
         self._t_prepare = self._t_generate = 0.0     # running means of the stages' seconds
         self._generate_free_at = 0.0                 # when the running generate stage should end
+        self._generate_idle = threading.Event()      # set while the generate stage waits for work
         self._identity_box: Mailbox[Any] = Mailbox()
         self.engine_ready = threading.Event()   # set once the engine is built and warmed up
         self.capture = CaptureWorker(open_source, self._frames, pace=cfg.pace,
@@ -348,13 +349,18 @@ class Pipeline:
                 else:
                     self._results.put(self._run_engine(engine, pkt))
         finally:
-            if engine is not None:   # closes what only this thread uses (the landmark detector)
+            if self.cfg.pipelined:   # the frames in flight finish first (the composite stage closes the results)
+                self._plans.close()
+                for t in self._threads:
+                    if t.name in ("safefm-generate", "safefm-composite"):
+                        t.join(self.cfg.join_timeout)
+            if engine is not None:
                 try:
                     engine.close()
                 except Exception as exc:
                     log.warning("engine close failed: %s", _one_line(exc))
-            # pipelined, the last stage closes the results once the frames in flight are out
-            (self._plans if self.cfg.pipelined else self._results).close()
+            if not self.cfg.pipelined:
+                self._results.close()
 
     def _emit(self, r: _Result, pkt: Packet, staged: bool) -> None:
         """A result decided here, sent behind the frames in flight (so the order holds)."""
@@ -397,7 +403,7 @@ class Pipeline:
             self._plans.wait_taken(0.1)
         delay = self._generate_free_at - time.monotonic() - self._t_prepare
         if delay > 0:
-            self._stop.wait(min(delay, 0.25))
+            self._generate_idle.wait(min(delay, 0.25))
 
     def _prepare(self, engine: Any, pkt: Packet) -> _Work:
         t0 = time.monotonic()
@@ -421,6 +427,7 @@ class Pipeline:
                     continue
                 if w.plan is not None:
                     t0 = time.monotonic()
+                    self._generate_idle.clear()
                     self._generate_free_at = t0 + self._t_generate
                     try:
                         w.engine.generate(w.plan)
@@ -429,6 +436,7 @@ class Pipeline:
                         self._reset_asked.set()
                     dt = time.monotonic() - t0
                     self._t_generate, w.busy = _ema(self._t_generate, dt), w.busy + dt
+                    self._generate_idle.set()
                 self._made.put(w)
         except Exception as exc:
             self._fail(f"generate stage failed: {_one_line(exc)}")
