@@ -90,7 +90,6 @@ class _FaceJob:
     lm_crop: np.ndarray | None = None    # (478, 3) real landmarks in the crop
     ret_crop: np.ndarray | None = None   # (478, 3) retargeted landmarks in the crop
     heat: np.ndarray | None = None       # (Ch, H, H) heatmaps
-    z: torch.Tensor | None = None        # (1, C, h, w) generated latent
     crop: np.ndarray | None = None       # (S, S, 3) uint8 decoded face
     error: BaseException | None = None   # why this face cannot be anonymized this frame
 

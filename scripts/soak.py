@@ -41,7 +41,7 @@ def plot(rows: list[dict], summary: dict, path: Path, title: str) -> Path:
     axes[2].set_xlabel("minutes")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.axvline(summary["warmup_s"] / 60, color="grey", lw=0.6)
+        ax.axvline((summary["first_fresh_s"] + summary["warmup_s"]) / 60, color="grey", lw=0.6)
     fig.suptitle(title, fontsize=8)
     cap = (f"after {summary['warmup_s']:.0f} s warm-up (grey line): RSS {summary['rss_start_mb']:.0f} -> "
            f"{summary['rss_end_mb']:.0f} MiB (largest move {100 * summary['rss_spread']:.1f} %), FPS "

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from safefm.live.capture import EndOfStream, SourceInfo, open_source
-from safefm.live.pipeline import OUT_ANONYMIZED, OUT_STARTING, OUT_WITHHELD, LiveConfig, Pipeline
+from safefm.live.pipeline import OUT_ANONYMIZED, OUT_STARTING, LiveConfig, Pipeline
 from safefm.live.stats import StatsLog, read_stats_log, soak_summary
 from safefm.results import ANONYMIZED, HELD, PLACEHOLDER, FaceResult, FrameResult
 
@@ -74,28 +74,31 @@ class StagedEngine:
         self.calls = {"prepare": 0, "generate": 0, "finish": 0}
         self.threads = {k: set() for k in self.calls}
         self.resets = 0
+        self.failed: set[int] = set()            # frame ids whose stage failed or was unsafe
         self.lock = threading.Lock()
 
-    def _enter(self, stage):
+    def _enter(self, stage, frame):
         with self.lock:
             i = self.calls[stage]
             self.calls[stage] += 1
             self.threads[stage].add(threading.current_thread().name)
         time.sleep(self.delays[("prepare", "generate", "finish").index(stage)])
+        if self.faults.get((stage, i)):
+            self.failed.add(frame_id_of(frame))
         if self.faults.get((stage, i)) == "raise":
             raise RuntimeError(f"injected {stage} failure")
         return i
 
     def prepare(self, frame, timestamp):
-        self._enter("prepare")
+        self._enter("prepare", frame)
         return {"frame": frame}
 
     def generate(self, plan):
-        self._enter("generate")
+        self._enter("generate", plan["frame"])
         return plan
 
     def finish(self, plan):
-        i = self._enter("finish")
+        i = self._enter("finish", plan["frame"])
         out = plan["frame"].copy()
         face = [FaceResult(0, BOX, ANONYMIZED)]
         if self.faults.get(("finish", i)) == "unsafe":
@@ -184,10 +187,10 @@ def test_a_failing_stage_withholds_its_frame_and_resets(stage):
     eng = StagedEngine(faults=faults)
     p, sink = run_for(eng, 1.2)
     kinds = [k for k, *_ in sink.frames]
-    assert OUT_WITHHELD in kinds and kinds.count(OUT_ANONYMIZED) > 10
-    assert kinds[0] == OUT_STARTING
-    assert eng.resets >= 1 and p.stats.total_sent == len(sink.frames)
-    assert p.error is None
+    assert kinds[0] == OUT_STARTING and kinds.count(OUT_ANONYMIZED) > 10 and p.error is None
+    assert p.stats.snapshot(0)["errors"] == len(eng.failed) >= 3           # each one withheld
+    assert not {fid for k, fid, *_ in sink.frames if k == OUT_ANONYMIZED} & eng.failed
+    assert eng.resets >= 1                                     # fresh engine state after a failure
     assert_safe_and_ordered(sink)
 
 

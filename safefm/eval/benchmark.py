@@ -337,7 +337,8 @@ def format_table(result: dict) -> str:
     """Human-readable table of a :func:`run` result."""
     rows = [f"source: {result['source']['path']} ({result['source']['fps']:.0f} fps)  model: "
             f"{result['model']}  warm-up: {result['warmup']['engine_frames']} engine frames + "
-            f"{result['warmup']['live_fresh_frames_excluded']} live frames excluded", ""]
+            f"{result['warmup']['live_fresh_frames_excluded']} live frames excluded  live stages: "
+            f"{'pipelined' if result.get('pipelined', False) else 'one after another'}", ""]
     hdr = ("runtime", "steps", "proc fps", "proc ms p50/p95", "landmarks", "retarget+heat",
            "gen/step", "generator", "decode", "composite", "live on fps", "lat on p50/p95",
            "live off fps", "lat off p50/p95")

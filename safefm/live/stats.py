@@ -187,6 +187,7 @@ def soak_summary(rows: list[dict], warmup_s: float = 10.0) -> dict:
     fps0, fps1 = med(r["fps_fresh"] for r in kept[:q]), med(r["fps_fresh"] for r in kept[-q:])
     return {
         "seconds": kept[-1]["t"] - kept[0]["t"], "rows": len(kept), "warmup_s": warmup_s,
+        "first_fresh_s": live[0]["t"],     # start-up: seconds to the first anonymized frame (+ <= 1 s)
         "rss_start_mb": rss0, "rss_end_mb": med(rss[-q:]), "rss_max_mb": max(rss) if rss else None,
         "rss_spread": max(abs(v - rss0) for v in rss) / rss0 if rss0 else None,
         "fps_start": fps0, "fps_end": fps1, "fps_mean": med(r["fps_fresh"] for r in kept),
