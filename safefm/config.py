@@ -94,7 +94,7 @@ class RuntimeConfig:
     identity_guidance: float = 1.0
     guidance_until: float = 1.0
     runtime: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"
     threads: int = 0
     max_faces: int = 4
     min_detection_confidence: float = 0.5
@@ -140,8 +140,8 @@ class RuntimeConfig:
             raise ConfigError(f"guidance_until must be in [0, 1], got {self.guidance_until}")
         if self.runtime not in ("auto", "torch", "onnx"):
             raise ConfigError(f"runtime must be auto, torch or onnx, got {self.runtime!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.max_faces < 1:
             raise ConfigError("max_faces must be at least 1")
         if self.neutral_window < 1 or self.neutral_warmup < 1:

@@ -20,13 +20,19 @@ Fail-closed policy (a real face's pixels never leave while anonymizing):
    more frames, after which the track is forgotten.
 Never the raw face, never a light blur. Faces FaceMesh never detected at all cannot be covered:
 ``max_faces`` (default 4) bounds how many are looked for.
+
+A frame runs in three stages, :meth:`Engine.prepare` (landmarks, tracks, retargeting,
+heatmaps), :meth:`Engine.generate` (the networks) and :meth:`Engine.finish` (colour match,
+paste, covers); :meth:`Engine.process` runs them one after the other. The live pipeline may
+run each stage on its own thread so consecutive frames overlap: everything a later stage needs
+travels in the :class:`FramePlan`, and each piece of per-track state has one writing stage.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -51,12 +57,13 @@ class _TrackState:
     """What the engine remembers of one face track between frames."""
     neutral: retarget.NeutralEstimator
     z_prev: torch.Tensor | None = None            # (1, C, h, w) last output latent (warm start)
+    z_epoch: int = 0                              # the ``epoch`` z_prev was generated in
+    epoch: int = 0                                # bumped when the face may have changed (no warm start across)
     last_crop: np.ndarray | None = None           # (S or 2S, same, 3) last good synthetic face
     last_M_inv: np.ndarray | None = None          # (2, 3) crop -> frame of that face
     last_face: np.ndarray | None = None           # its (same side) float32 face alpha (seamless paste)
     last_landmarks: np.ndarray | None = None      # (478, 3) real landmarks at the last sighting
     good_frames: int = 0
-    heat: np.ndarray | None = field(default=None, repr=False)  # reused heatmap buffer
     repel: torch.Tensor | None = field(default=None, repr=False)  # tokens of the real face (identity_repel)
     real: np.ndarray | None = field(default=None, repr=False)     # (128,) the real face's dlib descriptor (memory only)
     real_tried: bool = False                      # the real face was embedded (once per track, again after a cut)
@@ -64,9 +71,45 @@ class _TrackState:
     tokens: torch.Tensor | None = field(default=None, repr=False)   # its generator tokens
     noise: torch.Tensor | None = field(default=None, repr=False)    # its fixed noise
 
+    def forget_latent(self) -> None:
+        """No warm start from a latent generated before now (another face, or another identity)."""
+        self.epoch += 1
+
+
+@dataclass
+class _FaceJob:
+    """One matched face of one frame on its way through prepare -> generate -> finish."""
+    track: Track                         # a copy: the tracker updates its own objects in place
+    st: _TrackState
+    epoch: int = 0                       # st.epoch when prepared
+    warm: bool = False                   # a warm start is allowed (video, warm_start, not a new track)
+    repel: torch.Tensor | None = None    # (1, K, W) reference tokens of the real face, or None
+    tokens: torch.Tensor | None = None   # (1, K, W) tokens of the identity this face wears
+    noise: torch.Tensor | None = None    # (1, C, h, w) its noise
+    M: np.ndarray | None = None          # (2, 3) frame -> crop
+    lm_crop: np.ndarray | None = None    # (478, 3) real landmarks in the crop
+    ret_crop: np.ndarray | None = None   # (478, 3) retargeted landmarks in the crop
+    heat: np.ndarray | None = None       # (Ch, H, H) heatmaps
+    crop: np.ndarray | None = None       # (S, S, 3) uint8 decoded face
+    error: BaseException | None = None   # why this face cannot be anonymized this frame
+
+
+@dataclass
+class FramePlan:
+    """A frame between the engine's stages: what :meth:`Engine.prepare` decided, filled in by
+    :meth:`Engine.generate`, turned into a :class:`FrameResult` by :meth:`Engine.finish`."""
+    frame: np.ndarray                    # (H, W, 3) uint8 RGB input
+    jobs: list[_FaceJob]                 # the faces matched this frame
+    lost: list[tuple[Track, _TrackState]]  # faces remembered but not seen (copies)
+    tokens: torch.Tensor                 # (1, K, W) identity tokens worn for this frame
+    noise: torch.Tensor                  # (1, C, h, w) its noise
+    timings: dict = field(default_factory=dict)
+
 
 class Engine:
-    """Anonymizes frames. Not thread-safe: one engine per processing thread."""
+    """Anonymizes frames. Not thread-safe as a whole: :meth:`process` (or :meth:`prepare`, and
+    every control call: reset, set_identity) from one thread; :meth:`generate` and
+    :meth:`finish` may each run on another thread, called in frame order."""
 
     def __init__(self, generator: Generator, identity: Identity, cfg: RuntimeConfig, *,
                  video: bool = True, detector=None, guard=None, recognizer=None,
@@ -129,8 +172,8 @@ class Engine:
         seed = self.cfg.seed if self.cfg.seed >= 0 else identity.seed
         self.noise = Identity(identity.embedding, identity.shape, seed).noise(self.mcfg.latent_shape)
         for st in self._states.values():  # a new face: no warm start from the old one
-            if st.identity is None:
-                st.z_prev = None
+            if st.identity is None:   # tracks wearing their own identity keep their warm start
+                st.forget_latent()
 
     def reset(self) -> None:
         """Forget all tracks and temporal state (between unrelated images or files), the
@@ -180,6 +223,10 @@ class Engine:
     # -- per frame -----------------------------------------------------------------------
     def process(self, frame: np.ndarray, timestamp: float | None = None) -> FrameResult:
         """Anonymize one RGB frame (H, W, 3) uint8. Returns a FrameResult whose image is safe."""
+        return self.finish(self.generate(self.prepare(frame, timestamp)))
+
+    def prepare(self, frame: np.ndarray, timestamp: float | None = None) -> FramePlan:
+        """Stage 1: landmarks, tracks, identity guard, retargeting and heatmaps of each face."""
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"frame must be (H, W, 3) uint8 RGB, got {frame.shape} {frame.dtype}")
         t = timestamp if timestamp is not None else self._frame_index / 30.0
@@ -193,7 +240,7 @@ class Engine:
         matched, lost = self.tracker.update(faces, t)
         if self.video and self._scene_cut(frame):
             for st in self._states.values():   # a cut may put another person on a track
-                st.z_prev = None
+                st.forget_latent()
                 st.repel, st.real_tried = None, False
         timings["landmarks"] = time.perf_counter() - t_a
         if self.guard is not None and self.assigner is None and matched and (not self._guard_done or not self.video):
@@ -201,29 +248,56 @@ class Engine:
             self._check_identity(frame, matched)
             timings["guard"] = time.perf_counter() - t_g
 
-        out = frame.copy()
-        results: list[FaceResult] = []
         live_ids = {tr.id for tr in matched} | {tr.id for tr in lost}
         for tid in [k for k in self._states if k not in live_ids]:
             st = self._states.pop(tid)
             if self.assigner is not None and st.identity is not None:   # kept a while for the person's return
                 self.assigner.retire(st.identity, st.real, self._frame_index)
         self._lost_ids = {tr.id for tr in lost}
-
-        # With several faces, no face's paste may read another's real face (faces are pasted in turn)
-        real = [tr.raw for tr in matched] + [self._state(tr.id).last_landmarks for tr in lost]
-        protect = (composite.face_mask(real, out.shape[:2], self.cfg.mask_dilate, 0.0)
-                   if len([lm for lm in real if lm is not None]) > 1 else None)
+        jobs = []
         for tr in matched:
             st = self._state(tr.id)
+            job = _FaceJob(replace(tr), st, epoch=st.epoch,
+                           warm=self.video and self.cfg.warm_start and not tr.is_new)
             try:
-                results.append(self._anonymize(out, frame, tr, st, timings, protect))
+                self._prepare_face(frame, job, timings)
+            except Exception as exc:  # fail closed: covered in finish
+                job.error = exc
+            jobs.append(job)
+        return FramePlan(frame, jobs, [(replace(tr), self._state(tr.id)) for tr in lost],
+                         self.tokens, self.noise, timings)
+
+    def generate(self, plan: FramePlan) -> FramePlan:
+        """Stage 2: the generator and decoder for each face prepared without error."""
+        for job in plan.jobs:
+            if job.error is None:
+                try:
+                    self._generate_face(job, plan)
+                except Exception as exc:  # fail closed: covered in finish
+                    job.error = exc
+        return plan
+
+    def finish(self, plan: FramePlan) -> FrameResult:
+        """Stage 3: paste each generated face; cover (fail closed) every other face."""
+        frame, timings = plan.frame, plan.timings
+        out = frame.copy()
+        results: list[FaceResult] = []
+        # With several faces, no face's paste may read another's real face (faces are pasted in turn)
+        real = [job.track.raw for job in plan.jobs] + [st.last_landmarks for _, st in plan.lost]
+        protect = (composite.face_mask(real, out.shape[:2], self.cfg.mask_dilate, 0.0)
+                   if len([lm for lm in real if lm is not None]) > 1 else None)
+        for job in plan.jobs:
+            tr, st = job.track, job.st
+            try:
+                if job.error is not None:
+                    raise job.error
+                results.append(self._paste_face(out, frame, job, timings, protect))
             except Exception as exc:  # fail closed: whatever broke, the raw face does not leave
                 log.warning("face %d not anonymized: %s", tr.id, exc)
                 results.append(self._cover(out, tr, st, reason=f"{type(exc).__name__}: {exc}",
                                            landmarks=tr.raw, missing=1, protect=protect))
-        for tr in lost:
-            results.append(self._cover(out, tr, self._state(tr.id), reason="landmarks lost", landmarks=None,
+        for tr, st in plan.lost:
+            results.append(self._cover(out, tr, st, reason="landmarks lost", landmarks=None,
                                        missing=tr.missing, protect=protect))
         return FrameResult(image=out, faces=results, timings=timings)
 
@@ -295,7 +369,7 @@ class Engine:
         st.tokens = self.gen.identity_tokens(identity.embedding)
         seed = self.cfg.seed if self.cfg.seed >= 0 else identity.seed
         st.noise = Identity(identity.embedding, identity.shape, seed).noise(self.mcfg.latent_shape)
-        st.z_prev = None
+        st.forget_latent()
 
     def _worn(self, st: _TrackState) -> tuple[Identity, torch.Tensor, torch.Tensor]:
         """(identity, tokens, noise) this track's face is generated with."""
@@ -311,16 +385,16 @@ class Engine:
             st = self._states[track_id] = _TrackState(neutral)
         return st
 
-    def _anonymize(self, out, frame, tr: Track, st: _TrackState, timings, protect=None) -> FaceResult:
-        S, cfg = self.mcfg.image_size, self.cfg
+    def _prepare_face(self, frame, job: _FaceJob, timings) -> None:
+        S, cfg, tr, st = self.mcfg.image_size, self.cfg, job.track, job.st
         if not st.real_tried and (self._embed_on or (self.assigner is not None and st.identity is None)):
             t_r = time.perf_counter()   # once per track: the real face to steer away from / to match
             self._embed_track(frame, tr, st)
             timings["repel"] += time.perf_counter() - t_r
-        identity, tokens, noise = self._worn(st)
+        identity, job.tokens, job.noise = self._worn(st)
+        job.repel, job.epoch = st.repel, st.epoch   # (a newly worn identity has just bumped the epoch)
         t_a = time.perf_counter()
         M = alignment.align_matrix(tr.landmarks, S)
-        M_inv = alignment.invert_affine(M)
         lm_crop = alignment.transform_points(tr.landmarks, M)
         pose = retarget.pose_fit(lm_crop, self.template)  # canonical = the template's unit crop frame
         canon = retarget.to_canonical(lm_crop, pose)
@@ -333,21 +407,24 @@ class Engine:
             neutral = retarget.single_image_neutral(canon, template=self.template)
         else:
             neutral = self.template
-        ret_crop = retarget.retarget(lm_crop, neutral, identity.shape, cfg.expression_gain, pose=pose,
-                                     eye_gain=cfg.eye_gain)
-        st.heat = heatmaps.render_heatmaps(ret_crop, S, self.mcfg.heatmap_size, out=st.heat)
-        t_b = time.perf_counter()
-        timings["retarget_heatmaps"] += t_b - t_a
+        job.ret_crop = retarget.retarget(lm_crop, neutral, identity.shape, cfg.expression_gain, pose=pose,
+                                         eye_gain=cfg.eye_gain)
+        job.M, job.lm_crop = M, lm_crop
+        job.heat = heatmaps.render_heatmaps(job.ret_crop, S, self.mcfg.heatmap_size)   # per frame: may overlap
+        timings["retarget_heatmaps"] += time.perf_counter() - t_a
 
-        heat = self.fault_injector("generate", tr.id, st.heat) if self.fault_injector else st.heat
-        warm = self.video and cfg.warm_start and st.z_prev is not None and not tr.is_new
-        if st.repel is not None:
+    def _generate_face(self, job: _FaceJob, plan: FramePlan) -> None:
+        cfg, tr, st, timings = self.cfg, job.track, job.st, plan.timings
+        t_b = time.perf_counter()
+        heat = self.fault_injector("generate", tr.id, job.heat) if self.fault_injector else job.heat
+        warm = job.warm and st.z_prev is not None and st.z_epoch == job.epoch
+        if job.repel is not None:
             guidance, until = 1.0 + cfg.identity_repel, cfg.repel_until
         else:
             guidance, until = cfg.identity_guidance, cfg.guidance_until
         t0 = cfg.warm_t0 if warm else 0.0
-        z = self.gen.generate(heat, tokens, noise, z_prev=st.z_prev if warm else None,
-                              t0=t0, steps=cfg.steps, guidance=guidance, guidance_until=until, reference=st.repel)
+        z = self.gen.generate(heat, job.tokens, job.noise, z_prev=st.z_prev if warm else None,
+                              t0=t0, steps=cfg.steps, guidance=guidance, guidance_until=until, reference=job.repel)
         if self.fault_injector:
             z = self.fault_injector("latent", tr.id, z)
         if not torch.isfinite(z).all():
@@ -355,15 +432,21 @@ class Engine:
         t_c = time.perf_counter()
         timings["generator"] += t_c - t_b
         timings["generator_steps"] = cfg.steps - first_step(cfg.steps, t0)   # a warm frame takes fewer
-        crop = self.gen.decode(z, heat)[0]
-        t_d = time.perf_counter()
-        timings["decode"] += t_d - t_c
+        job.crop = self.gen.decode(z, heat)[0]
+        timings["decode"] += time.perf_counter() - t_c
+        if self.video:
+            st.z_prev, st.z_epoch = z.detach().clone(), job.epoch
 
+    def _paste_face(self, out, frame, job: _FaceJob, timings, protect=None) -> FaceResult:
+        S, cfg, tr, st = self.mcfg.image_size, self.cfg, job.track, job.st
+        M, ret_crop, crop = job.M, job.ret_crop, job.crop
+        t_d = time.perf_counter()
+        M_inv = alignment.invert_affine(M)
         ret_dist = composite.oval_distance(ret_crop, S)   # once: skin mask and face alpha share it
         if cfg.color_match:
             real_crop = alignment.crop_face(frame, M, S)
             crop = composite.color_match(crop, real_crop, composite.skin_mask(ret_crop, S, dist=ret_dist),
-                                         composite.skin_mask(lm_crop, S))
+                                         composite.skin_mask(job.lm_crop, S))
         ret_frame = alignment.transform_points(ret_crop, M_inv)
         mask = composite.face_mask([tr.raw, tr.landmarks, ret_frame], out.shape[:2],
                                    cfg.mask_dilate, cfg.mask_feather)
@@ -380,7 +463,6 @@ class Engine:
         composite.paste(out, crop, M_inv, mask, out=out, face=face, protect=protect, grain=cfg.match_grain)
         timings["composite"] += time.perf_counter() - t_d
 
-        st.z_prev = z.detach().clone() if self.video else None
         st.last_crop, st.last_M_inv, st.last_landmarks, st.last_face = crop, M_inv, tr.raw, face
         st.good_frames += 1
         return FaceResult(tr.id, face_box(tr.raw, out.shape), ANONYMIZED, tr.raw)

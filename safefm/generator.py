@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, RuntimeConfig
-from .errors import DeviceError, WeightsError
+from .errors import DeviceError, WeightsError, first_line
 from .models import SafeFMModel, Velocity, scale_controlnet
 from .paths import cache_dir
 from .sampler import sample
@@ -50,6 +50,11 @@ def _onnx_available() -> bool:
         return True
     except ImportError:
         return False
+
+
+def _onnx_providers() -> list[str]:
+    import onnxruntime as ort
+    return ort.get_available_providers()
 
 
 def _state_digest(model: torch.nn.Module) -> str:
@@ -143,27 +148,36 @@ class OnnxBackend:
         opts = ort.SessionOptions()
         if cfg.threads > 0:
             opts.intra_op_num_threads = cfg.threads
+        opts.inter_op_num_threads = 1   # the graphs run sequentially: no second pool
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # No busy-waiting between runs: onnxruntime's spinning worker threads otherwise take the
         # cores from the per-frame torch / MediaPipe / OpenCV work right after every call
         # (measured: decode 20 ms through Generator.decode vs 9 ms inside the session).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
-        if cfg.device == "cuda":
-            avail = ort.get_available_providers()
-            providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in avail] + providers
+        paths = {"velocity": v_path, "decoder": d_path, "cond": c_path if cond_embed is not None else None,
+                 "detail": r_path if model.detail is not None else None}
+        wanted = onnx_providers(cfg.device, ort.get_available_providers())
+        fell_back = False
         try:
-            self._velocity = ort.InferenceSession(str(v_path), opts, providers=providers)
-            self._decoder = ort.InferenceSession(str(d_path), opts, providers=providers)
-            self._cond = (ort.InferenceSession(str(c_path), opts, providers=providers)
-                          if cond_embed is not None else None)
-            self._detail = (ort.InferenceSession(str(r_path), opts, providers=providers)
-                            if model.detail is not None else None)
+            sessions = open_sessions(ort, paths, opts, _provider_options(wanted, folder))
         except Exception as exc:
-            raise WeightsError(f"onnxruntime could not load the exported model in {folder} ({exc}); "
-                               "delete that folder or use --runtime torch") from None
+            if wanted == [CPU_PROVIDER]:
+                raise WeightsError(f"onnxruntime could not load the exported model in {folder} ({exc}); "
+                                   "delete that folder or use --runtime torch") from None
+            log.warning("onnxruntime %s could not start (%s); running on the CPU",
+                        " / ".join(wanted[:-1]), first_line(exc))
+            fell_back = True
+            try:
+                sessions = open_sessions(ort, paths, opts, [CPU_PROVIDER])
+            except Exception as exc2:
+                raise WeightsError(f"onnxruntime could not load the exported model in {folder} ({exc2}); "
+                                   "delete that folder or use --runtime torch") from None
+        self._velocity, self._decoder = sessions["velocity"], sessions["decoder"]
+        self._cond, self._detail = sessions["cond"], sessions["detail"]
         self.providers = self._velocity.get_providers()
-        self._folder, self._opts, self._providers = folder, opts, providers
+        self._folder, self._opts = folder, opts
+        if not fell_back and self.providers[0] != wanted[0]:   # onnxruntime dropped it quietly
+            log.warning("onnxruntime %s did not start; running on %s", wanted[0], self.providers[0])
 
     def use_int8(self, feeds_fn) -> None:
         """Run the velocity and decoder graphs with int8 convolutions
@@ -175,8 +189,7 @@ class OnnxBackend:
         names = ["velocity", "decoder"]   # the detail stage stays float: int8 left a dot pattern in its residual
         paths = ensure_int8(self._folder, names, feeds_fn)
         try:
-            sessions = {n: ort.InferenceSession(str(p), self._opts, providers=self._providers)
-                        for n, p in paths.items()}
+            sessions = open_sessions(ort, paths, self._opts, self.providers)
         except Exception as exc:
             raise WeightsError(f"onnxruntime could not load the int8 model in {self._folder} ({exc}); "
                                "delete its *.int8.onnx files or run without int8") from None
@@ -209,6 +222,30 @@ class OnnxBackend:
         return _run1(self._detail, {"image": np.ascontiguousarray(x, np.float32)})
 
 
+CPU_PROVIDER = "CPUExecutionProvider"
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")   # best first
+
+
+def onnx_providers(device: str, available) -> list[str]:
+    """onnxruntime execution providers for ``device`` (cpu | cuda | auto), best first:
+    TensorRT then CUDA where ``available`` has them (not for cpu), the CPU always last."""
+    if device == "cpu":
+        return [CPU_PROVIDER]
+    return [p for p in GPU_PROVIDERS if p in available] + [CPU_PROVIDER]
+
+
+def _provider_options(providers: list[str], folder: Path) -> list:
+    """TensorRT builds its engines once into ``folder``/trt (float32, like every other runtime)."""
+    return [(p, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(folder / "trt")})
+            if p == "TensorrtExecutionProvider" else p for p in providers]
+
+
+def open_sessions(ort, paths: dict, opts, providers: list) -> dict:
+    """{name: onnxruntime.InferenceSession or None} for {name: model path or None}."""
+    return {k: ort.InferenceSession(str(v), opts, providers=providers) if v is not None else None
+            for k, v in paths.items()}
+
+
 def _export(module, args, path: Path, inputs, outputs) -> None:
     """Batch-1 graph with static shapes: onnxruntime then folds the shape arithmetic away
     (measured: 2,833 -> 1,017 nodes after optimisation, 15 -> 10 ms a step on 1 thread);
@@ -226,10 +263,15 @@ class Generator:
     def __init__(self, model: SafeFMModel, cfg: RuntimeConfig, digest: str | None = None):
         self.cfg = cfg
         self.model_cfg: ModelConfig = model.cfg
-        if cfg.device == "cuda" and not torch.cuda.is_available():
-            raise DeviceError("--device cuda was asked for, but torch sees no CUDA GPU (use --device cpu)")
-        self.device = torch.device(cfg.device)
         self.runtime = cfg.runtime if cfg.runtime != "auto" else ("onnx" if _onnx_available() else "torch")
+        if cfg.device == "cuda":
+            if self.runtime == "torch" and not torch.cuda.is_available():
+                raise DeviceError("--device cuda was asked for, but torch sees no CUDA GPU (use --device cpu)")
+            if self.runtime == "onnx" and onnx_providers("cuda", _onnx_providers()) == [CPU_PROVIDER]:
+                raise DeviceError("--device cuda was asked for, but onnxruntime has no CUDA or TensorRT "
+                                  "provider (install onnxruntime-gpu, or use --device cpu)")
+        # torch's device (the torch runtime, and the identity tokens with either runtime)
+        self.device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
         if cfg.controlnet_scale != 1.0 and model.controlnet is not None:
             scale_controlnet(model.controlnet, cfg.controlnet_scale)
             if digest:   # other weights than the file's: their own ONNX export

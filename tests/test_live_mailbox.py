@@ -91,3 +91,22 @@ def test_stats_line():
     line = format_stats(snap)
     assert "e2e 90 ms" in line and "generator 50.0 ms" in line and "dropped 7" in line
     assert s.snapshot(dropped_total=9)["dropped"] == 2
+
+
+def test_wait_taken_returns_when_the_item_is_taken():
+    box = Mailbox()
+    assert box.wait_taken(0)                       # empty: free at once
+    box.put(1)
+    assert not box.wait_taken(0.02)                # nobody took it
+    threading.Timer(0.05, box.take_nowait).start()
+    t0 = time.monotonic()
+    assert box.wait_taken(2.0) and time.monotonic() - t0 < 1.0
+
+
+def test_stats_latency_percentiles():
+    s = Stats()
+    for ms in range(1, 101):
+        s.sent(fresh=True, placeholder=False, latency=ms / 1000)
+    snap = s.snapshot(0)
+    assert snap["latency_p50_ms"] == pytest.approx(50.5) and snap["latency_p95_ms"] == pytest.approx(95.05)
+    assert snap["fps_fresh"] > 0 and "p95 95" in format_stats(snap)

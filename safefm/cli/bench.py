@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--path", choices=("live", "files"), default="live",
                     help="runtime defaults timed: live = safefm-cam's (no identity repel, no detail stage; "
                          "default), files = safefm-anonymize's")
+    ap.add_argument("--no-pipeline", action="store_true",
+                    help="live runs process each frame's stages one after another (default: overlapped, "
+                         "as safefm-cam runs)")
     ap.add_argument("--tiny-model", action="store_true", help="time the seeded tiny random model")
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--plot", type=Path, default=None, help="also write a PNG of FPS vs steps here")
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None, engine_factory=None) -> int:
                             pacing=args.pacing, frames=args.frames, warmup=args.warmup,
                             live_seconds=args.live_seconds, live_warmup=args.live_warmup,
                             model=args.model, identity=args.identity, threads=args.threads, path=args.path,
+                            pipelined=not args.no_pipeline,
                             model_label="tiny random model (safefm.tiny)" if args.tiny_model else None,
                             log=log)
         factory = engine_factory

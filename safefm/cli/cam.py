@@ -3,6 +3,7 @@
     safefm-cam --identity id.pt                    # camera 0 -> "SAFE-FM Camera"
     safefm-cam --preview --record out.mp4 --no-vcam
     safefm-cam --source clip.mp4 --preview         # a video file played like a camera
+    safefm-cam --source clip.mp4 --loop --no-vcam --record /dev/null --stats-log soak.csv
 
 Until the model is warm and the first face is anonymized the virtual camera shows a
 "SAFE-FM starting..." card, never the raw camera; camera faults and engine errors show a
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import signal
 import sys
@@ -27,13 +29,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..config import LIVE_DEFAULTS
-from ..errors import DeviceError, IdentityFileError, InputError, SafeFMError, WeightsError
+from ..errors import ConfigError, DeviceError, IdentityFileError, InputError, SafeFMError, WeightsError
 from ..live.capture import open_source
 from ..live.pipeline import LiveConfig, Pipeline
 from ..live.preview import PreviewSink, PreviewWindow, display_available
-from ..live.stats import format_stats
+from ..live.stats import StatsLog, format_stats
 from ..live.tray import make_tray
-from ..live.vcam import RecorderSink, VirtualCamSink, vcam_candidates
+from ..live.vcam import NullSink, RecorderSink, VirtualCamSink, vcam_candidates
 from ..paths import default_identity_path, identities_dir
 from .common import EXIT_OK, add_logging_args, cli_main, runtime_config_from_args
 
@@ -53,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--source", metavar="FILE|URL", help="read a video file or stream instead")
     src.add_argument("--no-pace", action="store_true",
                      help="read --source as fast as possible (tests, benchmarks)")
+    src.add_argument("--loop", action="store_true",
+                     help="play --source again at its end, until stopped (soak runs)")
     eng = ap.add_argument_group("engine")
     eng.add_argument("--identity", metavar="FILE", help="synthetic identity file "
                      "(default: weights/identities/default.pt)")
@@ -69,15 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
                      help="onnxruntime's int8 convolutions: faster, but more flicker (measured); calibrated "
                           "once per model on first use, a few seconds (default from the runtime config: off)")
-    eng.add_argument("--compute", choices=["cpu", "cuda"], help="compute device "
-                     "(--device names the virtual camera here)")
+    eng.add_argument("--compute", choices=["auto", "cpu", "cuda"], help="compute device (auto: a GPU "
+                     "when the runtime has one; --device names the virtual camera here)")
     eng.add_argument("--config", metavar="FILE", help="runtime TOML (default: configs/runtime_default.toml)")
+    eng.add_argument("--no-pipeline", action="store_true",
+                     help="run each frame's stages one after another (default: consecutive frames "
+                          "overlap: landmarks of the next frame while the generator runs this one)")
     out = ap.add_argument_group("output")
     out.add_argument("--device", help="virtual camera device (Linux: /dev/videoN; default: the "
                                       "v4l2loopback device labelled 'SAFE-FM Camera')")
     out.add_argument("--no-vcam", action="store_true", help="do not open a virtual camera")
     out.add_argument("--preview", action="store_true", help="show the output in a window (P/I/Q keys)")
-    out.add_argument("--record", metavar="OUT.mp4", help="also write the output stream to a video file")
+    out.add_argument("--record", metavar="OUT.mp4", help="also write the output stream to a video file "
+                     f"({os.devnull}: encode nothing, discard it)")
     out.add_argument("--width", type=int, default=0, help="output width (default: the camera's)")
     out.add_argument("--height", type=int, default=0, help="output height (default: the camera's)")
     out.add_argument("--fps", type=float, default=0, help="output frame rate (default: the camera's)")
@@ -87,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--no-tray", action="store_true", help="no system-tray icon")
     ui.add_argument("--stats", action="store_true",
                     help="print FPS, per-stage latency and dropped frames once a second")
+    ui.add_argument("--seconds", type=float, default=0, metavar="S",
+                    help="stop after S seconds (soak runs, scripts; default: run until stopped)")
+    ui.add_argument("--stats-log", metavar="PATH",
+                    help="write FPS, latency p50/p95 and resident memory once a second to PATH "
+                         "(CSV for .csv, else JSON lines)")
     add_logging_args(ap)
     return ap
 
@@ -124,7 +137,7 @@ def _vcam_plan(args) -> list | None:
 def _probe_source(args):
     """Open the source once for its size and fps; a missing camera is retried later."""
     try:
-        src = open_source(args.camera, args.source, args.width, args.height, args.fps)
+        src = open_source(args.camera, args.source, args.width, args.height, args.fps, args.loop)
         return src, src.info.width, src.info.height, src.info.fps
     except DeviceError as exc:
         if args.source:
@@ -142,6 +155,10 @@ def run(args, engine_factory: EngineFactory | None = None) -> int:
         raise IdentityFileError(f"identity file not found: {args.identity}")
     if args.model and not Path(args.model).is_file():
         raise WeightsError(f"model file not found: {args.model}")
+    if args.seconds < 0:
+        raise ConfigError(f"--seconds must be >= 0 (0: until stopped), got {args.seconds:g}")
+    if args.loop and not args.source:
+        raise ConfigError("--loop plays a --source file again and again; a camera has no end")
     plan = _vcam_plan(args)
     if plan is None and not (args.preview or args.record):
         raise InputError("nothing to send to: use the virtual camera, --preview or --record")
@@ -152,7 +169,8 @@ def run(args, engine_factory: EngineFactory | None = None) -> int:
     sinks: list = []
     try:
         cfg = LiveConfig(width=args.width or w, height=args.height or h, fps=args.fps or fps,
-                         pace=not args.no_pace, paused_badge=not args.no_badge)
+                         pace=not args.no_pace, paused_badge=not args.no_badge,
+                         pipelined=not args.no_pipeline)
         if plan is not None:
             try:
                 sinks.append(VirtualCamSink(cfg.width, cfg.height, cfg.fps, plan))
@@ -161,7 +179,8 @@ def run(args, engine_factory: EngineFactory | None = None) -> int:
                     raise
                 log.warning("virtual camera unavailable, continuing without it")
         if args.record:
-            sinks.append(RecorderSink(args.record, cfg.width, cfg.height, cfg.fps))
+            sinks.append(NullSink() if args.record == os.devnull else
+                         RecorderSink(args.record, cfg.width, cfg.height, cfg.fps))
     except BaseException:
         for s in sinks:
             s.close()
@@ -173,11 +192,26 @@ def run(args, engine_factory: EngineFactory | None = None) -> int:
         sinks.append(preview_sink)
 
     def reopen():
-        return open_source(args.camera, args.source, args.width, args.height, args.fps)
+        return open_source(args.camera, args.source, args.width, args.height, args.fps, args.loop)
+
+    try:
+        stats_log = StatsLog(args.stats_log) if args.stats_log else None
+    except BaseException:
+        for s in sinks:
+            s.close()
+        if first is not None:
+            first.close()
+        raise
+
+    def on_stats(snap: dict) -> None:
+        if stats_log is not None:
+            stats_log.write(snap)
+        if args.stats:
+            print(format_stats(snap), flush=True)
 
     pipe = Pipeline(factory, reopen, sinks, cfg, first_source=first,
                     identity_path=identity if identity.is_file() else None,
-                    on_stats=(lambda s: print(format_stats(s), flush=True)) if args.stats else None)
+                    on_stats=on_stats if (args.stats or stats_log) else None)
     quit_ev, want_preview = threading.Event(), threading.Event()
     if args.preview:
         want_preview.set()
@@ -185,6 +219,10 @@ def run(args, engine_factory: EngineFactory | None = None) -> int:
                            next_identity=lambda: pipe.next_identity(identities_dir()),
                            quit=quit_ev.set) if preview_sink is not None else None
     old = _install_signals(quit_ev, pipe)
+    timer = threading.Timer(args.seconds, quit_ev.set) if args.seconds else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     tray = None
     try:
         pipe.start()
@@ -212,12 +250,16 @@ def run(args, engine_factory: EngineFactory | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if timer is not None:
+            timer.cancel()
         joined = pipe.stop()
         if tray is not None:
             tray.stop()
         if window is not None:
             window.close()
         _restore_signals(old)
+        if stats_log is not None:
+            stats_log.close()
         if not joined:
             log.warning("some threads did not stop within %.0f s", cfg.join_timeout)
     if pipe.error:
@@ -228,7 +270,7 @@ def run(args, engine_factory: EngineFactory | None = None) -> int:
 def _describe(sink) -> str:
     if isinstance(sink, VirtualCamSink):
         return f"virtual camera {sink.device}"
-    if isinstance(sink, RecorderSink):
+    if isinstance(sink, (RecorderSink, NullSink)):
         return f"recording {sink.path}"
     return type(sink).__name__
 

@@ -46,7 +46,8 @@ def add_runtime_args(parser: argparse.ArgumentParser, identity: bool = True, ide
     g.add_argument("--steps", type=int, default=None, metavar="N",
                    help="Euler steps per frame (default from the runtime config, usually 4)")
     g.add_argument("--seed", type=int, default=None, metavar="S", help="noise seed of the face (default: the identity's own)")
-    g.add_argument("--device", choices=("cpu", "cuda"), default=None, help="compute device")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="compute device (auto, the default: a GPU when the runtime has one)")
     g.add_argument("--runtime", choices=("auto", "torch", "onnx"), default=None,
                    help="inference runtime (auto: onnxruntime when installed)")
     g.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,

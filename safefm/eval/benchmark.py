@@ -59,6 +59,7 @@ class BenchOptions:
     identity: Path | None = None
     threads: int = 0
     path: str = "live"                     # "live": safefm-cam's runtime defaults; "files": safefm-anonymize's
+    pipelined: bool = True                 # live runs overlap consecutive frames' stages (safefm-cam's default)
     model_label: str | None = None
     log: Callable[[str], None] = field(default=lambda msg: None)
 
@@ -205,19 +206,18 @@ class _RecordingSink:
 
 
 class _KeepOpen:
-    """Engine proxy whose close() does nothing (the pipeline closes its engine; we reuse it)."""
+    """Engine proxy whose close() does nothing (the pipeline closes its engine; we reuse it)
+    and that has no warmup (done once before every measurement)."""
+
+    _FORWARD = ("process", "reset", "set_identity", "prepare", "generate", "finish")
 
     def __init__(self, engine):
         self._e = engine
 
-    def process(self, frame, timestamp=None):
-        return self._e.process(frame, timestamp)
-
-    def reset(self):
-        self._e.reset()
-
-    def set_identity(self, identity):
-        self._e.set_identity(identity)
+    def __getattr__(self, name):
+        if name not in self._FORWARD:
+            raise AttributeError(name)
+        return getattr(self._e, name)
 
     def close(self):
         pass
@@ -232,7 +232,8 @@ def _live_summary(fresh: list[tuple[float, float]], skip: int) -> dict:
             "e2e_fps": fps, "latency_ms": percentiles([lat for _, lat in kept])}
 
 
-def bench_live(engine, source: Path, pace: bool, seconds: float, warmup_fresh: int) -> dict:
+def bench_live(engine, source: Path, pace: bool, seconds: float, warmup_fresh: int,
+               pipelined: bool = True) -> dict:
     """One live run of ``seconds`` through :class:`safefm.live.pipeline.Pipeline`."""
     from ..live.pipeline import LiveConfig, Pipeline
 
@@ -241,13 +242,15 @@ def bench_live(engine, source: Path, pace: bool, seconds: float, warmup_fresh: i
     info = probe.info
     probe.close()
     sink = _RecordingSink()
-    cfg = LiveConfig(width=info.width, height=info.height, fps=info.fps if pace else 240.0, pace=pace)
+    cfg = LiveConfig(width=info.width, height=info.height, fps=info.fps if pace else 240.0, pace=pace,
+                     pipelined=pipelined)
     pipe = Pipeline(_KeepOpen(engine), lambda: LoopingVideoSource(source, seconds), [sink], cfg)
     pipe.start()
     pipe.wait(seconds + 60)
     pipe.stop()
     out = _live_summary(sink.fresh, warmup_fresh)
     out.update({"path": "safefm.live.pipeline.Pipeline", "pacing": "on" if pace else "off",
+                "pipelined": pipelined,
                 "source_fps": info.fps, "output_fps": cfg.fps, "seconds": seconds,
                 "captured": pipe.capture.captured, "dropped": pipe.dropped(), "sent": sink.sent,
                 "error": pipe.error})
@@ -288,7 +291,8 @@ def run(opts: BenchOptions, engine_factory: EngineFactory | None = None) -> dict
         "identity": str(opts.identity) if opts.identity else "default", "seed": None,
         "warmup": {"engine_frames": opts.warmup, "live_fresh_frames_excluded": opts.live_warmup,
                    "note": "warm-up frames are run but excluded from every number"},
-        "runtimes_present": names, "runtimes_missing": missing, "machine": machine_info(),
+        "pipelined": opts.pipelined, "runtimes_present": names, "runtimes_missing": missing,
+        "machine": machine_info(),
         "path": {"name": opts.path, "runtime_defaults": dict(LIVE_DEFAULTS) if opts.path == "live" else {},
                  "note": "live: safefm-cam's runtime defaults (no identity repel, no detail stage); "
                          "files: safefm-anonymize's (built-in defaults)"},
@@ -314,7 +318,7 @@ def run(opts: BenchOptions, engine_factory: EngineFactory | None = None) -> dict
                 entry["live"] = {}
                 for p in opts.pacing:
                     entry["live"][p] = bench_live(engine, source, p == "on", opts.live_seconds,
-                                                  opts.live_warmup)
+                                                  opts.live_warmup, opts.pipelined)
             finally:
                 engine.close()
             result["results"].append(entry)
@@ -333,7 +337,8 @@ def format_table(result: dict) -> str:
     """Human-readable table of a :func:`run` result."""
     rows = [f"source: {result['source']['path']} ({result['source']['fps']:.0f} fps)  model: "
             f"{result['model']}  warm-up: {result['warmup']['engine_frames']} engine frames + "
-            f"{result['warmup']['live_fresh_frames_excluded']} live frames excluded", ""]
+            f"{result['warmup']['live_fresh_frames_excluded']} live frames excluded  live stages: "
+            f"{'pipelined' if result.get('pipelined', False) else 'one after another'}", ""]
     hdr = ("runtime", "steps", "proc fps", "proc ms p50/p95", "landmarks", "retarget+heat",
            "gen/step", "generator", "decode", "composite", "live on fps", "lat on p50/p95",
            "live off fps", "lat off p50/p95")

@@ -71,9 +71,11 @@ def _quiet_opencv():
 
 
 class CvSource:
-    """cv2.VideoCapture on a camera index, a video file or a URL."""
+    """cv2.VideoCapture on a camera index, a video file or a URL. ``loop``: a file starts
+    again at its end (its media time keeps increasing, one frame period across the seam)."""
 
-    def __init__(self, spec: int | str, width: int = 0, height: int = 0, fps: float = 0) -> None:
+    def __init__(self, spec: int | str, width: int = 0, height: int = 0, fps: float = 0,
+                 loop: bool = False) -> None:
         is_cam = isinstance(spec, int)
         if not is_cam and "://" not in spec and not Path(spec).is_file():
             raise InputError(f"video source not found: {spec}")
@@ -90,21 +92,34 @@ class CvSource:
                 cap.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
             if fps:
                 cap.set(cv2.CAP_PROP_FPS, fps)
-        self._cap = cap
+        self._cap, self._spec = cap, spec
         native_fps = cap.get(cv2.CAP_PROP_FPS)
         live = is_cam or cap.get(cv2.CAP_PROP_FRAME_COUNT) <= 0
         self.info = SourceInfo(
             width=int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), height=int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
             fps=native_fps if 1 <= native_fps <= 240 else 30.0, live=live,
             name=f"camera {spec}" if is_cam else str(spec))
+        self.loop = loop and not live
+        self._offset, self._last_t = 0.0, None   # media time added by earlier passes; last returned
 
     def read(self) -> tuple[np.ndarray | None, float | None]:
         ok, bgr = self._cap.read()
+        if (not ok or bgr is None) and self.loop and self._last_t is not None:
+            self._cap.release()                   # the end of a looped file: start it again
+            with _quiet_opencv():
+                self._cap = cv2.VideoCapture(self._spec)
+            self._offset = self._last_t + 1.0 / self.info.fps
+            ok, bgr = self._cap.read()
         if not ok or bgr is None:
             if not self.info.live:
                 raise EndOfStream()
             return None, None
-        media_t = None if self.info.live else self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+        if self.info.live:
+            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None
+        media_t = self._offset + self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+        if self._last_t is not None and media_t <= self._last_t:   # never backwards
+            media_t = self._last_t + 1e-6
+        self._last_t = media_t
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), media_t
 
     def close(self) -> None:
@@ -112,9 +127,10 @@ class CvSource:
 
 
 def open_source(camera: int = 0, source: str | None = None, width: int = 0, height: int = 0,
-                fps: float = 0) -> CvSource:
-    """The CLI's source: ``source`` (file or URL) when given, else camera index ``camera``."""
-    return CvSource(source if source else int(camera), width, height, fps)
+                fps: float = 0, loop: bool = False) -> CvSource:
+    """The CLI's source: ``source`` (file or URL) when given, else camera index ``camera``;
+    ``loop``: a file plays again and again."""
+    return CvSource(source if source else int(camera), width, height, fps, loop)
 
 
 def _valid(frame) -> bool:

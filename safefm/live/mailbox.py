@@ -38,10 +38,18 @@ class Mailbox(Generic[T]):
             if not self._fresh:
                 return None
             self._fresh = False
+            self._cond.notify_all()   # wakes wait_taken
             return self._item
 
     def take_nowait(self) -> T | None:
         return self.take(0)
+
+    def wait_taken(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` s until no unread item is held (or the box is closed);
+        True when the slot is free."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._fresh or self._closed, timeout)
+            return not self._fresh
 
     def peek(self) -> T | None:
         """The newest item, read or not (does not mark it read)."""

@@ -1,9 +1,17 @@
-"""Live pipeline: capture -> process -> output, three threads joined by one-slot mailboxes.
+"""Live pipeline: capture -> process -> output, threads joined by one-slot mailboxes.
 
 - capture (:class:`~safefm.live.capture.CaptureWorker`) keeps only the newest camera frame;
 - process runs the engine on the newest frame (or passes it through, badged, when paused);
 - output paces frames to the sinks at the output fps, repeating the last result while
   processing lags and sending status cards while starting, on faults and on unsafe results.
+
+Pipelined (``LiveConfig.pipelined``, an engine with ``prepare`` / ``generate`` / ``finish``
+stages such as :class:`safefm.engine.Engine`): process is three threads, so consecutive frames
+overlap on the cores: the landmarks, retargeting and heatmaps of frame n+1 (process) while the
+networks run frame n (generate) and frame n-1 is pasted (composite). Each hand-off is a
+one-slot mailbox; the process stage takes the next camera frame only when the generate stage
+is about to want it (so the frame is as new as possible and no work is thrown away), and
+frames leave in capture order (never an older one after a newer one).
 
 Nothing the sinks receive is ever a raw camera frame unless the user paused anonymization.
 """
@@ -55,6 +63,7 @@ class LiveConfig:
     backoff_max: float = 4.0       # longest reconnect delay (s)
     join_timeout: float = 2.0      # stop() waits this long for all threads
     stats_interval: float = 1.0    # seconds between on_stats calls
+    pipelined: bool = False        # overlap consecutive frames' engine stages (engines with stages)
 
     def __post_init__(self) -> None:
         if self.width < 2 or self.height < 2:
@@ -84,6 +93,23 @@ class _Result:
     t_capture: float
     kind: str                          # OUT_ANONYMIZED, OUT_PAUSED or OUT_WITHHELD
     image: np.ndarray | None = None    # None when withheld
+
+
+@dataclass
+class _Work:
+    """A frame between the pipelined stages: an engine plan, or a result already decided."""
+    pkt: Packet
+    engine: Any = None
+    plan: Any = None                   # the engine's FramePlan, None once ``result`` is set
+    result: _Result | None = None
+    busy: float = 0.0                  # seconds the stages have spent on it so far
+
+
+STAGE_METHODS = ("prepare", "generate", "finish")
+
+
+def _ema(old: float, new: float) -> float:
+    return new if old <= 0 else 0.8 * old + 0.2 * new
 
 
 class UnsafeResult(Exception):
@@ -130,6 +156,12 @@ class Pipeline:
         self._sinks = list(sinks)
         self._frames: Mailbox[Packet] = Mailbox()
         self._results: Mailbox[_Result] = Mailbox()
+        self._plans: Mailbox[_Work] = Mailbox()       # pipelined: process -> generate
+        self._made: Mailbox[_Work] = Mailbox()        # pipelined: generate -> composite
+        self._reset_asked = threading.Event()        # a later stage failed: reset before the next frame
+        self._t_prepare = self._t_generate = 0.0     # running means of the stages' seconds
+        self._generate_free_at = 0.0                 # when the running generate stage should end
+        self._generate_idle = threading.Event()      # set while the generate stage waits for work
         self._identity_box: Mailbox[Any] = Mailbox()
         self.engine_ready = threading.Event()   # set once the engine is built and warmed up
         self.capture = CaptureWorker(open_source, self._frames, pace=cfg.pace,
@@ -153,8 +185,10 @@ class Pipeline:
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> "Pipeline":
-        for name, fn in (("capture", lambda: self.capture.run(self._stop)),
-                         ("process", self._process_loop), ("output", self._output_loop)):
+        loops = [("capture", lambda: self.capture.run(self._stop)), ("process", self._process_loop)]
+        if self.cfg.pipelined:
+            loops += [("generate", self._generate_loop), ("composite", self._composite_loop)]
+        for name, fn in loops + [("output", self._output_loop)]:
             t = threading.Thread(target=fn, name=f"safefm-{name}", daemon=True)
             self._threads.append(t)
             t.start()
@@ -163,8 +197,8 @@ class Pipeline:
     def stop(self, timeout: float | None = None) -> bool:
         """Stop all threads; True when every one joined within ``timeout`` (default cfg)."""
         self._stop.set()
-        self._frames.close()
-        self._results.close()
+        for box in (self._frames, self._plans, self._made, self._results):
+            box.close()
         deadline = time.monotonic() + (self.cfg.join_timeout if timeout is None else timeout)
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -275,14 +309,22 @@ class Pipeline:
                     log.info("engine warm-up: %.2f s", warm())
                 except Exception as exc:      # the first frames will pay for it instead
                     log.warning("engine warm-up failed: %s", _one_line(exc))
+            staged = self.cfg.pipelined and all(callable(getattr(engine, m, None)) for m in STAGE_METHODS)
+            if self.cfg.pipelined and not staged:
+                log.info("the engine has no stages to overlap: frames run one after another")
             self.engine_ready.set()
             session, was_paused = None, False
             while not self._stop.is_set():
+                if staged:
+                    self._wait_for_generate()
                 pkt = self._frames.take(0.1)
                 if pkt is None:
                     if self._frames.closed:
                         break
                     continue
+                if self._reset_asked.is_set():   # a later stage failed on an earlier frame
+                    self._reset_asked.clear()
+                    self._reset(engine)
                 switch = self._identity_box.take_nowait()
                 if switch is not None:
                     try:
@@ -297,36 +339,135 @@ class Pipeline:
                 if self._paused:
                     was_paused = True
                     img = badge(pkt.image) if self.cfg.paused_badge else pkt.image
-                    self._results.put(_Result(pkt.frame_id, pkt.t_capture, OUT_PAUSED, img))
+                    self._emit(_Result(pkt.frame_id, pkt.t_capture, OUT_PAUSED, img), pkt, staged)
                     continue
                 if was_paused:
                     self._reset(engine)
                     was_paused = False
-                self._results.put(self._run_engine(engine, pkt))
+                if staged:
+                    self._plans.put(self._prepare(engine, pkt))
+                else:
+                    self._results.put(self._run_engine(engine, pkt))
         finally:
+            if self.cfg.pipelined:   # the frames in flight finish first (the composite stage closes the results)
+                self._plans.close()
+                for t in self._threads:
+                    if t.name in ("safefm-generate", "safefm-composite"):
+                        t.join(self.cfg.join_timeout)
             if engine is not None:
                 try:
                     engine.close()
                 except Exception as exc:
                     log.warning("engine close failed: %s", _one_line(exc))
-            self._results.close()
+            if not self.cfg.pipelined:
+                self._results.close()
+
+    def _emit(self, r: _Result, pkt: Packet, staged: bool) -> None:
+        """A result decided here, sent behind the frames in flight (so the order holds)."""
+        if staged:
+            self._plans.put(_Work(pkt, result=r))
+        else:
+            self._results.put(r)
+
+    def _accept(self, res: Any, pkt: Packet, busy: float) -> _Result:
+        """The engine's result for ``pkt`` if it is safe to send (else UnsafeResult)."""
+        img = check_result(res, pkt.image.shape)
+        faces = list(res.faces or [])
+        if any(f.status == ANONYMIZED for f in faces):
+            self.started = True
+        self._last_faces = len(faces)
+        self.stats.processed(getattr(res, "timings", None), busy, False)
+        return _Result(pkt.frame_id, pkt.t_capture, OUT_ANONYMIZED, img)
+
+    def _withhold(self, pkt: Packet, exc: BaseException, busy: float) -> _Result:
+        """Never let the raw frame through: a card instead, and fresh engine state after."""
+        self._fault(_one_line(exc))
+        self.stats.processed(None, busy, True)
+        return _Result(pkt.frame_id, pkt.t_capture, OUT_WITHHELD)
 
     def _run_engine(self, engine: Any, pkt: Packet) -> _Result:
         t0 = time.monotonic()
         try:
-            res = engine.process(pkt.image, pkt.timestamp)
-            img = check_result(res, pkt.image.shape)
-            faces = list(res.faces or [])
-        except Exception as exc:            # never let the raw frame through
-            self._fault(_one_line(exc))
+            return self._accept(engine.process(pkt.image, pkt.timestamp), pkt, time.monotonic() - t0)
+        except Exception as exc:
+            r = self._withhold(pkt, exc, time.monotonic() - t0)
             self._reset(engine)
-            self.stats.processed(None, time.monotonic() - t0, True)
-            return _Result(pkt.frame_id, pkt.t_capture, OUT_WITHHELD)
-        if any(f.status == ANONYMIZED for f in faces):
-            self.started = True
-        self._last_faces = len(faces)
-        self.stats.processed(getattr(res, "timings", None), time.monotonic() - t0, False)
-        return _Result(pkt.frame_id, pkt.t_capture, OUT_ANONYMIZED, img)
+            return r
+
+    # ---- pipelined stages ------------------------------------------------------------
+    def _wait_for_generate(self) -> None:
+        """Take the next camera frame only when the generate stage will want it: its slot is
+        empty and it is due to finish in about the time the process stage takes (a frame
+        taken earlier would wait in the slot, older; one taken later would keep it idle)."""
+        while self._plans.pending and not self._stop.is_set():
+            self._plans.wait_taken(0.1)
+        delay = self._generate_free_at - time.monotonic() - self._t_prepare
+        if delay > 0:
+            self._generate_idle.wait(min(delay, 0.25))
+
+    def _prepare(self, engine: Any, pkt: Packet) -> _Work:
+        t0 = time.monotonic()
+        try:
+            plan = engine.prepare(pkt.image, pkt.timestamp)
+        except Exception as exc:
+            r = self._withhold(pkt, exc, time.monotonic() - t0)
+            self._reset(engine)
+            return _Work(pkt, result=r)
+        busy = time.monotonic() - t0
+        self._t_prepare = _ema(self._t_prepare, busy)
+        return _Work(pkt, engine, plan, busy=busy)
+
+    def _generate_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                w = self._plans.take(0.1)
+                if w is None:
+                    if self._plans.closed:
+                        break
+                    continue
+                if w.plan is not None:
+                    t0 = time.monotonic()
+                    self._generate_idle.clear()
+                    self._generate_free_at = t0 + self._t_generate
+                    try:
+                        w.engine.generate(w.plan)
+                    except Exception as exc:
+                        w.result, w.plan = self._withhold(w.pkt, exc, w.busy + time.monotonic() - t0), None
+                        self._reset_asked.set()
+                    dt = time.monotonic() - t0
+                    self._t_generate, w.busy = _ema(self._t_generate, dt), w.busy + dt
+                    self._generate_idle.set()
+                self._made.put(w)
+        except Exception as exc:
+            self._fail(f"generate stage failed: {_one_line(exc)}")
+        finally:
+            self._made.close()
+
+    def _composite_loop(self) -> None:
+        last = -1
+        try:
+            while not self._stop.is_set():
+                w = self._made.take(0.1)
+                if w is None:
+                    if self._made.closed:
+                        break
+                    continue
+                r = w.result
+                if w.plan is not None:
+                    t0 = time.monotonic()
+                    try:
+                        res = w.engine.finish(w.plan)
+                        r = self._accept(res, w.pkt, w.busy + time.monotonic() - t0)
+                    except Exception as exc:
+                        r = self._withhold(w.pkt, exc, w.busy + time.monotonic() - t0)
+                        self._reset_asked.set()
+                if r.frame_id > last:            # frames leave in capture order
+                    last = r.frame_id
+                    self._results.put(r)
+        except Exception as exc:
+            self._fail(f"composite stage failed: {_one_line(exc)}")
+        finally:
+            self._results.close()
 
     # ---- output thread ---------------------------------------------------------------
     def _card(self, kind: str, frame_id: int) -> OutFrame:

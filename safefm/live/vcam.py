@@ -11,6 +11,7 @@ Device discovery is per platform:
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import re
 from fractions import Fraction
@@ -165,3 +166,18 @@ class RecorderSink:
             self._box.close()
             self._box = None
             log.info("recorded %d frames to %s", self.frames, self.path)
+
+
+class NullSink:
+    """Counts and discards the output stream (``--record /dev/null``: soak runs, benchmarks)."""
+
+    path = Path(os.devnull)
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def send(self, frame: OutFrame) -> None:
+        self.frames += 1
+
+    def close(self) -> None:
+        pass
