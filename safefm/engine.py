@@ -42,7 +42,7 @@ from .face import alignment, composite, heatmaps, retarget
 from .config import RuntimeConfig
 from .generator import Generator
 from .sampler import first_step
-from .guard import IdentityGuard, default_guard, embed_real_faces
+from .guard import default_guard, embed_real_faces
 from .identity import Identity, load_identity
 from .identity_assign import IdentityAssigner
 from .face.landmarks import FaceMeshDetector, FaceTracker, Track, face_box
@@ -169,8 +169,7 @@ class Engine:
     def _wear(self, identity: Identity) -> None:
         self.identity = identity
         self.tokens = self.gen.identity_tokens(identity.embedding)
-        seed = self.cfg.seed if self.cfg.seed >= 0 else identity.seed
-        self.noise = Identity(identity.embedding, identity.shape, seed).noise(self.mcfg.latent_shape)
+        self.noise = self._noise(identity)
         for st in self._states.values():  # a new face: no warm start from the old one
             if st.identity is None:   # tracks wearing their own identity keep their warm start
                 st.forget_latent()
@@ -254,13 +253,31 @@ class Engine:
             if self.assigner is not None and st.identity is not None:   # kept a while for the person's return
                 self.assigner.retire(st.identity, st.real, self._frame_index)
         self._lost_ids = {tr.id for tr in lost}
+        geometry, broken = {}, {}
+        t_p = time.perf_counter()
+        for tr in matched:
+            try:
+                geometry[tr.id] = self._geometry(tr, self._state(tr.id))
+            except Exception as exc:  # fail closed: covered in finish
+                broken[tr.id] = exc
+        timings["retarget_heatmaps"] += time.perf_counter() - t_p
+        todo = [tr for tr in matched if tr.id in geometry and self._needs_embedding(self._state(tr.id))]
+        if todo:   # once per track: the real face to steer away from / to match; new people's identities
+            t_r = time.perf_counter()
+            try:
+                self._embed_tracks(frame, todo, geometry)
+            except Exception as exc:
+                broken.update((tr.id, exc) for tr in todo)
+            timings["repel"] += time.perf_counter() - t_r
         jobs = []
         for tr in matched:
             st = self._state(tr.id)
             job = _FaceJob(replace(tr), st, epoch=st.epoch,
                            warm=self.video and self.cfg.warm_start and not tr.is_new)
             try:
-                self._prepare_face(frame, job, timings)
+                if tr.id in broken:
+                    raise broken[tr.id]
+                self._prepare_face(job, geometry[tr.id], timings)
             except Exception as exc:  # fail closed: covered in finish
                 job.error = exc
             jobs.append(job)
@@ -331,45 +348,96 @@ class Engine:
             return None
         return emb[0] if len(emb) else None
 
-    def _embed_track(self, frame: np.ndarray, tr: Track, st: _TrackState) -> None:
+    def _needs_embedding(self, st: _TrackState) -> bool:
+        """Whether this track's real face is still to be embedded (once per track, again after a cut)."""
+        return not st.real_tried and (self._embed_on or (self.assigner is not None and st.identity is None))
+
+    def _embed_tracks(self, frame: np.ndarray, tracks: list[Track], geometry: dict[int, tuple]) -> None:
         """Once per track (again after a scene cut): the real face's descriptor, the repel's
-        tokens, and with per-track identities the track's identity (a new one for a new person)."""
-        st.real_tried = True
-        was = st.real
-        st.real = self._real_embedding(frame, tr) if self._embed_on else None
-        st.repel = self.gen.identity_tokens(st.real) if (self._repel_on and st.real is not None) else None
-        if self.assigner is None:
-            st.real = None   # not needed beyond the repel's tokens
+        tokens, and with per-track identities the track's identity (a new one for a new person;
+        the new people of one frame chosen together, among candidates rendered in each one's
+        ``geometry[track id]``, :meth:`_render_in_context`)."""
+        draw = []
+        for tr in tracks:
+            st = self._states[tr.id]
+            st.real_tried = True
+            was = st.real
+            st.real = self._real_embedding(frame, tr) if self._embed_on else None
+            st.repel = self.gen.identity_tokens(st.real) if (self._repel_on and st.real is not None) else None
+            if self.assigner is None:
+                st.real = None   # not needed beyond the repel's tokens
+                continue
+            if st.identity is not None and (st.real is None or was is None
+                                            or float(np.linalg.norm(st.real - was)) < MATCH_THRESHOLD):
+                continue         # the same person (or no way to tell): the track keeps its identity
+            if st.identity is not None:   # a scene cut put another person on this track
+                self.assigner.retire(st.identity, was, self._frame_index)
+            draw.append(tr)
+        if not draw:
             return
-        if st.identity is not None and (st.real is None or was is None
-                                        or float(np.linalg.norm(st.real - was)) < MATCH_THRESHOLD):
-            return           # the same person (or no way to tell): the track keeps its identity
-        if st.identity is not None:   # a scene cut put another person on this track
-            self.assigner.retire(st.identity, was, self._frame_index)
-        others = [(k, o) for k, o in self._states.items() if o is not st and o.identity is not None]
+        drawing = {tr.id for tr in draw}
+        others = [(k, o) for k, o in self._states.items() if k not in drawing and o.identity is not None]
         seen = [o.identity for k, o in others if k not in self._lost_ids]
         lost = [(o.identity, o.real) for k, o in others if k in self._lost_ids]
-        ident, how = self.assigner.assign(st.real, self._frame_index, seen, lost,
-                                          render=self._render_identities if self._embed_on else None)
-        for k, o in others:   # taken back from a lost track of the same person: it gives it up
-            if o.identity is ident:
-                o.identity = o.tokens = o.noise = None
-                o.real_tried = False
-        self._wear_track(st, ident)
-        log.info("face %d: identity %s (%s)", tr.id, ident.name, how)
 
-    def _render_identities(self, identities: list[Identity]) -> np.ndarray:
-        """(N, 128) dlib descriptors of the identities as this model draws them (each on its own
-        rest shape: the identity guard's references)."""
-        return IdentityGuard(identities, 1.0).references(self.gen, self.recognizer)
+        def renderer(tr: Track):
+            st, g = self._states[tr.id], geometry[tr.id]
+            return lambda ids: self._render_in_context(ids, frame, tr, st, *g)
+
+        people = [(self._states[tr.id].real, renderer(tr) if self._embed_on else None) for tr in draw]
+        for tr, (ident, how) in zip(draw, self.assigner.assign_all(people, self._frame_index, seen, lost)):
+            for k, o in others:   # taken back from a lost track of the same person: it gives it up
+                if o.identity is ident:
+                    o.identity = o.tokens = o.noise = None
+                    o.real_tried = False
+            self._wear_track(self._states[tr.id], ident)
+            log.info("face %d: identity %s (%s)", tr.id, ident.name, how)
+
+    def _render_in_context(self, identities: list[Identity], frame: np.ndarray, tr: Track, st: _TrackState,
+                           M: np.ndarray, lm_crop: np.ndarray, pose, neutral: np.ndarray) -> np.ndarray:
+        """(N, 128) dlib descriptors of the identities' faces as this track would show them in
+        this frame: the person's expression and pose retargeted onto each identity's rest shape,
+        generated cold with the track's guidance (its identity repel), pasted into the frame as
+        the output is (:meth:`_paste`), and embedded there as the real face is
+        (:func:`safefm.guard.embed_real_faces`), so the comparison with the real face and with the
+        other people's faces is like for like. M: (2, 3) frame -> crop; lm_crop: (478, 3) the real
+        landmarks in the crop; pose and neutral: as :meth:`_geometry` gives them. A NaN row for
+        a face dlib cannot embed. ~0.2 s an identity on a 2-core CPU."""
+        S, cfg, gen = self.mcfg.image_size, self.cfg, self.gen
+        guidance, until = self._guidance(st.repel)
+        scratch = np.empty_like(frame)
+        out = np.full((len(identities), 128), np.nan, np.float32)
+        for i, ident in enumerate(identities):
+            ret = retarget.retarget(lm_crop, neutral, ident.shape, cfg.expression_gain, pose=pose,
+                                    eye_gain=cfg.eye_gain)
+            heat = heatmaps.render_heatmaps(ret, S, self.mcfg.heatmap_size)
+            z = gen.generate(heat, gen.identity_tokens(ident.embedding), self._noise(ident), steps=cfg.steps,
+                             guidance=guidance, guidance_until=until, reference=st.repel)
+            np.copyto(scratch, frame)
+            self._paste(scratch, frame, tr, gen.decode(z, heat)[0], ret, lm_crop, M)
+            emb = embed_real_faces(self.recognizer, scratch, [tr.raw])
+            if len(emb):
+                out[i] = emb[0]
+        return out
 
     def _wear_track(self, st: _TrackState, identity: Identity) -> None:
         """This track wears ``identity`` from now on (its own tokens and noise; no warm start)."""
         st.identity = identity
         st.tokens = self.gen.identity_tokens(identity.embedding)
-        seed = self.cfg.seed if self.cfg.seed >= 0 else identity.seed
-        st.noise = Identity(identity.embedding, identity.shape, seed).noise(self.mcfg.latent_shape)
+        st.noise = self._noise(identity)
         st.forget_latent()
+
+    def _noise(self, identity: Identity) -> torch.Tensor:
+        """(1, C, h, w) the fixed noise ``identity`` is generated from (``cfg.seed`` overrides its own)."""
+        seed = self.cfg.seed if self.cfg.seed >= 0 else identity.seed
+        return Identity(identity.embedding, identity.shape, seed).noise(self.mcfg.latent_shape)
+
+    def _guidance(self, repel: torch.Tensor | None) -> tuple[float, float]:
+        """(guidance weight, until) of a face's sampling: the identity repel against its real
+        face when it has ``repel`` tokens, else the identity guidance against the null identity."""
+        if repel is not None:
+            return 1.0 + self.cfg.identity_repel, self.cfg.repel_until
+        return self.cfg.identity_guidance, self.cfg.guidance_until
 
     def _worn(self, st: _TrackState) -> tuple[Identity, torch.Tensor, torch.Tensor]:
         """(identity, tokens, noise) this track's face is generated with."""
@@ -385,15 +453,11 @@ class Engine:
             st = self._states[track_id] = _TrackState(neutral)
         return st
 
-    def _prepare_face(self, frame, job: _FaceJob, timings) -> None:
-        S, cfg, tr, st = self.mcfg.image_size, self.cfg, job.track, job.st
-        if not st.real_tried and (self._embed_on or (self.assigner is not None and st.identity is None)):
-            t_r = time.perf_counter()   # once per track: the real face to steer away from / to match
-            self._embed_track(frame, tr, st)
-            timings["repel"] += time.perf_counter() - t_r
-        identity, job.tokens, job.noise = self._worn(st)
-        job.repel, job.epoch = st.repel, st.epoch   # (a newly worn identity has just bumped the epoch)
-        t_a = time.perf_counter()
+    def _geometry(self, tr: Track, st: _TrackState) -> tuple:
+        """This frame's (M (2, 3) frame -> crop, lm_crop (478, 3) the real landmarks in the crop,
+        pose, neutral (478, 3) the rest shape the expression is measured from) of a track; updates
+        its running rest shape (video), so once per frame."""
+        S, cfg = self.mcfg.image_size, self.cfg
         M = alignment.align_matrix(tr.landmarks, S)
         lm_crop = alignment.transform_points(tr.landmarks, M)
         pose = retarget.pose_fit(lm_crop, self.template)  # canonical = the template's unit crop frame
@@ -407,6 +471,14 @@ class Engine:
             neutral = retarget.single_image_neutral(canon, template=self.template)
         else:
             neutral = self.template
+        return M, lm_crop, pose, neutral
+
+    def _prepare_face(self, job: _FaceJob, geometry: tuple, timings) -> None:
+        S, cfg, st = self.mcfg.image_size, self.cfg, job.st
+        identity, job.tokens, job.noise = self._worn(st)
+        job.repel, job.epoch = st.repel, st.epoch   # (a newly worn identity has just bumped the epoch)
+        t_a = time.perf_counter()
+        M, lm_crop, pose, neutral = geometry
         job.ret_crop = retarget.retarget(lm_crop, neutral, identity.shape, cfg.expression_gain, pose=pose,
                                          eye_gain=cfg.eye_gain)
         job.M, job.lm_crop = M, lm_crop
@@ -418,10 +490,7 @@ class Engine:
         t_b = time.perf_counter()
         heat = self.fault_injector("generate", tr.id, job.heat) if self.fault_injector else job.heat
         warm = job.warm and st.z_prev is not None and st.z_epoch == job.epoch
-        if job.repel is not None:
-            guidance, until = 1.0 + cfg.identity_repel, cfg.repel_until
-        else:
-            guidance, until = cfg.identity_guidance, cfg.guidance_until
+        guidance, until = self._guidance(job.repel)
         t0 = cfg.warm_t0 if warm else 0.0
         z = self.gen.generate(heat, job.tokens, job.noise, z_prev=st.z_prev if warm else None,
                               t0=t0, steps=cfg.steps, guidance=guidance, guidance_until=until, reference=job.repel)
@@ -438,34 +507,44 @@ class Engine:
             st.z_prev, st.z_epoch = z.detach().clone(), job.epoch
 
     def _paste_face(self, out, frame, job: _FaceJob, timings, protect=None) -> FaceResult:
-        S, cfg, tr, st = self.mcfg.image_size, self.cfg, job.track, job.st
-        M, ret_crop, crop = job.M, job.ret_crop, job.crop
+        tr, st = job.track, job.st
         t_d = time.perf_counter()
+        crop, M_inv, face, t_detail = self._paste(out, frame, tr, job.crop, job.ret_crop, job.lm_crop, job.M,
+                                                  protect)
+        timings["decode"] += t_detail
+        timings["composite"] += time.perf_counter() - t_d - t_detail
+        st.last_crop, st.last_M_inv, st.last_landmarks, st.last_face = crop, M_inv, tr.raw, face
+        st.good_frames += 1
+        return FaceResult(tr.id, face_box(tr.raw, out.shape), ANONYMIZED, tr.raw)
+
+    def _paste(self, out: np.ndarray, frame: np.ndarray, tr: Track, crop: np.ndarray, ret_crop: np.ndarray,
+               lm_crop: np.ndarray, M: np.ndarray, protect=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
+        """Colour-match the generated ``crop`` (S, S, 3) to the real face, run the detail stage for a
+        large face, and paste it over track ``tr``'s face in ``out`` (in place). ret_crop, lm_crop:
+        (478, 3) the generated and the real landmarks in the crop; M: (2, 3) frame -> crop.
+        Returns (the pasted crop (S or 2S px), its crop -> frame affine, its face alpha or None,
+        seconds spent in the detail stage)."""
+        S, cfg = self.mcfg.image_size, self.cfg
         M_inv = alignment.invert_affine(M)
         ret_dist = composite.oval_distance(ret_crop, S)   # once: skin mask and face alpha share it
         if cfg.color_match:
             real_crop = alignment.crop_face(frame, M, S)
             crop = composite.color_match(crop, real_crop, composite.skin_mask(ret_crop, S, dist=ret_dist),
-                                         composite.skin_mask(job.lm_crop, S))
+                                         composite.skin_mask(lm_crop, S))
         ret_frame = alignment.transform_points(ret_crop, M_inv)
         mask = composite.face_mask([tr.raw, tr.landmarks, ret_frame], out.shape[:2],
                                    cfg.mask_dilate, cfg.mask_feather)
         face = (composite.face_alpha(ret_crop, S, inner=cfg.face_inner, image=crop, dist=ret_dist)
                 if cfg.seamless_paste else None)
+        t_detail = 0.0
         if self._wants_detail(M):   # a large face: the 2x detail stage, pasted from 2S px
             t_e = time.perf_counter()
             crop = self.gen.refine(crop[None])[0]
             face = None if face is None else cv2.resize(face, (2 * S, 2 * S), interpolation=cv2.INTER_LINEAR)
             M_inv = alignment.resized_crop_affine(M_inv, S, 2 * S)
-            t_f = time.perf_counter()
-            timings["decode"] += t_f - t_e
-            t_d += t_f - t_e
+            t_detail = time.perf_counter() - t_e
         composite.paste(out, crop, M_inv, mask, out=out, face=face, protect=protect, grain=cfg.match_grain)
-        timings["composite"] += time.perf_counter() - t_d
-
-        st.last_crop, st.last_M_inv, st.last_landmarks, st.last_face = crop, M_inv, tr.raw, face
-        st.good_frames += 1
-        return FaceResult(tr.id, face_box(tr.raw, out.shape), ANONYMIZED, tr.raw)
+        return crop, M_inv, face, t_detail
 
     def _wants_detail(self, M: np.ndarray) -> bool:
         """Whether a face whose frame -> crop affine is ``M`` gets the 2x detail stage: the model

@@ -74,8 +74,7 @@ class IdentityGuard:
         pts = (identity.shape * S).astype(np.float32)
         heat = heatmaps.render_heatmaps(pts, S, gen.model_cfg.heatmap_size)
         z = gen.generate(heat, gen.identity_tokens(identity.embedding), identity.noise(gen.model_cfg.latent_shape))
-        crop = np.pad(gen.decode(z, heat)[0], ((_PAD, _PAD), (_PAD, _PAD), (0, 0)), mode="edge")
-        return np.asarray(recognizer.embed(crop, face_box(pts[:, :2] + _PAD)), np.float32)
+        return embed_crop(recognizer, gen.decode(z, heat)[0], pts)
 
     def embed_faces(self, recognizer, frame: np.ndarray, faces: list[np.ndarray]) -> np.ndarray:
         """(F, D) embeddings of the real faces given as (478, 3) frame landmarks."""
@@ -98,6 +97,14 @@ class IdentityGuard:
         return self.candidates[best], (
             f"identity guard: '{current.name}' resembles this face (distance {d_cur:.2f} < "
             f"{self.threshold:.2f}); wearing '{self.candidates[best].name}' ({dist:.2f}) instead")
+
+
+def embed_crop(recognizer, crop: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """(D,) recogniser embedding of a generated face crop (S, S, 3) uint8 whose landmarks are
+    ``points`` (N, 2+) crop pixels: padded with its edge so dlib sees the whole face, embedded
+    at the landmarks' box (no detection needed)."""
+    padded = np.pad(crop, ((_PAD, _PAD), (_PAD, _PAD), (0, 0)), mode="edge")
+    return np.asarray(recognizer.embed(padded, face_box(points[:, :2] + _PAD)), np.float32)
 
 
 def embed_real_faces(recognizer, frame: np.ndarray, faces: list[np.ndarray]) -> np.ndarray:

@@ -4,15 +4,22 @@ Each new face track gets its own identity, drawn from the identity sampler
 (:func:`safefm.identity_sampler.new_identity`: a pre-vetted sample of the training identities'
 distribution, a seeded rest shape and noise seed), never derived from the person:
 
-- **Distinct**: :data:`CANDIDATES` identities are drawn, each at least :data:`DISTINCT` (dlib
-  descriptor distance) from every identity worn by another track or remembered; each is rendered
-  by the model on its own rest shape and embedded with dlib (``render``; the identity guard's
-  references), and the one whose rendered face is farthest from the other worn identities'
-  rendered faces *and from the person's own face* is worn. The model draws identities closer
-  together than their embeddings are (rendered pairs: median dlib distance ~0.62 against ~0.95
-  between the embeddings), so choosing by the rendered face is what keeps two people in one
-  frame apart; it doubles as a per-person identity guard. Without a recogniser the first
-  candidate is worn.
+- **Distinct**: :data:`CANDIDATES` identities are drawn for each new person (:data:`ALONE`
+  for a person with no one else around), each at least :data:`DISTINCT` (dlib descriptor
+  distance) from every identity worn by another track or remembered. Each is rendered *in the
+  person's own frame* (the engine's ``render``: their expression and pose on the candidate's
+  rest shape, the identity repel, colour match, detail stage and paste, embedded as the real
+  face is) and the choice is by those faces: read as the person's gender (when matched), then
+  at least :data:`FAR` from the other people's and :data:`OWN` from the person's own, then a
+  confident gender and an age group within one, then the farthest. People who
+  appear in the same frame are chosen together (every pair of their candidates), not the second
+  against the first's fixed choice; when no choice is FAR apart, :data:`MORE` batches of
+  candidates are drawn. The model draws identities much closer together than their embeddings
+  are (rendered pairs: median dlib distance ~0.64 against ~0.95 between the embeddings), so
+  choosing by the rendered face in context is what keeps two people in one frame apart; it
+  doubles as a per-person identity guard. Guiding the sampling away from the other people's
+  identity tokens was measured and does not help (it moved faces *closer*: 0.79 -> 0.75).
+  Without a recogniser the first candidate is worn.
 - **Stable**: a track keeps its identity for its whole life, including the tracker's short
   losses (a track survives ``hold_frames + placeholder_frames`` missing frames). A person whose
   face comes back as a *new* track (re-found elsewhere, or after the tracker forgot them) gets
@@ -22,9 +29,10 @@ distribution, a seeded rest shape and noise seed), never derived from the person
 - **Matched** (optional, ``identity_match``): the sampler's group is the one nearest the
   person's estimated coarse attributes (:mod:`safefm.attributes`: gender, age group), so those
   attributes survive anonymization; nothing else of the person does. The model follows the
-  embedding only loosely (its rest shape and noise seed weigh more), so the candidates whose
-  *rendered* face the classifier reads as those attributes (exactly, else within one age group)
-  are preferred over the others.
+  embedding only loosely (its rest shape and noise seed weigh more), so among the candidates
+  those whose face *as rendered in context* the classifier reads as the person's gender come
+  first (confidently, probability >= :data:`SURE`, before barely, once the distances are met),
+  then those whose age group is within one of the person's.
 
 The real descriptors are kept in memory only, for as long as the track or its memory lasts.
 """
@@ -42,7 +50,14 @@ from .recognition import MATCH_THRESHOLD
 log = logging.getLogger(__name__)
 
 DISTINCT = 0.8     # min dlib distance between two worn identities' embeddings (bank pairs: median ~1.0)
-CANDIDATES = 16    # identities drawn and rendered for each new person (best of 16 rendered pairs: ~0.69)
+CANDIDATES = 32    # identities drawn and rendered in context for a new person among others (~0.2 s each on a 2-core CPU)
+ALONE = 16         # ... for a person alone (no one else worn or remembered): only gender, age and their own face to fit
+ROUNDS = 3         # revisions of the choices of people who appear together
+MORE = 1           # extra batches of CANDIDATES drawn when no choice is FAR apart
+FAR = 0.8          # wanted dlib distance between a new person's rendered face and the other people's (first frame; the clip averages ~0.05 less)
+OWN = 0.7          # wanted dlib distance between a new person's rendered face and their own real face
+SURE = 0.8         # classifier probability of the kept gender that counts as a confident reading
+KEPT = 2.0         # a fit (IdentityAssigner._fit) at least this reads as the kept gender
 MATCH_KEYS = ("gender", "age")
 
 
@@ -123,69 +138,228 @@ class IdentityAssigner:
 
     def assign(self, real: np.ndarray | None, frame: int, worn: list[Identity],
                lost: list[tuple[Identity, np.ndarray | None]] = (), render=None) -> tuple[Identity, str]:
-        """The identity of a new track (or a track whose person changed at a scene cut).
+        """The identity of one new track (or a track whose person changed at a scene cut):
+        :meth:`assign_all` for one person. Returns (identity, how it was chosen)."""
+        return self.assign_all([(real, render)], frame, worn, lost)[0]
 
-        real: (128,) the person's dlib descriptor or None; worn: identities of the tracks seen
-        this frame (never shared); lost: (identity, descriptor) of tracks not seen this frame;
-        render: ``render(identities) -> (N, 128)`` descriptors of the identities as the model
-        draws them (None: choose by embedding only). Returns (identity, how it was chosen)."""
+    def assign_all(self, people: list[tuple[np.ndarray | None, object]], frame: int, worn: list[Identity],
+                   lost: list[tuple[Identity, np.ndarray | None]] = ()) -> list[tuple[Identity, str]]:
+        """The identities of the new tracks of one frame, chosen together.
+
+        people: one (real, render) per new track: real, (128,) the person's dlib descriptor or
+        None; render, ``render(identities) -> (N, 128)`` descriptors of the identities' faces as
+        the engine would show them for this person now (NaN rows: not embeddable; None: choose
+        by embedding only). worn: identities of the tracks seen this frame (never shared); lost:
+        (identity, descriptor) of tracks not seen this frame. A person back as a new track gets
+        their identity back; the others each get one of :data:`CANDIDATES` drawn identities
+        (:data:`ALONE` for one person with no one else worn or remembered), the
+        choices made in turn and revised (:data:`ROUNDS`) so that people who appear together
+        are chosen as a pair, not the second against the first's fixed choice.
+        Returns [(identity, how it was chosen)], one per person."""
         self._retired = [m for m in self._retired if frame - m.frame <= self.memory]
         keep = {id(i) for i in worn} | {id(i) for i, _ in lost} | {id(m.identity) for m in self._retired}
         self._refs = {k: v for k, v in self._refs.items() if k in keep}
-        if real is not None:   # the same person back as a new track: their identity back
-            worn_ids = {id(i) for i in worn}
-            cands = [(m.identity, m.real, m) for m in self._retired] + [(i, r, None) for i, r in lost]
-            best, best_d = None, MATCH_THRESHOLD
-            for ident, r, mem in cands:
-                if r is None or id(ident) in worn_ids:
-                    continue
-                d = float(np.linalg.norm(np.asarray(r, np.float32) - real))
-                if d < best_d:
-                    best, best_d = (ident, mem), d
-            if best is not None:
-                if best[1] is not None:
-                    self._retired.remove(best[1])
-                return best[0], "returned"
+        worn, out = list(worn), [None] * len(people)
+        for n, (real, _) in enumerate(people):
+            back = self._returned(real, worn, lost)
+            if back is not None:
+                out[n] = (back, "returned")
+                worn.append(back)
+        new = [n for n in range(len(people)) if out[n] is None]
+        alone = len(new) == 1 and not (worn or lost or self._retired)
+        count = ALONE if alone else CANDIDATES
+        draws = {n: self._candidates(people[n][0], worn, lost, count if people[n][1] is not None else 1)
+                 for n in new}   # n -> (candidates, attributes, how)
+        missing = [i for i in [*worn, *(i for i, _ in lost)] if id(i) not in self._refs]
+        faces = {}
+        for n in new:
+            f = self._render(people[n][1], draws[n][0], missing)
+            if f is not None:
+                faces[n], missing = f, []   # the worn identities are rendered once
+        pick, far = self._choose(*self._inputs(faces, draws, people))
+        for _ in range(MORE if not alone else 0):   # not far enough apart: more candidates, once more
+            if far or not faces:
+                break
+            for n in faces:
+                more = self._candidates(people[n][0], worn, lost, count)
+                f = self._render(people[n][1], more[0], [])
+                if f is not None:
+                    draws[n] = (draws[n][0] + more[0], *draws[n][1:])
+                    faces[n] = np.concatenate([faces[n], f])
+            pick, far = self._choose(*self._inputs(faces, draws, people))
+        pick = {n: pick.get(n, 0) for n in new}
+        for n in new:
+            cands, _, how = draws[n]
+            ident = cands[pick[n]]
+            if n in faces:
+                f = faces[n][pick[n]]
+                others = [r for _, r in self._refs.values()] + [faces[m][pick[m]] for m in faces if m != n]
+                real = people[n][0]
+                how += (f", rendered {_fmt(_nearest(f[None], others)[0])} from the other people's faces, "
+                        f"{_fmt(_nearest(f[None], [] if real is None else [real])[0])} from the person's own"
+                        + self._reading(f, faces[n], draws[n][1]))
+            out[n] = (ident, how)
+        for n in faces:
+            self._refs[id(out[n][0])] = (out[n][0], faces[n][pick[n]])
+        return out
+
+    def _render(self, render, cands: list[Identity], missing: list[Identity]) -> np.ndarray | None:
+        """(K, 128) the candidates' rendered faces (``render(cands + missing)``; the worn
+        identities in ``missing`` join the references), or None (no renderer, it failed, or no
+        face could be embedded: the first candidate is worn)."""
+        if render is None:
+            return None
+        try:
+            refs = np.asarray(render(cands + missing), np.float32)
+        except Exception as exc:   # e.g. dlib missing: the first candidate
+            log.warning("per-track identities: cannot render candidates (%s); choosing by embedding", exc)
+            return None
+        for i, r in zip(missing, refs[len(cands):]):
+            if np.isfinite(r).all():
+                self._refs[id(i)] = (i, r)
+        faces = refs[:len(cands)]
+        return faces if np.isfinite(faces).all(axis=1).any() else None
+
+    @staticmethod
+    def _inputs(faces: dict, draws: dict, people: list) -> tuple[dict, dict, dict, dict]:
+        """:meth:`_choose`'s arguments for the people with rendered ``faces``."""
+        return (dict(faces), {n: draws[n][0] for n in faces}, {n: people[n][0] for n in faces},
+                {n: draws[n][1] for n in faces})
+
+    def _returned(self, real: np.ndarray | None, worn: list[Identity],
+                  lost: list[tuple[Identity, np.ndarray | None]]) -> Identity | None:
+        """The identity of a lost or recently forgotten track whose person is ``real`` (within
+        dlib's match threshold; not worn by anyone now), taken back from memory; else None."""
+        if real is None:
+            return None
+        worn_ids = {id(i) for i in worn}
+        cands = [(m.identity, m.real, m) for m in self._retired] + [(i, r, None) for i, r in lost]
+        best, best_d = None, MATCH_THRESHOLD
+        for ident, r, mem in cands:
+            if r is None or id(ident) in worn_ids:
+                continue
+            d = float(np.linalg.norm(np.asarray(r, np.float32) - real))
+            if d < best_d:
+                best, best_d = (ident, mem), d
+        if best is None:
+            return None
+        if best[1] is not None:
+            self._retired.remove(best[1])
+        return best[0]
+
+    def _candidates(self, real: np.ndarray | None, worn: list[Identity],
+                    lost: list[tuple[Identity, np.ndarray | None]], count: int) -> tuple[list[Identity], dict, str]:
+        """(``count`` identities drawn for a person, their kept attributes, the group drawn from):
+        embeddings at least DISTINCT from every worn, lost or remembered identity's and from the
+        person's own descriptor."""
+        from .identity_sampler import new_identity
+
         attrs = self.attributes(real)
         avoid = [i.embedding for i in worn] + [i.embedding for i, _ in lost] + [m.identity.embedding for m in self._retired]
         if real is not None:
             avoid.append(np.asarray(real, np.float32))
-        from .identity_sampler import new_identity
-
-        seeds = self._rng.integers(2 ** 31 - 1, size=CANDIDATES if render is not None else 1)
+        seeds = self._rng.integers(2 ** 31 - 1, size=count)
         cands = [new_identity(int(sd), attrs.get("gender"), attrs.get("age"), sampler=self.sampler,
                               avoid=np.stack(avoid) if avoid else None, min_distance=DISTINCT) for sd in seeds]
-        how = "drawn from " + self.sampler.resolve_group(attrs.get("gender"), attrs.get("age"))
-        if render is None:
-            return cands[0], how
-        try:
-            missing = [i for i in [*worn, *(i for i, _ in lost)] if id(i) not in self._refs]
-            refs = np.asarray(render(cands + missing), np.float32)
-        except Exception as exc:   # e.g. dlib missing: the first candidate
-            log.warning("per-track identities: cannot render candidates (%s); choosing by embedding", exc)
-            return cands[0], how
-        for i, r in zip(missing, refs[len(cands):]):
-            self._refs[id(i)] = (i, r)
-        others = [r for _, r in self._refs.values()] + ([np.asarray(real, np.float32)] if real is not None else [])
-        d = (np.linalg.norm(refs[:len(cands), None, :] - np.stack(others)[None], axis=2).min(axis=1)
-             if others else np.zeros(len(cands)))
-        fit = self._fit(refs[:len(cands)], attrs)
-        best = int(np.argmax(d + 10.0 * fit))     # the best fit first, then the farthest
-        self._refs[id(cands[best])] = (cands[best], refs[best])
-        return cands[best], f"{how}, rendered {d[best]:.2f} from the other faces and the person's own"
+        return cands, attrs, "drawn from " + self.sampler.resolve_group(attrs.get("gender"), attrs.get("age"))
 
-    def _fit(self, refs: np.ndarray, attrs: dict[str, str]) -> np.ndarray:
-        """(K,) how well each rendered candidate (K, 128) reads as ``attrs``: 2 = every kept
-        attribute as wanted, 1 = the age group one off, 0 = otherwise (or nothing to match)."""
+    def _choose(self, faces: dict, cands: dict, reals: dict, attrs: dict) -> tuple[dict[int, int], bool]:
+        """({person: index of the candidate to wear}, whether that choice is far enough apart) for
+        the new people who have rendered faces.
+
+        faces[n]: (K, 128) person n's candidates' rendered faces (NaN rows: not embeddable);
+        cands[n]: the candidates; reals[n]: the person's descriptor or None; attrs[n]: the kept
+        attributes. A choice for everyone is ranked, in order, by: every face embeddable and no
+        two embeddings within DISTINCT; every face read as the kept gender (:data:`KEPT`); every
+        face at least FAR from the other people's (worn and
+        new) and OWN from the person's own; the summed fit of the kept attributes
+        (:meth:`_fit`); the smallest of those distances. One or two people: every combination;
+        more: each person's choice revised in turn given the others' (:data:`ROUNDS`)."""
+        people = list(faces)
+        if not people:
+            return {}, True
+        worn = [r for _, r in self._refs.values()]
+        ok, fit, kept, near, far, emb = {}, {}, {}, {}, {}, {}
+        for n in people:
+            ok[n] = np.isfinite(faces[n]).all(axis=1)
+            faces[n] = np.where(ok[n][:, None], faces[n], 0.0)
+            fit[n] = self._fit(faces[n], attrs[n])
+            kept[n] = fit[n] >= KEPT
+            d_other = _nearest(faces[n], worn)
+            d_real = _nearest(faces[n], [] if reals[n] is None else [np.asarray(reals[n], np.float32)])
+            near[n] = np.minimum(d_other, d_real)     # (K,) to the worn faces and the person's own
+            far[n] = (d_other >= FAR) & (d_real >= OWN)
+            emb[n] = np.stack([c.embedding for c in cands[n]])
+
+        def rank(sel: dict[int, int]) -> tuple:
+            """The ranking key of one choice for everyone (larger is better)."""
+            good = all(ok[n][sel[n]] for n in people)
+            gender = all(kept[n][sel[n]] for n in people)
+            is_far = all(far[n][sel[n]] for n in people)
+            dist = min(float(near[n][sel[n]]) for n in people)
+            for i, a in enumerate(people):
+                for b in people[i + 1:]:
+                    good &= float(np.linalg.norm(emb[a][sel[a]] - emb[b][sel[b]])) >= DISTINCT
+                    d = float(np.linalg.norm(faces[a][sel[a]] - faces[b][sel[b]]))
+                    is_far &= d >= FAR
+                    dist = min(dist, d)
+            return good, gender, is_far, sum(float(fit[n][sel[n]]) for n in people), dist
+
+        if len(people) <= 2:
+            grids = np.meshgrid(*[np.arange(len(faces[n])) for n in people], indexing="ij")
+            combos = [dict(zip(people, map(int, c))) for c in zip(*(g.ravel() for g in grids))]
+            sel = max(combos, key=rank)
+            return sel, rank(sel)[2]
+        sel = {n: 0 for n in people}
+        for _ in range(ROUNDS):
+            before = dict(sel)
+            for n in people:
+                sel[n] = max(range(len(faces[n])), key=lambda k: rank({**sel, n: k}))
+            if sel == before:
+                break
+        return sel, rank(sel)[2]
+
+    def _reading(self, face: np.ndarray, faces: np.ndarray, attrs: dict[str, str]) -> str:
+        """How the classifier reads a chosen rendered face (128,), for the log: '' when nothing is
+        matched; else e.g. ', read as female 0.93 / adult (12 of 32 candidates read as female)'."""
         if not attrs:
-            return np.zeros(len(refs))
-        from .attributes import AGE_CLASSES
+            return ""
+        from .attributes import GENDER_CLASSES
 
-        pred = self.classifier.predict_indices(refs)
-        ok = np.ones(len(refs), bool)
+        prob = self.classifier.probabilities(face)
+        text = ", read as " + " / ".join(
+            f"{self.classifier.heads[k].classes[int(np.argmax(prob[k][0]))]}"
+            + (f" {prob[k][0].max():.2f}" if k == "gender" else "") for k in self.match)
         if "gender" in attrs:
-            ok &= np.array([self.classifier.heads["gender"].classes[i] for i in pred["gender"]]) == attrs["gender"]
-        if "age" not in attrs:
-            return 2.0 * ok
-        off = np.abs(pred["age"] - AGE_CLASSES.index(attrs["age"]))
-        return np.where(ok & (off == 0), 2.0, np.where(ok & (off == 1), 1.0, 0.0))
+            ok = np.isfinite(faces).all(axis=1)
+            p = self.classifier.probabilities(faces[ok])["gender"][:, GENDER_CLASSES.index(attrs["gender"])]
+            text += f" ({int((p >= 0.5).sum())} of {len(faces)} candidates read as {attrs['gender']})"
+        return text
+
+    def _fit(self, faces: np.ndarray, attrs: dict[str, str]) -> np.ndarray:
+        """(K,) how well each rendered candidate (K, 128) reads as ``attrs``, gender first:
+        2 * (2 = the kept gender with probability >= SURE, 1 = at least 0.5, 0 = otherwise)
+        + (1 = the kept age group or one next to it, 0 = otherwise); 0 with nothing to match."""
+        fit = np.zeros(len(faces))
+        if not attrs:
+            return fit
+        from .attributes import AGE_CLASSES, GENDER_CLASSES
+
+        prob = self.classifier.probabilities(faces)
+        if "gender" in attrs:
+            p = prob["gender"][:, GENDER_CLASSES.index(attrs["gender"])]
+            fit += 2.0 * np.where(p >= SURE, 2.0, np.where(p >= 0.5, 1.0, 0.0))
+        if "age" in attrs:
+            fit += np.abs(prob["age"].argmax(axis=1) - AGE_CLASSES.index(attrs["age"])) <= 1
+        return fit
+
+
+def _nearest(x: np.ndarray, refs: list[np.ndarray]) -> np.ndarray:
+    """(K,) distance from each row of x (K, D) to its nearest ref (D,); inf when there is none."""
+    if not len(refs):
+        return np.full(len(x), np.inf)
+    return np.linalg.norm(x[:, None, :] - np.stack(refs)[None], axis=2).min(axis=1)
+
+
+def _fmt(d: float) -> str:
+    return "-" if not np.isfinite(d) else f"{d:.2f}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 
 import cv2
@@ -31,6 +32,17 @@ from safefm.paths import REPO_ROOT, shared_data_dir
 from safefm.recognition import MATCH_THRESHOLD, FaceRecognizer
 
 OUT = REPO_ROOT / "runs" / "identity_per_track"
+
+
+class _LogLines(logging.Handler):
+    """Keeps the messages logged (the engine's 'face N: identity ... (how it was chosen)')."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def _frames(name: str, n: int, side: int) -> list[np.ndarray]:
@@ -60,7 +72,7 @@ def pair(a) -> dict:
     report = {"clip": f"liveportrait_{a.left} | liveportrait_{a.right}, 384 px each, {n} frames"}
     inputs = np.stack([[_embed_half(rec, f[:, :384]), _embed_half(rec, f[:, 384:])] for f in frames])
     report["input_distance_mean"] = float(np.nanmean(np.linalg.norm(inputs[:, 0] - inputs[:, 1], axis=1)))
-    for mode in ("auto", "file"):
+    for mode in a.modes.split(","):
         cfg = load_runtime_config(identity_per_track=mode == "auto", identity_seed=a.seed,
                                   identity_match=tuple(a.match))
         eng = build_engine(cfg, video=True)
@@ -95,7 +107,7 @@ def pair(a) -> dict:
 
 
 def lfw(a) -> dict:
-    from safefm.attributes import AGE_CLASSES, load_attributes
+    from safefm.attributes import AGE_CLASSES, GENDER_CLASSES, load_attributes
     from safefm.media import read_image
     from safefm.train.data import eval_identities
 
@@ -109,13 +121,17 @@ def lfw(a) -> dict:
                                                  "evaluation people (never trained on)"}
     imgs = [read_image(p) for p in photos]
     e_in = [rec.embed(im) for im in imgs]
+    chosen = _LogLines()
+    logging.getLogger("safefm.engine").addHandler(chosen)
+    logging.getLogger("safefm.engine").setLevel(logging.INFO)
     for match in (("gender", "age"), ()):
         cfg = load_runtime_config(identity_per_track=True, identity_seed=a.seed, identity_match=match)
         eng = build_engine(cfg, video=False)
-        rows = []
+        rows, people_rows = [], []
         t0 = time.time()
-        for im, ei in zip(imgs, e_in):
+        for name, im, ei in zip(people, imgs, e_in):
             eng.reset()
+            chosen.lines.clear()
             res = eng.process(im)
             if ei is None or not res.faces:
                 continue
@@ -123,7 +139,13 @@ def lfw(a) -> dict:
             if eo is None:
                 continue
             pred = clf.predict_indices(np.stack([ei, eo]))   # row 0: input, row 1: output
+            prob = clf.probabilities(np.stack([ei, eo]))["gender"][:, 1]
             rows.append((pred["gender"][0], pred["gender"][1], pred["age"][0], pred["age"][1]))
+            people_rows.append({"person": name, "input": f"{GENDER_CLASSES[pred['gender'][0]]} {AGE_CLASSES[pred['age'][0]]}",
+                                "output": f"{GENDER_CLASSES[pred['gender'][1]]} {AGE_CLASSES[pred['age'][1]]}",
+                                "p_female_in_out": [round(float(prob[0]), 2), round(float(prob[1]), 2)],
+                                "gender_kept": bool(pred["gender"][0] == pred["gender"][1]),
+                                "chosen": " | ".join(chosen.lines)})
         eng.close()
         r = np.array(rows)
         key = ",".join(match) or "none"
@@ -132,8 +154,10 @@ def lfw(a) -> dict:
                        "age_group_within_one": float((np.abs(r[:, 2] - r[:, 3]) <= 1).mean()),
                        "input_age_groups": {AGE_CLASSES[k]: int((r[:, 2] == k).sum()) for k in range(4)},
                        "input_female_share": float(r[:, 0].mean()),
-                       "seconds": round(time.time() - t0, 1)}
-        print(key, json.dumps(report[key]))
+                       "seconds": round(time.time() - t0, 1),
+                       "gender_lost": [p for p in people_rows if not p["gender_kept"]],
+                       "per_person": people_rows}
+        print(key, json.dumps({k: v for k, v in report[key].items() if k != "per_person"}))
     return report
 
 
@@ -146,6 +170,7 @@ def main() -> None:
     ap.add_argument("--people", type=int, default=200)
     ap.add_argument("--match", default="gender,age")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", default="auto,file", help="pair: auto, file or both (comma list)")
     ap.add_argument("--save-video", action="store_true")
     a = ap.parse_args()
     from safefm.identity_assign import parse_match

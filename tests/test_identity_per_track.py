@@ -157,3 +157,58 @@ def test_draws_are_distinct_and_remembered_for_a_while():
     assert later is not a
     with pytest.raises(ValueError, match="classifier"):
         IdentityAssigner(sampler, None, match=("gender",))
+
+
+def _people(faces_by_person, reals):
+    """[(real, render)] whose render returns the given (K, 128) faces for the K candidates
+    (and zeros for any worn identity asked for); ``seen[n]`` records person n's candidates."""
+    seen = {}
+
+    def render(n):
+        def f(ids):
+            seen[n] = list(ids)
+            k = len(faces_by_person[n])
+            return np.concatenate([faces_by_person[n], np.zeros((len(ids) - k, 128), np.float32)])
+        return f
+    return [(reals[n], render(n)) for n in range(len(reals))], seen
+
+
+def test_people_who_appear_together_get_the_pair_of_faces_farthest_apart():
+    from safefm.identity_assign import CANDIDATES
+
+    rng = np.random.default_rng(0)
+    faces = [rng.normal(0, 0.02, (CANDIDATES, 128)).astype(np.float32) for _ in range(2)]
+    faces[0][5, 0], faces[1][7, 0] = 0.45, -0.45    # only this pair is far apart (0.9)
+    faces[0][3, 1] = 0.3                            # alone, person 0's farthest from their own face
+    reals = [np.eye(128, dtype=np.float32)[1] * -2.0, np.eye(128, dtype=np.float32)[2] * 2.0]
+    people, seen = _people(faces, reals)
+    asg = IdentityAssigner(load_default_sampler(), match=(), seed=0)
+    (a, how_a), (b, _) = asg.assign_all(people, 0, [])
+    assert a is seen[0][5] and b is seen[1][7]
+    assert float(how_a.split("rendered ")[1].split(" ")[0]) >= 0.9   # logged: how far apart they are
+    assert not np.array_equal(a.embedding, b.embedding) and a.seed != b.seed
+
+
+def test_the_candidate_read_as_the_persons_gender_is_worn_even_if_another_is_farther():
+    from safefm.attributes import AttributeClassifier, Head
+    from safefm.identity_assign import ALONE as CANDIDATES   # a person alone
+
+    w = np.zeros((2, 128), np.float32)
+    w[1, 0] = 10.0                                   # P(female) = sigmoid(10 * x[0])
+    age = np.zeros((4, 128), np.float32)
+    clf = AttributeClassifier(np.zeros(128, np.float32), np.ones(128, np.float32), {
+        "gender": Head(("male", "female"), ((w, np.zeros(2, np.float32)),)),
+        "age": Head(("child", "young", "adult", "senior"), ((age, np.array([0, 0, 1, 0], np.float32)),))})
+    real = np.zeros(128, np.float32)
+    real[0] = 1.0                                     # read as a woman
+    faces = np.zeros((CANDIDATES, 128), np.float32)
+    faces[:, 0] = -1.0                               # every candidate read as a man, far from her ...
+    faces[:, 3] = np.linspace(0.0, 1.0, CANDIDATES)
+    faces[9] = 0.0
+    faces[9, 0], faces[9, 1] = 0.3, 0.8              # ... but one: a confident woman, nearer
+    for match, want in ((("gender", "age"), 9), ((), CANDIDATES - 1)):
+        people, seen = _people([faces], [real])
+        asg = IdentityAssigner(load_default_sampler(), clf, match=match, seed=0)
+        (ident, how), = asg.assign_all(people, 0, [])
+        assert ident is seen[0][want], how
+        assert (f"read as female 0.95 / adult (1 of {CANDIDATES} candidates read as female)" in how) == bool(match)
