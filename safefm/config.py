@@ -177,7 +177,8 @@ class RuntimeConfig:
 # doubles the generator's network calls) and no 2x detail stage (+6.5 ms a face on a 2-core CPU).
 # int8 (onnxruntime's int8 convolutions, safefm.quantize) stays off: it saves ~9 ms a frame here
 # but raised flicker on every clip (1.14 -> 1.37, docs/results.md).
-LIVE_DEFAULTS = {"identity_repel": 0.0, "detail_min_px": 0}
+# Grain matching costs ~3.5 ms a frame (measuring the frame's noise): files only.
+LIVE_DEFAULTS = {"identity_repel": 0.0, "detail_min_px": 0, "match_grain": False}
 
 
 def _coerce(cls, values: Mapping[str, Any]):

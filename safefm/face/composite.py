@@ -328,6 +328,7 @@ def noise_sigma(image: np.ndarray, where: np.ndarray) -> float:
     r = resid[where > 0]
     if r.size < 64:
         return 0.0
+    r = r[::max(1, r.size // 4096)]   # a robust spread needs a few thousand pixels, not all
     return float(1.4826 * np.median(np.abs(r - np.median(r))))
 
 
@@ -410,9 +411,10 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
     synth = cv2.blendLinear(src, fill, alpha, 1.0 - alpha)
     if grain:   # the camera's grain, which the generated face and the smooth fill lack
         around = noise_sigma(dst, cv2.bitwise_and(known, cv2.compare(weight, 0.0, cv2.CMP_GT)))
-        own = noise_sigma(synth, alpha8 > 128)
-        synth = add_grain(synth, float(np.sqrt(max(around ** 2 - own ** 2, 0.0))),
-                          seed=int(crop[::7, ::7].sum()))
+        if around > 0.5:   # a clean (or heavily compressed) frame has none to match
+            own = noise_sigma(synth, alpha8 > 128)
+            synth = add_grain(synth, float(np.sqrt(max(around ** 2 - own ** 2, 0.0))),
+                              seed=int(crop[::7, ::7].sum()))
     if is_grey(real_s, cv2.compare(known_s, 254, cv2.CMP_GE)):   # the frame around the face
         synth = cv2.cvtColor(cv2.cvtColor(synth, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
     cv2.blendLinear(synth, dst, weight, 1.0 - weight, dst=dst)
