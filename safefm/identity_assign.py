@@ -11,7 +11,8 @@ distribution, a seeded rest shape and noise seed), never derived from the person
   rest shape, the identity repel, colour match, detail stage and paste, embedded as the real
   face is) and the choice is by those faces: read as the person's gender (when matched), then
   at least :data:`FAR` from the other people's and :data:`OWN` from the person's own, then a
-  confident gender and an age group within one, then the farthest. People who
+  confident gender and an age group within one, then (a person alone) the most typical-looking
+  render or (with others) the farthest. People who
   appear in the same frame are chosen together (every pair of their candidates), not the second
   against the first's fixed choice; when no choice is FAR apart, :data:`MORE` batches of
   candidates are drawn. The model draws identities much closer together than their embeddings
@@ -54,7 +55,7 @@ CANDIDATES = 32    # identities drawn and rendered in context for a new person a
 ALONE = 16         # ... for a person alone (no one else worn or remembered): only gender, age and their own face to fit
 ROUNDS = 3         # revisions of the choices of people who appear together
 MORE = 1           # extra batches of CANDIDATES drawn when no choice is FAR apart
-FAR = 0.8          # wanted dlib distance between a new person's rendered face and the other people's (first frame; the clip averages ~0.05 less)
+FAR = 0.85         # wanted dlib distance between a new person's rendered face and the other people's (first frame; the clip averages ~0.05 less)
 OWN = 0.7          # wanted dlib distance between a new person's rendered face and their own real face
 SURE = 0.8         # classifier probability of the kept gender that counts as a confident reading
 KEPT = 2.0         # a fit (IdentityAssigner._fit) at least this reads as the kept gender
@@ -273,13 +274,19 @@ class IdentityAssigner:
         two embeddings within DISTINCT; every face read as the kept gender (:data:`KEPT`); every
         face at least FAR from the other people's (worn and
         new) and OWN from the person's own; the summed fit of the kept attributes
-        (:meth:`_fit`); the smallest of those distances. One or two people: every combination;
+        (:meth:`_fit`); then, for a person alone, the most typical render (nearest the centre of
+        the person's candidates' rendered faces: the farthest ones are the oddest-looking faces,
+        caricatures and smudges, and the distance to their own face is secured by the rule before)
+        and the smallest of those distances; with other people, the smallest distance first (two
+        people must stay apart all clip long: the first frame over-states it by ~0.05-0.12), then
+        the most typical. One or two people: every combination;
         more: each person's choice revised in turn given the others' (:data:`ROUNDS`)."""
         people = list(faces)
         if not people:
             return {}, True
         worn = [r for _, r in self._refs.values()]
-        ok, fit, kept, near, far, emb = {}, {}, {}, {}, {}, {}
+        alone = len(people) == 1 and not worn   # no one else to stay apart from
+        ok, fit, kept, near, far, emb, typical = {}, {}, {}, {}, {}, {}, {}
         for n in people:
             ok[n] = np.isfinite(faces[n]).all(axis=1)
             faces[n] = np.where(ok[n][:, None], faces[n], 0.0)
@@ -290,6 +297,8 @@ class IdentityAssigner:
             near[n] = np.minimum(d_other, d_real)     # (K,) to the worn faces and the person's own
             far[n] = (d_other >= FAR) & (d_real >= OWN)
             emb[n] = np.stack([c.embedding for c in cands[n]])
+            centre = faces[n][ok[n]].mean(axis=0) if ok[n].any() else faces[n].mean(axis=0)
+            typical[n] = -np.linalg.norm(faces[n] - centre, axis=1)   # (K,) nearer the candidates' centre: larger
 
         def rank(sel: dict[int, int]) -> tuple:
             """The ranking key of one choice for everyone (larger is better)."""
@@ -303,7 +312,9 @@ class IdentityAssigner:
                     d = float(np.linalg.norm(faces[a][sel[a]] - faces[b][sel[b]]))
                     is_far &= d >= FAR
                     dist = min(dist, d)
-            return good, gender, is_far, sum(float(fit[n][sel[n]]) for n in people), dist
+            typ = sum(float(typical[n][sel[n]]) for n in people)
+            tail = (typ, dist) if alone else (dist, typ)
+            return (good, gender, is_far, sum(float(fit[n][sel[n]]) for n in people)) + tail
 
         if len(people) <= 2:
             grids = np.meshgrid(*[np.arange(len(faces[n])) for n in people], indexing="ij")

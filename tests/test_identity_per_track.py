@@ -206,9 +206,13 @@ def test_the_candidate_read_as_the_persons_gender_is_worn_even_if_another_is_far
     faces[:, 3] = np.linspace(0.0, 1.0, CANDIDATES)
     faces[9] = 0.0
     faces[9, 0], faces[9, 1] = 0.3, 0.8              # ... but one: a confident woman, nearer
-    for match, want in ((("gender", "age"), 9), ((), CANDIDATES - 1)):
+    for match in (("gender", "age"), ()):
         people, seen = _people([faces], [real])
         asg = IdentityAssigner(load_default_sampler(), clf, match=match, seed=0)
         (ident, how), = asg.assign_all(people, 0, [])
-        assert ident is seen[0][want], how
+        k = next(i for i, c in enumerate(seen[0]) if c is ident)
+        if match:
+            assert k == 9, how
+        else:   # all far enough from her: the most typical render, not the oddest (farthest) one
+            assert k != 9 and CANDIDATES // 4 <= k < 3 * CANDIDATES // 4, how
         assert (f"read as female 0.95 / adult (1 of {CANDIDATES} candidates read as female)" in how) == bool(match)
