@@ -135,13 +135,28 @@ def test_without_ray_one_line_says_how_to_install(tmp_path, capsys, monkeypatch)
 
 # ------------------------------------------------------------------------------ one worker
 
+def _tiny_worker(ident: Path):
+    """A FileWorker on the tiny seeded model (torch, no repel) wearing identity file ``ident``."""
+    from safefm.batch.worker import EngineSpec, FileWorker
+    from safefm.config import load_runtime_config
+    from safefm.identity import load_identity
+    from safefm.tiny import tiny_engine
+
+    def factory(cfg, model_path=None, identity_path=None, video=True):
+        engine = tiny_engine(cfg, video=video)
+        engine.set_identity(load_identity(identity_path, engine.mcfg.identity_dim))
+        return engine
+
+    return FileWorker(EngineSpec(load_runtime_config(runtime="torch", identity_repel=0), None, str(ident)),
+                      factory)
+
+
 @pytest.mark.skipif(not CLIP.is_file(), reason="../shared/data not present")
 def test_worker_writes_done_figures_and_reports_a_corrupt_file(tmp_path):
-    from safefm.batch.worker import EngineSpec, FileWorker, sha256_file
-    from safefm.config import load_runtime_config
-    from safefm.identity import load_identity, save_identity
+    from safefm.batch.worker import sha256_file
+    from safefm.identity import save_identity
     from safefm.media import VideoReader, VideoWriter
-    from safefm.tiny import tiny_engine, tiny_identity
+    from safefm.tiny import tiny_identity
 
     src = tmp_path / "in" / "clip.mp4"
     src.parent.mkdir()
@@ -156,13 +171,7 @@ def test_worker_writes_done_figures_and_reports_a_corrupt_file(tmp_path):
 
     ident = save_identity(tiny_identity(2), tmp_path / "id.pt")
 
-    def factory(cfg, model_path=None, identity_path=None, video=True):
-        engine = tiny_engine(cfg, video=video)
-        engine.set_identity(load_identity(identity_path, engine.mcfg.identity_dim))
-        return engine
-
-    worker = FileWorker(EngineSpec(load_runtime_config(runtime="torch", identity_repel=0), None, str(ident)),
-                        factory)
+    worker = _tiny_worker(ident)
     try:
         res = worker.process(Item("clip.mp4", src, tmp_path / "out" / "clip.mp4"))
         bad = worker.process(Item("bad.mp4", tmp_path / "in" / "bad.mp4", tmp_path / "out" / "bad.mp4"))
@@ -181,11 +190,9 @@ def test_a_warm_worker_carries_no_face_into_the_next_video(tmp_path):
     """MediaPipe tracks across calls in video mode: without a fresh detector per file, the face
     at the end of one video is "found" again in the next one's first frames (a ghost track,
     held / placeholder-covered). The second video must come out as from a fresh worker."""
-    from safefm.batch.worker import EngineSpec, FileWorker
-    from safefm.config import load_runtime_config
-    from safefm.identity import load_identity, save_identity
+    from safefm.identity import save_identity
     from safefm.media import VideoReader, VideoWriter
-    from safefm.tiny import tiny_engine, tiny_identity
+    from safefm.tiny import tiny_identity
 
     def cut(name: str, start: int, stop: int, dst: Path) -> Path:
         dst.parent.mkdir(exist_ok=True)
@@ -201,13 +208,7 @@ def test_a_warm_worker_carries_no_face_into_the_next_video(tmp_path):
     second = cut("liveportrait_d20", 0, 8, tmp_path / "in" / "start_of_d20.mp4")
     ident = save_identity(tiny_identity(2), tmp_path / "id.pt")
 
-    def factory(cfg, model_path=None, identity_path=None, video=True):
-        engine = tiny_engine(cfg, video=video)
-        engine.set_identity(load_identity(identity_path, engine.mcfg.identity_dim))
-        return engine
-
-    worker = FileWorker(EngineSpec(load_runtime_config(runtime="torch", identity_repel=0), None, str(ident)),
-                        factory)
+    worker = _tiny_worker(ident)
     try:
         res = [worker.process(Item(p.name, p, tmp_path / "out" / p.name)) for p in (first, second)]
     finally:

@@ -181,6 +181,7 @@ def run(args, engine_factory: EngineFactory | None = None) -> int:
         if args.record:
             sinks.append(NullSink() if args.record == os.devnull else
                          RecorderSink(args.record, cfg.width, cfg.height, cfg.fps))
+        stats_log = StatsLog(args.stats_log) if args.stats_log else None
     except BaseException:
         for s in sinks:
             s.close()
@@ -193,15 +194,6 @@ def run(args, engine_factory: EngineFactory | None = None) -> int:
 
     def reopen():
         return open_source(args.camera, args.source, args.width, args.height, args.fps, args.loop)
-
-    try:
-        stats_log = StatsLog(args.stats_log) if args.stats_log else None
-    except BaseException:
-        for s in sinks:
-            s.close()
-        if first is not None:
-            first.close()
-        raise
 
     def on_stats(snap: dict) -> None:
         if stats_log is not None:
