@@ -15,6 +15,21 @@ from typing import Any, Mapping
 
 from .errors import ConfigError, first_line
 
+OBJECTIVES = ("flow", "diffusion")
+FLOW_SOLVERS = ("euler", "heun", "midpoint")     # safefm.sampler
+DIFFUSION_SOLVERS = ("ddim", "dpmpp", "ddpm")     # safefm.diffusion_sampler
+SOLVERS = ("auto",) + FLOW_SOLVERS + DIFFUSION_SOLVERS
+
+
+def resolve_solver(objective: str, solver: str) -> str:
+    """The solver a model of ``objective`` runs for the runtime setting ``solver`` ("auto": euler
+    for flow, ddim for diffusion); a solver of the other kind is a ConfigError."""
+    own = FLOW_SOLVERS if objective == "flow" else DIFFUSION_SOLVERS
+    if solver == "auto":
+        return own[0]
+    if solver not in own:
+        raise ConfigError(f"solver {solver!r} does not run a {objective} model (use one of {', '.join(own)})")
+    return solver
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -44,6 +59,7 @@ class ModelConfig:
     decoder_heat: bool = False
     detail_width: int = 0          # > 0: a 2x detail stage (DetailNet) of this width after the decoder
     detail_blocks: int = 2
+    objective: str = "flow"        # "flow" (flow matching, safefm.flow) or "diffusion" (the v-prediction twin, safefm.diffusion)
 
     @property
     def latent_size(self) -> int:
@@ -61,6 +77,8 @@ class ModelConfig:
                 f"{2 ** (len(self.ae_blocks) - 1)}, not latent_downscale={self.latent_downscale}")
         if self.image_size % self.latent_downscale:
             raise ConfigError("image_size must be a multiple of latent_downscale")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.unet_cross_attention not in ("levels", "mid"):
             raise ConfigError(f"unet_cross_attention must be 'levels' or 'mid', got {self.unet_cross_attention!r}")
         if self.decoder not in ("tiny", "fast"):
@@ -87,6 +105,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     steps: int = 4
+    solver: str = "auto"           # auto: euler (flow model) / ddim (diffusion twin); see safefm.solvers
     warm_start: bool = False
     seed: int = -1
     warm_t0: float = 0.5
@@ -130,6 +149,8 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 50:
             raise ConfigError(f"steps must be in 1..50, got {self.steps}")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         if not 0.0 <= self.warm_t0 < 1.0:
             raise ConfigError(f"warm_t0 must be in [0, 1), got {self.warm_t0}")
         if not 0.0 <= self.controlnet_scale <= 20.0:

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import ModelConfig, RuntimeConfig
+from .config import ModelConfig, RuntimeConfig, resolve_solver
 from .errors import DeviceError, WeightsError, first_line
 from .models import SafeFMModel, Velocity, scale_controlnet
 from .paths import cache_dir
@@ -263,6 +263,7 @@ class Generator:
     def __init__(self, model: SafeFMModel, cfg: RuntimeConfig, digest: str | None = None):
         self.cfg = cfg
         self.model_cfg: ModelConfig = model.cfg
+        self.solver = resolve_solver(model.cfg.objective, cfg.solver)   # before any work: a loud one-line error
         self.runtime = cfg.runtime if cfg.runtime != "auto" else ("onnx" if _onnx_available() else "torch")
         if cfg.device == "cuda":
             if self.runtime == "torch" and not torch.cuda.is_available():
@@ -355,9 +356,11 @@ class Generator:
             return v_id
         v_null = self.backend.velocity(cond, self.null_tokens() if reference is None else reference)
 
+        diffusion = self.model_cfg.objective == "diffusion"
+
         def v(z: torch.Tensor, t: float) -> torch.Tensor:
             vi = v_id(z, t)
-            if t >= until:
+            if (1.0 - t if diffusion else t) >= until:   # `until` is a flow time (0 noise, 1 data)
                 return vi
             vn = v_null(z, t)
             return vn + w * (vi - vn)
@@ -377,8 +380,9 @@ class Generator:
         """Latents (B, C, h, w) for heatmaps (B, Ch, H, H) in [0, 1].
 
         noise: (B or 1, C, h, w) fixed identity noise; z_prev: the track's previous latent for a
-        warm start at flow time t0, which takes only the Euler steps of the grid left after t0
-        (:func:`safefm.sampler.sample`; None = cold start from noise at t = 0); steps, guidance
+        warm start at flow time t0, which takes only the solver steps of the grid left after t0
+        (:func:`safefm.sampler.sample`, or :func:`safefm.diffusion_sampler.sample` for the
+        diffusion twin; None = cold start from noise at t = 0); steps, guidance
         and guidance_until default to the runtime config's ``steps``, ``identity_guidance`` and
         ``guidance_until``; reference: the guidance's reference tokens (None: the null identity).
         """
@@ -387,7 +391,11 @@ class Generator:
             heat = heat[None]
         noise = noise.expand(heat.shape[0], -1, -1, -1).to(self.backend.device)
         v = self.velocity(heat, tokens, guidance, guidance_until, reference)
-        return sample(v, noise, steps or self.cfg.steps, z_prev=z_prev, t0=t0)
+        if self.model_cfg.objective == "diffusion":
+            from .diffusion_sampler import sample as diffusion_sample
+
+            return diffusion_sample(v, noise, steps or self.cfg.steps, self.solver, z_prev=z_prev, t0=t0)
+        return sample(v, noise, steps or self.cfg.steps, z_prev=z_prev, t0=t0, solver=self.solver)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, heat: np.ndarray | torch.Tensor | None = None) -> np.ndarray:

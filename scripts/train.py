@@ -3,6 +3,8 @@
 
     python scripts/train.py --stage ae       --max-minutes 20   # autoencoder + latent stats
     python scripts/train.py --stage cache                       # encode crops once -> data_cache/latents.npz
+    python scripts/train.py --stage from-weights --from default --objective diffusion --runs runs/twin
+                                                                # a shipped model's frozen parts as runs/twin/ae
     python scripts/train.py --stage decoder  --max-minutes 20   # (optional) faster decoder on the frozen latents
     python scripts/train.py --stage base     --max-minutes 20   # UNet + identity projector (flow matching)
     python scripts/train.py --stage adapters --max-minutes 20   # ControlNet + LoRA, base frozen
@@ -36,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("ae", "cache", "decoder", "base", "adapters", "sampler", "export", "preview", "heat-decoder",
+STAGES = ("ae", "from-weights", "cache", "decoder", "base", "adapters", "sampler", "export", "preview", "heat-decoder",
           "detail-data", "detail", "detail-export")
 
 
@@ -122,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="export / heat-decoder: output .safetensors")
     ap.add_argument("--from", dest="source", default="default",
                     help="heat-decoder: the model whose decoder is fine-tuned (name or .safetensors path)")
+    ap.add_argument("--objective", choices=("flow", "diffusion"), default="diffusion",
+                    help="from-weights: the objective the flow stages are retrained with")
     ap.add_argument("--device", default="cpu", help="detail: torch device (cpu, cuda)")
     ap.add_argument("--pack", type=Path, default=None,
                     help="detail-data / detail: the crops + product outputs pack (default data_cache/detail_pack.npz)")
@@ -164,6 +168,13 @@ def main(argv=None) -> int:
         del crops
         if not a.no_cache:
             stage_cache(a, root)
+    elif a.stage == "from-weights":
+        from safefm.train.common import save_checkpoint
+        from safefm.train.twin import frozen_parts_checkpoint
+
+        ck = frozen_parts_checkpoint(a.source, a.objective)
+        print(f"wrote {save_checkpoint(root / 'ae' / 'last.pt', ck)} (frozen parts of {a.source}, "
+              f"objective {a.objective}, autoencoder step {ck['step']})")
     elif a.stage == "cache":
         stage_cache(a, root)
     elif a.stage == "decoder":

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import flow
+from .. import diffusion, flow
 from ..config import ModelConfig
 from ..models import SafeFMModel, Velocity, count_parameters
 from .accel import Runner
@@ -55,6 +55,15 @@ def sample_times(b: int, tcfg: FlowTrainConfig, gen: torch.Generator) -> torch.T
     return t
 
 
+def _identity_tokens(identity: torch.nn.Module, batch: dict, tcfg: FlowTrainConfig, gen: torch.Generator,
+                     device) -> torch.Tensor:
+    """Identity tokens of the batch's embeddings, a ``null_prob`` share dropped to the null identity."""
+    b = batch["emb"].shape[0]
+    drop = (torch.rand(b, generator=gen) < tcfg.null_prob).to(device)
+    emb = torch.where(drop[:, None], torch.full_like(batch["emb"], NULL_EMBEDDING_VALUE), batch["emb"])
+    return identity(emb)
+
+
 def flow_loss(velocity: Velocity, identity: torch.nn.Module, batch: dict, tcfg: FlowTrainConfig,
               gen: torch.Generator) -> torch.Tensor:
     """Flow-matching loss of one batch: ``z`` (B, C, h, w) data latents, ``emb`` (B, D),
@@ -63,10 +72,32 @@ def flow_loss(velocity: Velocity, identity: torch.nn.Module, batch: dict, tcfg: 
     b = x1.shape[0]
     x0 = torch.randn(x1.shape, generator=gen).to(x1.device)   # drawn on the CPU: same numbers on any device
     t = sample_times(b, tcfg, gen).to(x1.device)
-    drop = (torch.rand(b, generator=gen) < tcfg.null_prob).to(x1.device)
-    emb = torch.where(drop[:, None], torch.full_like(batch["emb"], NULL_EMBEDDING_VALUE), batch["emb"])
-    v = velocity(flow.interpolate(x0, x1, t), t, batch.get("heat"), identity(emb))
+    v = velocity(flow.interpolate(x0, x1, t), t, batch.get("heat"), _identity_tokens(identity, batch, tcfg, gen,
+                                                                                   x1.device))
     return flow.flow_matching_loss(v, x0, x1)
+
+
+def diffusion_loss(velocity: Velocity, identity: torch.nn.Module, batch: dict, tcfg: FlowTrainConfig,
+                   gen: torch.Generator, sched=None) -> torch.Tensor:
+    """The diffusion twin's loss of one batch (:mod:`safefm.diffusion`: v-prediction, DDPM
+    steps uniform, the same warm-range oversampling, identity dropout and batches as
+    :func:`flow_loss`)."""
+    sched = sched or diffusion.train_scheduler()
+    x1 = batch["z"]
+    noise = torch.randn(x1.shape, generator=gen).to(x1.device)
+    tau = diffusion.sample_timesteps(x1.shape[0], gen, warm_prob=tcfg.warm_prob, warm_t0=tcfg.warm_t0)
+    x_tau = diffusion.add_noise(sched, x1, noise, tau.to(x1.device))
+    v = velocity(x_tau, diffusion.net_time(tau).to(x1.device), batch.get("heat"),
+                 _identity_tokens(identity, batch, tcfg, gen, x1.device))
+    return diffusion.diffusion_loss(sched, v, x1, noise, tau.to(x1.device))
+
+
+def objective_loss(objective: str):
+    """The stage loss of a ModelConfig ``objective``: :func:`flow_loss` or :func:`diffusion_loss`."""
+    if objective == "flow":
+        return flow_loss
+    sched = diffusion.train_scheduler()
+    return lambda velocity, identity, batch, tcfg, gen: diffusion_loss(velocity, identity, batch, tcfg, gen, sched)
 
 
 def base_model(cfg: ModelConfig) -> SafeFMModel:
@@ -155,12 +186,13 @@ def train_flow_stage(stage: str, cfg: ModelConfig, tcfg: FlowTrainConfig, cache,
     bar = tqdm(total=tcfg.max_steps, initial=step, desc=stage, unit="step", mininterval=5,
                disable=not runner.is_main)
     t0, step0 = time.monotonic(), step
+    loss_fn = objective_loss(cfg.objective)
     while step < tcfg.max_steps and not runner.should_stop():
         for g in opt.param_groups:
             g["lr"] = _lr(step, tcfg)
         batch = runner.batch(cache.batch(rng.integers(0, len(cache), tcfg.batch), heat_size=heat_size))
         with runner.autocast():
-            loss = flow_loss(net, identity, batch, tcfg, gen)
+            loss = loss_fn(net, identity, batch, tcfg, gen)
         opt.zero_grad(set_to_none=True)
         runner.backward(loss)
         runner.clip_grad_norm_(params, 1.0)
