@@ -14,6 +14,8 @@
     python scripts/train.py --stage detail-data                 # data_cache/detail_pack.npz: crops + product outputs
     python scripts/train.py --stage detail --device cuda --max-minutes 7   # 2x detail stage (patch GAN)
     python scripts/train.py --stage detail-export --from default --out weights/safefm_default.safetensors
+    python scripts/train.py --stage reflow --from default --max-minutes 25   # one reflow pass (straighter paths)
+    python scripts/train.py --stage reflow-export --from default --out weights/safefm_reflow.safetensors
     python scripts/train.py --stage heat-decoder --from default --max-minutes 40 \
         --out weights/safefm_default.safetensors               # decoder that also reads the heatmaps (eyelids)
 
@@ -39,7 +41,7 @@ import time
 from pathlib import Path
 
 STAGES = ("ae", "from-weights", "cache", "decoder", "base", "adapters", "sampler", "export", "preview", "heat-decoder",
-          "detail-data", "detail", "detail-export")
+          "detail-data", "detail", "detail-export", "reflow", "reflow-export")
 
 
 def _overrides(tcfg, a):
@@ -131,6 +133,8 @@ def main(argv=None) -> int:
                     help="detail-data / detail: the crops + product outputs pack (default data_cache/detail_pack.npz)")
     ap.add_argument("--detail", default="",
                     help="detail: DetailTrainConfig overrides, e.g. 'width=32,blocks=2,adv=0.05'")
+    ap.add_argument("--pairs", type=int, default=4096, help="reflow: noise -> sample pairs drawn from the model")
+    ap.add_argument("--teacher-steps", type=int, default=20, help="reflow: Euler steps that draw each pair")
     ap.add_argument("--real", type=int, default=4000, help="detail-data: real crops in the pack")
     ap.add_argument("--sampled", type=int, default=1500, help="detail-data: product outputs in the pack")
     a = ap.parse_args(argv)
@@ -140,7 +144,7 @@ def main(argv=None) -> int:
 
     set_threads(a.threads)
     runner = None
-    if a.stage in ("base", "adapters"):   # the flow stages: one process, or accelerate launch / torchrun
+    if a.stage in ("base", "adapters", "reflow"):   # the flow stages: one process, or accelerate launch / torchrun
         from safefm.train.accel import Runner
 
         runner = Runner()
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
     log = print if runner is None or runner.is_main else (lambda *_: None)
     root = Path(a.runs or runs_root())
     sdir = root / a.stage
-    if a.stage in ("ae", "decoder", "base", "adapters", "sampler", "heat-decoder", "detail"):
+    if a.stage in ("ae", "decoder", "base", "adapters", "sampler", "heat-decoder", "detail", "reflow"):
         if runner is None or runner.is_main:
             _prepare_run(sdir, a.fresh)
         if runner is not None:
@@ -240,6 +244,10 @@ def main(argv=None) -> int:
         print(f"wrote {out}")
     elif a.stage == "detail":
         stage_detail(a, sdir)
+    elif a.stage == "reflow":
+        stage_reflow(a, sdir, runner, log)
+    elif a.stage == "reflow-export":
+        reflow_export(a, sdir.with_name("reflow"))
     elif a.stage == "detail-export":
         from safefm.train.detail import export_detail
 
@@ -253,6 +261,55 @@ def _default_pack() -> Path:
     from safefm.train.data import cache_root
 
     return cache_root() / "detail_pack.npz"
+
+
+def stage_reflow(a, sdir: Path, runner, log) -> None:
+    """One reflow pass on a shipped flow model: pairs drawn once into ``<runs>/reflow/pairs.npz``
+    (from the latent cache's conditions), then the UNet + LoRA + ControlNet fine-tuned on them."""
+    import numpy as np
+
+    from safefm.checkpoint import load_model
+    from safefm.paths import resolve_model_path
+    from safefm.train.data import LatentCache, cache_root, load_shards
+    from safefm.train.reflow import REFLOW_DEFAULTS, ReflowPairs, make_pairs, train_reflow
+
+    model, meta = load_model(resolve_model_path(a.source))
+    if model.cfg.objective != "flow":
+        raise SystemExit(f"{a.source} is a {model.cfg.objective} model: reflow needs a flow-matching one")
+    cache = LatentCache(cache_root() / "latents.npz")
+    cache.refresh_embeddings(load_shards(keys=("path", "embeddings")))
+    pairs_path = sdir / "pairs.npz"
+    if not pairs_path.exists():
+        t0 = time.time()
+        arrays = make_pairs(model, cache, a.pairs, a.teacher_steps, log=log)
+        tmp = pairs_path.with_name("pairs.tmp.npz")
+        np.savez(tmp, **arrays, teacher_steps=np.int64(a.teacher_steps), from_sha256=np.array(meta["sha256"]))
+        tmp.replace(pairs_path)
+        log(f"reflow: {a.pairs} pairs ({a.teacher_steps} Euler steps each) in {time.time() - t0:.0f} s")
+    with np.load(pairs_path) as z:
+        arrays = {k: z[k] for k in z.files}
+    if str(arrays["from_sha256"]) != meta["sha256"]:
+        raise SystemExit(f"{pairs_path} was drawn from another model: use --fresh")
+    ck = train_reflow(model, ReflowPairs(cache, arrays), _overrides(REFLOW_DEFAULTS, a), run_dir=sdir,
+                      max_minutes=a.max_minutes, log=log, runner=runner)
+    log(f"reflow: step {ck['step']}, loss (last 100) {ck['metrics']['loss_last100']:.4f}")
+
+
+def reflow_export(a, rdir: Path) -> None:
+    """The shipped model with the reflow run's EMA weights, written to ``--out``."""
+    from safefm.checkpoint import load_model, save_model
+    from safefm.paths import resolve_model_path
+    from safefm.train.common import load_checkpoint
+
+    model, meta = load_model(resolve_model_path(a.source))
+    ck = load_checkpoint(rdir / "last.pt")
+    model.load_state_dict(ck["ema"]["shadow"], strict=False)
+    training = json.loads(meta.get("training") or "{}")
+    training["reflow"] = {"from_sha256": meta["sha256"], "steps": ck["step"], "train_config": ck["train_config"],
+                          "pairs": ck["metrics"].get("pairs"), "loss_last100": ck["metrics"].get("loss_last100")}
+    out = a.out or rdir / "safefm_reflow.safetensors"
+    save_model(model, out, extra_meta={"license": meta.get("license", ""), "training": json.dumps(training)})
+    print(f"wrote {out} and {Path(out).with_suffix('.json')}")
 
 
 def stage_detail(a, sdir: Path) -> None:

@@ -198,3 +198,38 @@ def test_generator_runs_a_diffusion_twin_with_its_solvers(tmp_path):
     assert (outs["ddim"] - outs["ddpm"]).abs().max() > 1e-4
     with pytest.raises(ConfigError, match="does not run a diffusion model"):
         Generator(tiny_model(0, cfg), RuntimeConfig(runtime="torch", device="cpu", solver="euler"))
+
+
+# --- reflow ----------------------------------------------------------------------------------
+
+def test_reflow_pairs_are_the_models_own_ode_solutions_and_train_on_their_noise(tmp_path):
+    from safefm.sampler import sample
+    from safefm.train.base import FlowTrainConfig, flow_loss
+    from safefm.train.data import LatentCache
+    from safefm.train.reflow import ReflowPairs, make_pairs, train_reflow
+    from safefm.tiny import tiny_model
+
+    model = tiny_model(0)
+    cfg = model.cfg
+    rng = np.random.default_rng(0)
+    n = 12
+    lms = np.tile(np.asarray(rng.uniform(8, 24, (1, 478, 3)), np.float16), (n, 1, 1))
+    cache = LatentCache(arrays={"z": rng.normal(size=(n, *cfg.latent_shape)).astype(np.float16),
+                                "landmarks": lms, "embeddings": rng.normal(size=(n, 128)).astype(np.float32),
+                                "image_size": np.int64(cfg.image_size)})
+    arrays = make_pairs(model, cache, 6, teacher_steps=3, null_prob=0.5, batch=4, log=lambda *_: None)
+    pairs = ReflowPairs(cache, arrays)
+    b = pairs.batch([0, 1], heat_size=cfg.heatmap_size)
+    with torch.no_grad():   # x1 is the model's 3-step Euler solution from x0 under the stored condition
+        tokens = model.identity(b["emb"])
+        v = lambda z, t: model.velocity(z, torch.full((z.shape[0],), t), b["heat"], tokens)   # noqa: E731
+        torch.testing.assert_close(sample(v, b["x0"], 3), b["z"], atol=2e-3, rtol=1e-2)   # float16 storage
+    assert (arrays["emb"] == 0).all(axis=1).any() and not (arrays["emb"] == 0).all()   # null identity share
+    # the loss pairs each x1 with its own x0: a straight-line field (x1 - x0) is exactly right
+    straight = lambda z, t, heat, tok: (b["z"] - b["x0"])   # noqa: E731
+    assert flow_loss(straight, lambda e: e, b, FlowTrainConfig(), torch.Generator().manual_seed(0)).item() < 1e-10
+    ck = train_reflow(model, pairs, FlowTrainConfig(batch=4, lr=1e-3, warmup=1, max_steps=25, ckpt_every=25,
+                                                    ema_decay=0.9),
+                      run_dir=tmp_path / "reflow", max_minutes=0, log=lambda *_: None)
+    losses = ck["history"]["loss"]
+    assert ck["step"] == 25 and np.mean(losses[-5:]) < np.mean(losses[:5])

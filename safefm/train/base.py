@@ -67,10 +67,14 @@ def _identity_tokens(identity: torch.nn.Module, batch: dict, tcfg: FlowTrainConf
 def flow_loss(velocity: Velocity, identity: torch.nn.Module, batch: dict, tcfg: FlowTrainConfig,
               gen: torch.Generator) -> torch.Tensor:
     """Flow-matching loss of one batch: ``z`` (B, C, h, w) data latents, ``emb`` (B, D),
-    optional ``heat`` (B, Ch, H, H). Noise, times and identity dropout come from ``gen``."""
+    optional ``heat`` (B, Ch, H, H) and ``x0`` (B, C, h, w) paired noise (reflow; else drawn).
+    Noise, times and identity dropout come from ``gen``."""
     x1 = batch["z"]
     b = x1.shape[0]
-    x0 = torch.randn(x1.shape, generator=gen).to(x1.device)   # drawn on the CPU: same numbers on any device
+    if "x0" in batch:   # a reflow pair: the noise the data latent was generated from
+        x0 = batch["x0"]
+    else:
+        x0 = torch.randn(x1.shape, generator=gen).to(x1.device)   # drawn on the CPU: same numbers on any device
     t = sample_times(b, tcfg, gen).to(x1.device)
     v = velocity(flow.interpolate(x0, x1, t), t, batch.get("heat"), _identity_tokens(identity, batch, tcfg, gen,
                                                                                    x1.device))
