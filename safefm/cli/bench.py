@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--live-seconds", type=float, default=6.0, help="length of each live run (default 6)")
     ap.add_argument("--live-warmup", type=int, default=5,
                     help="fresh frames not counted at the start of each live run (default 5)")
+    ap.add_argument("--solver", default=None,
+                    help="solver (euler, heun, midpoint for a flow model; ddim, dpmpp, ddpm for the diffusion twin)")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: library default)")
     ap.add_argument("--path", choices=("live", "files"), default="live",
                     help="runtime defaults timed: live = safefm-cam's (no identity repel, no detail stage; "
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None, engine_factory=None) -> int:
                             pacing=args.pacing, frames=args.frames, warmup=args.warmup,
                             live_seconds=args.live_seconds, live_warmup=args.live_warmup,
                             model=args.model, identity=args.identity, threads=args.threads, path=args.path,
-                            pipelined=not args.no_pipeline,
+                            pipelined=not args.no_pipeline, solver=args.solver,
                             model_label="tiny random model (safefm.tiny)" if args.tiny_model else None,
                             log=log)
         factory = engine_factory

@@ -60,6 +60,7 @@ class BenchOptions:
     threads: int = 0
     path: str = "live"                     # "live": safefm-cam's runtime defaults; "files": safefm-anonymize's
     pipelined: bool = True                 # live runs overlap consecutive frames' stages (safefm-cam's default)
+    solver: str | None = None              # ODE / diffusion solver (None: the runtime config's, "auto")
     model_label: str | None = None
     log: Callable[[str], None] = field(default=lambda msg: None)
 
@@ -291,7 +292,8 @@ def run(opts: BenchOptions, engine_factory: EngineFactory | None = None) -> dict
         "identity": str(opts.identity) if opts.identity else "default", "seed": None,
         "warmup": {"engine_frames": opts.warmup, "live_fresh_frames_excluded": opts.live_warmup,
                    "note": "warm-up frames are run but excluded from every number"},
-        "pipelined": opts.pipelined, "runtimes_present": names, "runtimes_missing": missing,
+        "pipelined": opts.pipelined, "solver": opts.solver or "auto",
+        "runtimes_present": names, "runtimes_missing": missing,
         "machine": machine_info(),
         "path": {"name": opts.path, "runtime_defaults": dict(LIVE_DEFAULTS) if opts.path == "live" else {},
                  "note": "live: safefm-cam's runtime defaults (no identity repel, no detail stage); "
@@ -302,7 +304,7 @@ def run(opts: BenchOptions, engine_factory: EngineFactory | None = None) -> dict
         for steps in opts.steps:
             cfg = load_runtime_config(defaults=LIVE_DEFAULTS if opts.path == "live" else None,
                                       runtime=rt["runtime"], device=rt["device"], steps=steps,
-                                      threads=opts.threads, int8=rt.get("int8", False))
+                                      threads=opts.threads, int8=rt.get("int8", False), solver=opts.solver)
             t0 = time.perf_counter()
             engine = factory(cfg)
             build_s = time.perf_counter() - t0
