@@ -40,19 +40,30 @@ def cam_command(source: Path, extra: list[str], importtime: bool = False) -> lis
             "--source", str(source), "--no-vcam", "--record", os.devnull, "--no-tray", "-v", *extra]
 
 
-def one_run(cmd: list[str], timeout: float) -> tuple[float | None, list[tuple[float, str]]]:
-    """(seconds to the first anonymized frame or None, [(seconds, stderr line)])."""
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds process ``pid`` has used (Linux /proc), None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def one_run(cmd: list[str], timeout: float) -> tuple[float | None, float | None, list[tuple[float, str]]]:
+    """(seconds to the first anonymized frame or None, CPU seconds the process had used by
+    then (all its threads; less sensitive to a loaded machine than the wall time) or None,
+    [(seconds, stderr line)])."""
     lines: list[tuple[float, str]] = []
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    first = None
+    first = cpu = None
     try:
         for line in proc.stderr:
             t = time.perf_counter() - t0
             lines.append((t, line.rstrip("\n")))
             if FIRST in line:
-                first = t
+                first, cpu = t, cpu_seconds(proc.pid)
                 break
             if t > timeout:
                 break
@@ -64,7 +75,7 @@ def one_run(cmd: list[str], timeout: float) -> tuple[float | None, list[tuple[fl
             proc.kill()
             rest, _ = proc.communicate()
         lines += [(time.perf_counter() - t0, x) for x in (rest or "").splitlines()]
-    return first, lines
+    return first, cpu, lines
 
 
 def import_summary(lines: list[str], top: int = 12) -> list[tuple[str, float]]:
@@ -102,23 +113,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; cpus: {os.cpu_count()}")
     cmd = cam_command(args.source, extra)
     print("command:", " ".join(cmd))
-    times = []
+    times, cpus = [], []
     for i in range(args.discard + args.runs):
-        first, lines = one_run(cmd, args.timeout)
+        first, cpu, lines = one_run(cmd, args.timeout)
         counted = i >= args.discard
         print(f"run {i + 1}{'' if counted else ' (not counted)'}: "
-              f"{'no anonymized frame' if first is None else f'{first:.2f} s'}")
+              f"{'no anonymized frame' if first is None else f'{first:.2f} s'}"
+              f"{'' if cpu is None else f' (CPU {cpu:.2f} s)'}")
         for t, line in lines:
             if any(k in line for k in TIMELINE) or line.startswith("error"):
                 print(f"  {t:6.2f} s  {line}")
         if counted and first is not None:
             times.append(first)
+            cpus += [cpu] if cpu is not None else []
     if times:
         print(f"first anonymized frame: median {statistics.median(times):.2f} s over {len(times)} runs "
-              f"({', '.join(f'{t:.2f}' for t in times)}); load average after: "
+              f"({', '.join(f'{t:.2f}' for t in times)})"
+              f"{f'; CPU median {statistics.median(cpus):.2f} s' if cpus else ''}; load average after: "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.imports:
-        _, lines = one_run(cam_command(args.source, extra, importtime=True), args.timeout)
+        _, _, lines = one_run(cam_command(args.source, extra, importtime=True), args.timeout)
         print("imports (cumulative seconds, under -X importtime, which slows them):")
         for name, s in import_summary([x for _, x in lines]):
             print(f"  {s:6.2f}  {name}")

@@ -23,7 +23,7 @@ from ..config import RuntimeConfig
 from ..errors import InputError
 
 N_LANDMARKS = 478
-_MEDIAPIPE_LOCK = threading.Lock()   # two threads must not both set up the deferred packages
+_MEDIAPIPE_LOCK = threading.RLock()   # one thread at a time sets up or runs the deferred package inits
 
 
 class _DeferredPackage(types.ModuleType):
@@ -31,8 +31,10 @@ class _DeferredPackage(types.ModuleType):
     first attribute it lacks runs it (from then on it is an ordinary module)."""
 
     def __getattr__(self, name: str):
-        self.__class__ = types.ModuleType
-        self.__spec__.loader.exec_module(self)
+        with _MEDIAPIPE_LOCK:
+            if type(self) is _DeferredPackage:
+                self.__class__ = types.ModuleType
+                self.__spec__.loader.exec_module(self)
         return getattr(self, name)
 
 
