@@ -17,12 +17,14 @@ when the model has one) are run by one backend, chosen once: :class:`TorchBacken
 onnxruntime sessions). Both have the same small interface (``device``, ``embed``,
 ``velocity``, ``decode``, ``refine``); everything else (identity tokens, guidance, the
 sampler, uint8 conversion) is the Generator's, the same for both. All
-float32. :meth:`Generator.load` on the onnx runtime, when the cache already holds the weights'
-graphs, builds only the identity projector in torch (:class:`ExportedModel`): the UNet,
-ControlNet and autoencoder are never constructed (importing diffusers alone took ~6-10 s of
-``safefm-cam``'s start-up). Nothing process-wide is changed: ``threads`` sizes the onnxruntime sessions' own
+float32. Nothing process-wide is changed: ``threads`` sizes the onnxruntime sessions' own
 pools; torch has only a process-wide count, which is its caller's to set
 (``torch.set_num_threads``).
+
+:meth:`Generator.load` on the onnx runtime, when the cache already holds the weights' graphs,
+builds only the identity projector in torch (:class:`ExportedModel`): the UNet, ControlNet and
+autoencoder are never constructed (importing diffusers alone took 6-10 s of ``safefm-cam``'s
+start-up on a loaded 2-core CPU).
 """
 
 from __future__ import annotations
@@ -392,7 +394,7 @@ class Generator:
                                 has_cn, bool(mc.detail_width))
             if all(p.exists() for p in paths.values() if p is not None):
                 identity = load_part(path, "identity", IdentityProjector(mc))
-                return cls(ExportedModel(mc, identity.requires_grad_(False), paths), cfg, digest)
+                return cls(ExportedModel(mc, identity.requires_grad_(False), paths), cfg)
         model, meta = load_model(path)
         return cls(model, cfg, digest=meta.get("sha256") or None)
 
