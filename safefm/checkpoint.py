@@ -93,6 +93,23 @@ def verify_checksum(path: str | Path) -> str | None:
     return actual
 
 
+def read_model_header(path: str | Path) -> tuple[ModelConfig, dict, list[str]]:
+    """(model config, metadata, tensor names) of ``path`` without reading its tensors; the
+    metadata's ``sha256`` is the checksum the sidecar confirmed ("" without a sidecar).
+    WeightsError with one line on a missing, corrupt or foreign file or a checksum mismatch."""
+    from safetensors import safe_open
+
+    meta = read_metadata(path)
+    digest = verify_checksum(path)
+    try:
+        cfg: ModelConfig = stored_model_config(json.loads(meta["config"]))
+    except (KeyError, ValueError, ConfigError) as exc:
+        raise WeightsError(f"{path} has no usable model config ({exc})") from None
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    return cfg, dict(meta, sha256=digest or ""), keys
+
+
 def load_model(path: str | Path, device: str = "cpu"):
     """Build the SafeFMModel described by ``path``'s metadata and load its weights (float32).
 
@@ -103,19 +120,28 @@ def load_model(path: str | Path, device: str = "cpu"):
 
     from .models import SafeFMModel
 
-    meta = read_metadata(path)
-    digest = verify_checksum(path)
-    try:
-        cfg: ModelConfig = stored_model_config(json.loads(meta["config"]))
-    except (KeyError, ValueError, ConfigError) as exc:
-        raise WeightsError(f"{path} has no usable model config ({exc})") from None
+    cfg, meta, _ = read_model_header(path)
     state = load_file(str(path), device="cpu")
     model = SafeFMModel(cfg, with_controlnet=any(k.startswith("controlnet.") for k in state),
                         with_lora=any("lora_" in k for k in state))
+    _load_state(model, state, path)
+    return model.to(device).eval(), meta
+
+
+def load_part(path: str | Path, prefix: str, module: torch.nn.Module) -> torch.nn.Module:
+    """Load the ``prefix.*`` tensors of ``path`` into ``module`` (float32, eval mode): one part
+    of the model (e.g. the identity projector) without building the others."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        state = {k[len(prefix) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
+    _load_state(module, state, path)
+    return module.eval()
+
+
+def _load_state(module: torch.nn.Module, state: dict, path) -> None:
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise WeightsError(f"{path} does not match its config: {len(missing)} missing "
                            f"(e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})")
-    meta = dict(meta, sha256=digest or "")
-    return model.to(device).eval(), meta

@@ -591,9 +591,13 @@ def build_engine(cfg: RuntimeConfig, model_path=None, identity_path=None, video:
 
     if cfg.threads > 0:   # torch's count is process-wide (its own per-frame work, and the torch runtime)
         torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
     gen = Generator.load(resolve_model_path(model_path), cfg)
+    log.info("generator loaded in %.2f s (%s)", time.perf_counter() - t0, gen.runtime)
     identity = load_identity(identity_path or default_identity_path(), gen.model_cfg.identity_dim)
     if cfg.identity_per_track and cfg.identity_guard > 0:
         log.info("identity guard off: it chooses among the shipped identities, and each face draws its own")
     guard = None if cfg.identity_per_track else default_guard(cfg, identity, gen.model_cfg.identity_dim)
-    return Engine(gen, identity, cfg, video=video, guard=guard)
+    engine = Engine(gen, identity, cfg, video=video, guard=guard)
+    log.info("engine built in %.2f s", time.perf_counter() - t0)
+    return engine

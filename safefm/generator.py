@@ -20,12 +20,18 @@ sampler, uint8 conversion) is the Generator's, the same for both. All
 float32. Nothing process-wide is changed: ``threads`` sizes the onnxruntime sessions' own
 pools; torch has only a process-wide count, which is its caller's to set
 (``torch.set_num_threads``).
+
+:meth:`Generator.load` on the onnx runtime, when the cache already holds the weights' graphs,
+builds only the identity projector in torch (:class:`ExportedModel`): the UNet, ControlNet and
+autoencoder are never constructed (importing diffusers alone took 6-10 s of ``safefm-cam``'s
+start-up on a loaded 2-core CPU).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +40,7 @@ import torch
 
 from .config import ModelConfig, RuntimeConfig, resolve_solver
 from .errors import DeviceError, WeightsError, first_line
-from .models import SafeFMModel, Velocity, scale_controlnet
+from .models import IdentityProjector, SafeFMModel, Velocity, scale_controlnet
 from .paths import cache_dir
 from .sampler import sample
 
@@ -115,36 +121,16 @@ def _run1(sess, feeds: dict) -> np.ndarray:
 
 class OnnxBackend:
     """The three graphs exported to ONNX (batch 1, static shapes) and run by onnxruntime
-    sessions; inputs and outputs are host (CPU) tensors, batches run item by item."""
+    sessions; inputs and outputs are host (CPU) tensors, batches run item by item.
+    ``paths``: {graph name: exported file or None} (:func:`graph_paths`, :func:`export_graphs`)."""
 
     name = "onnx"
     device = torch.device("cpu")
 
-    def __init__(self, model: SafeFMModel, velocity_net: Velocity, cond_embed: torch.nn.Module | None,
-                 digest: str, cfg: RuntimeConfig):
+    def __init__(self, paths: dict[str, Path | None], cfg: RuntimeConfig):
         import onnxruntime as ort
 
-        mc = model.cfg
-        folder = cache_dir() / "onnx" / f"{digest[:16]}-{ONNX_GRAPHS}-{torch.__version__.split('+')[0]}"
-        folder.mkdir(parents=True, exist_ok=True)
-        v_path, d_path, c_path = folder / "velocity.onnx", folder / "decoder.onnx", folder / "cond.onnx"
-        r_path = folder / "detail.onnx"
-        z = torch.zeros(1, *mc.latent_shape)
-        heat = torch.zeros(1, mc.heatmap_channels, mc.heatmap_size, mc.heatmap_size)
-        if cond_embed is not None and not c_path.exists():
-            _export(cond_embed.cpu(), (heat,), c_path, ["heat"], ["cond"])
-        if not v_path.exists():
-            cond = cond_embed.cpu()(heat) if cond_embed is not None else heat
-            args = (z, torch.full((1,), 0.5), cond, torch.zeros(1, mc.identity_tokens, mc.cross_attention_dim))
-            _export(velocity_net.cpu(), args, v_path, ["z", "t", "cond", "tokens"], ["v"])
-        if not d_path.exists():
-            if mc.decoder_heat:
-                _export(_Decoder(model).cpu(), (z, heat), d_path, ["z", "heat"], ["image"])
-            else:
-                _export(_Decoder(model).cpu(), (z,), d_path, ["z"], ["image"])
-        if model.detail is not None and not r_path.exists():
-            _export(model.detail.cpu(), (torch.zeros(1, 3, mc.image_size, mc.image_size),), r_path,
-                    ["image"], ["detail"])
+        folder = paths["velocity"].parent
         opts = ort.SessionOptions()
         if cfg.threads > 0:
             opts.intra_op_num_threads = cfg.threads
@@ -154,8 +140,6 @@ class OnnxBackend:
         # cores from the per-frame torch / MediaPipe / OpenCV work right after every call
         # (measured: decode 20 ms through Generator.decode vs 9 ms inside the session).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        paths = {"velocity": v_path, "decoder": d_path, "cond": c_path if cond_embed is not None else None,
-                 "detail": r_path if model.detail is not None else None}
         wanted = onnx_providers(cfg.device, ort.get_available_providers())
         fell_back = False
         try:
@@ -257,14 +241,78 @@ def _export(module, args, path: Path, inputs, outputs) -> None:
     tmp.replace(path)
 
 
-class Generator:
-    """Inference wrapper. ``model`` is a SafeFMModel (LoRA is fused in place)."""
+def onnx_folder(digest: str) -> Path:
+    """The cache folder of the graphs exported from the weights with checksum ``digest``."""
+    return cache_dir() / "onnx" / f"{digest[:16]}-{ONNX_GRAPHS}-{torch.__version__.split('+')[0]}"
 
-    def __init__(self, model: SafeFMModel, cfg: RuntimeConfig, digest: str | None = None):
+
+def graph_paths(folder: Path, has_cond: bool, has_detail: bool) -> dict[str, Path | None]:
+    """{graph name: its file in ``folder``, None for a graph the model does not have}."""
+    return {"velocity": folder / "velocity.onnx", "decoder": folder / "decoder.onnx",
+            "cond": folder / "cond.onnx" if has_cond else None,
+            "detail": folder / "detail.onnx" if has_detail else None}
+
+
+def variant_digest(digest: str, cfg: RuntimeConfig, has_controlnet: bool, has_detail: bool) -> str:
+    """The checksum of the weights as the Generator runs them: the file's ``digest``, changed
+    by the runtime settings that rescale weights (so they get their own ONNX export)."""
+    if cfg.controlnet_scale != 1.0 and has_controlnet:
+        digest = hashlib.sha256(f"{digest}:cn{cfg.controlnet_scale!r}".encode()).hexdigest()
+    if cfg.detail_strength != 1.0 and has_detail:
+        digest = hashlib.sha256(f"{digest}:detail{cfg.detail_strength!r}".encode()).hexdigest()
+    return digest
+
+
+def export_graphs(model: SafeFMModel, velocity_net: Velocity, cond_embed: torch.nn.Module | None,
+                  folder: Path) -> dict[str, Path | None]:
+    """Export the graphs missing from ``folder`` (from the CPU); returns :func:`graph_paths`."""
+    mc = model.cfg
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = graph_paths(folder, cond_embed is not None, model.detail is not None)
+    z = torch.zeros(1, *mc.latent_shape)
+    heat = torch.zeros(1, mc.heatmap_channels, mc.heatmap_size, mc.heatmap_size)
+    if cond_embed is not None and not paths["cond"].exists():
+        _export(cond_embed.cpu(), (heat,), paths["cond"], ["heat"], ["cond"])
+    if not paths["velocity"].exists():
+        cond = cond_embed.cpu()(heat) if cond_embed is not None else heat
+        args = (z, torch.full((1,), 0.5), cond, torch.zeros(1, mc.identity_tokens, mc.cross_attention_dim))
+        _export(velocity_net.cpu(), args, paths["velocity"], ["z", "t", "cond", "tokens"], ["v"])
+    if not paths["decoder"].exists():
+        if mc.decoder_heat:
+            _export(_Decoder(model).cpu(), (z, heat), paths["decoder"], ["z", "heat"], ["image"])
+        else:
+            _export(_Decoder(model).cpu(), (z,), paths["decoder"], ["z"], ["image"])
+    if model.detail is not None and not paths["detail"].exists():
+        _export(model.detail.cpu(), (torch.zeros(1, 3, mc.image_size, mc.image_size),), paths["detail"],
+                ["image"], ["detail"])
+    return paths
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """A model whose graphs are already exported to ONNX (found by :meth:`Generator.load` in the
+    cache): its config, its identity projector (the only part run in torch) and the graph files.
+    Nothing else of the model is built (no diffusers modules: seconds at start-up)."""
+    cfg: ModelConfig
+    identity: IdentityProjector
+    paths: dict[str, Path | None]     # graph_paths()
+
+
+def _resolve_runtime(cfg: RuntimeConfig) -> str:
+    return cfg.runtime if cfg.runtime != "auto" else ("onnx" if _onnx_available() else "torch")
+
+
+class Generator:
+    """Inference wrapper. ``model`` is a SafeFMModel (LoRA is fused in place), or an
+    :class:`ExportedModel` (the onnx runtime on graphs already exported; :meth:`load` makes it)."""
+
+    def __init__(self, model: SafeFMModel | ExportedModel, cfg: RuntimeConfig, digest: str | None = None):
         self.cfg = cfg
         self.model_cfg: ModelConfig = model.cfg
         self.solver = resolve_solver(model.cfg.objective, cfg.solver)   # before any work: a loud one-line error
-        self.runtime = cfg.runtime if cfg.runtime != "auto" else ("onnx" if _onnx_available() else "torch")
+        self.runtime = _resolve_runtime(cfg)
+        if isinstance(model, ExportedModel) and self.runtime != "onnx":
+            raise ValueError(f"an ExportedModel runs on onnxruntime only, not the {self.runtime} runtime")
         if cfg.device == "cuda":
             if self.runtime == "torch" and not torch.cuda.is_available():
                 raise DeviceError("--device cuda was asked for, but torch sees no CUDA GPU (use --device cpu)")
@@ -273,34 +321,15 @@ class Generator:
                                   "provider (install onnxruntime-gpu, or use --device cpu)")
         # torch's device (the torch runtime, and the identity tokens with either runtime)
         self.device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-        if cfg.controlnet_scale != 1.0 and model.controlnet is not None:
-            scale_controlnet(model.controlnet, cfg.controlnet_scale)
-            if digest:   # other weights than the file's: their own ONNX export
-                digest = hashlib.sha256(f"{digest}:cn{cfg.controlnet_scale!r}".encode()).hexdigest()
-        if cfg.detail_strength != 1.0 and model.detail is not None:
-            with torch.no_grad():   # the residual's last convolution carries the whole residual
-                model.detail.tail.weight.mul_(cfg.detail_strength)
-                model.detail.tail.bias.mul_(cfg.detail_strength)
-            if digest:
-                digest = hashlib.sha256(f"{digest}:detail{cfg.detail_strength!r}".encode()).hexdigest()
-        if any("lora_" in k for k in model.unet.state_dict()):
-            model.unet.fuse_lora()
-            model.unet.unload_lora()
-        self.model = model.eval().requires_grad_(False)
-        if self.runtime == "onnx" and not digest:
-            digest = _state_digest(self.model)   # before the split: the heatmap encoder counts too
-        self.cond_embed = None
-        if model.controlnet is not None:  # heatmaps (B, Ch, H, H) -> (B, C0, h, w), once per frame
-            self.cond_embed = model.controlnet.controlnet_cond_embedding
-            model.controlnet.controlnet_cond_embedding = torch.nn.Identity()
-        self.velocity_net = Velocity(self.model.unet, self.model.controlnet)
-        if self.runtime == "onnx":   # exported from the CPU
-            self.backend = OnnxBackend(self.model, self.velocity_net, self.cond_embed, digest, cfg)
+        if isinstance(model, ExportedModel):
+            self.model = None                 # no torch graphs: the sessions run the exported ones
+            self.cond_embed = self.velocity_net = None
+            self._has_cond, self._has_detail = model.paths["cond"] is not None, model.paths["detail"] is not None
+            self.identity_net = model.identity
+            self.backend = OnnxBackend(model.paths, cfg)
         else:
-            if self.cond_embed is not None:
-                self.cond_embed.to(self.device)
-            self.backend = TorchBackend(self.model, self.velocity_net, self.cond_embed, self.device)
-        self.model.to(self.device)   # identity tokens run in torch with either backend
+            self._build(model, digest)
+        self.identity_net.to(self.device)   # identity tokens run in torch with either backend
         self.providers = self.backend.providers
         self._null_tokens: torch.Tensor | None = None
         self.int8 = cfg.int8 and self.runtime == "onnx"
@@ -317,10 +346,55 @@ class Generator:
                 return calibration_feeds(self, shipped or [_random_identity(self.model_cfg.identity_dim)])
             self.backend.use_int8(feeds)
 
+    def _build(self, model: SafeFMModel, digest: str | None) -> None:
+        """Prepare the torch model for inference and open its backend (exporting for onnx)."""
+        cfg = self.cfg
+        if cfg.controlnet_scale != 1.0 and model.controlnet is not None:
+            scale_controlnet(model.controlnet, cfg.controlnet_scale)
+        if cfg.detail_strength != 1.0 and model.detail is not None:
+            with torch.no_grad():   # the residual's last convolution carries the whole residual
+                model.detail.tail.weight.mul_(cfg.detail_strength)
+                model.detail.tail.bias.mul_(cfg.detail_strength)
+        if digest:   # other weights than the file's: their own ONNX export
+            digest = variant_digest(digest, cfg, model.controlnet is not None, model.detail is not None)
+        if any("lora_" in k for k in model.unet.state_dict()):
+            model.unet.fuse_lora()
+            model.unet.unload_lora()
+        self.model = model.eval().requires_grad_(False)
+        if self.runtime == "onnx" and not digest:
+            digest = _state_digest(self.model)   # before the split: the heatmap encoder counts too
+        self.cond_embed = None
+        if model.controlnet is not None:  # heatmaps (B, Ch, H, H) -> (B, C0, h, w), once per frame
+            self.cond_embed = model.controlnet.controlnet_cond_embedding
+            model.controlnet.controlnet_cond_embedding = torch.nn.Identity()
+        self._has_cond, self._has_detail = self.cond_embed is not None, model.detail is not None
+        self.identity_net = self.model.identity
+        self.velocity_net = Velocity(self.model.unet, self.model.controlnet)
+        if self.runtime == "onnx":   # exported from the CPU
+            paths = export_graphs(self.model, self.velocity_net, self.cond_embed, onnx_folder(digest))
+            self.backend = OnnxBackend(paths, cfg)
+        else:
+            if self.cond_embed is not None:
+                self.cond_embed.to(self.device)
+            self.backend = TorchBackend(self.model, self.velocity_net, self.cond_embed, self.device)
+        self.model.to(self.device)
+
     @classmethod
     def load(cls, path: str | Path, cfg: RuntimeConfig) -> "Generator":
-        from .checkpoint import load_model
+        """The generator of the weights file ``path``. On the onnx runtime, when the graphs of
+        these weights (checksum from the sidecar) are already in the cache, only the identity
+        projector is built in torch (:class:`ExportedModel`): seconds faster to start."""
+        from .checkpoint import load_model, load_part, read_model_header
 
+        mc, meta, keys = read_model_header(path)
+        digest = meta["sha256"]
+        if digest and _resolve_runtime(cfg) == "onnx":
+            has_cn = any(k.startswith("controlnet.") for k in keys)
+            paths = graph_paths(onnx_folder(variant_digest(digest, cfg, has_cn, bool(mc.detail_width))),
+                                has_cn, bool(mc.detail_width))
+            if all(p.exists() for p in paths.values() if p is not None):
+                identity = load_part(path, "identity", IdentityProjector(mc))
+                return cls(ExportedModel(mc, identity.requires_grad_(False), paths), cfg)
         model, meta = load_model(path)
         return cls(model, cfg, digest=meta.get("sha256") or None)
 
@@ -329,12 +403,12 @@ class Generator:
     def identity_tokens(self, embedding: np.ndarray) -> torch.Tensor:
         """(D,) identity embedding -> (1, K, W) float32 tokens on the runtime's device."""
         e = torch.as_tensor(np.asarray(embedding, np.float32)).reshape(1, -1).to(self.device)
-        return self.model.identity(e)
+        return self.identity_net(e)
 
     @torch.no_grad()
     def embed_heatmaps(self, heat: torch.Tensor) -> torch.Tensor:
         """The ControlNet's heatmap encoder, once per frame: (B, Ch, H, H) -> (B, C0, h, w)."""
-        if self.cond_embed is None:
+        if not self._has_cond:
             return heat
         return self.backend.embed(heat)
 
@@ -416,7 +490,7 @@ class Generator:
     @property
     def has_detail(self) -> bool:
         """Whether the model has a 2x detail stage (:meth:`refine`)."""
-        return self.model.detail is not None
+        return self._has_detail
 
     @torch.no_grad()
     def refine(self, crops: np.ndarray) -> np.ndarray:

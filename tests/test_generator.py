@@ -185,3 +185,55 @@ def test_identity_guidance_extrapolates_from_the_null_identity_on_early_steps(tm
     plain = gen.generate(heat, tokens, noise)
     assert torch.equal(gen.generate(heat, tokens, noise, guidance=1.0), plain)
     assert (gen.generate(heat, tokens, noise, guidance=3.0) - plain).abs().max() > 1e-4
+
+
+def _saved_detail_model(path):
+    """A tiny model with ControlNet, LoRA and a detail stage, saved as a weights file (+ sidecar)."""
+    import dataclasses
+
+    from safefm.checkpoint import save_model
+    from safefm.tiny import tiny_model_config
+    model = tiny_model(3, dataclasses.replace(tiny_model_config(), detail_width=8, detail_blocks=1))
+    with torch.no_grad():
+        model.detail.tail.weight.normal_(0, 0.05)
+    return save_model(model, path, dtype=torch.float32)
+
+
+def _outputs(gen, heat):
+    tokens = gen.identity_tokens(np.linspace(-1, 1, 128, dtype=np.float32))
+    z = gen.generate(heat, tokens, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)))
+    crop = gen.decode(z, heat)
+    return tokens, z, crop, gen.refine(crop)
+
+
+def test_load_runs_cached_graphs_without_building_the_model(tmp_path, monkeypatch, heat):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("SAFEFM_CACHE", str(tmp_path / "cache"))
+    path = _saved_detail_model(tmp_path / "m.safetensors")
+    cfg = load_runtime_config(runtime="onnx", steps=3)
+    first = Generator.load(path, cfg)                  # exports the graphs
+    again = Generator.load(path, cfg)                  # finds them: only the identity projector is built
+    assert first.model is not None and again.model is None and again.has_detail
+    for a, b in zip(_outputs(first, heat), _outputs(again, heat)):
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else np.array_equal(a, b))
+    rescaled = Generator.load(path, load_runtime_config(runtime="onnx", steps=3, controlnet_scale=0.5))
+    assert rescaled.model is not None                  # other weights: their own export
+    assert Generator.load(path, load_runtime_config(runtime="torch")).model is not None
+
+
+def test_cached_load_does_not_import_diffusers(tmp_path, monkeypatch):
+    """What safefm-cam pays at start-up: importing diffusers alone took 6-10 s."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("SAFEFM_CACHE", str(tmp_path / "cache"))
+    path = _saved_detail_model(tmp_path / "m.safetensors")
+    Generator.load(path, load_runtime_config(runtime="onnx"))     # exports the graphs
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    code = ("import sys; from safefm.config import load_runtime_config; from safefm.generator import Generator; "
+            f"g = Generator.load({str(path)!r}, load_runtime_config(runtime='onnx')); "
+            "print(g.model is None, 'diffusers' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["True", "False"], run.stderr[-2000:]

@@ -581,6 +581,36 @@ def test_cli_sends_to_vcam_and_records(clip, tmp_path, monkeypatch, capsys):
     assert "fps" in capsys.readouterr().out                 # --stats lines
 
 
+@needs_video
+def test_cli_camera_runs_behind_the_card_while_the_engine_loads_in_the_background(clip, monkeypatch):
+    """safefm-cam starts the camera and the virtual camera at once and loads the model in the
+    background: until it is ready only the starting card goes out, never the raw camera."""
+    from safefm.cli import cam
+    _, _, frames, box = clip
+    camera = FakeCamera(frames, box, fps=50.0)
+    monkeypatch.setattr(cam, "open_source", lambda *a, **k: camera.open())
+    monkeypatch.setattr(cam, "vcam_candidates", lambda device=None: [("safefm-test", "SAFE-FM Camera")])
+    monkeypatch.setattr(cam, "display_available", lambda: False)
+    n0 = len(RecordingBackend.instances)
+    loading = {}
+
+    def load_engine(*a, **k):          # "loading the model": done once the card has been on air a while
+        backend = RecordingBackend.instances[n0]
+        loading["thread"] = threading.current_thread()
+        loading["waited"] = wait_until(lambda: len(backend.frames) >= 10 and camera.reads >= 10)
+        loading["sent"] = len(backend.frames)
+        return FakeEngine(box)
+
+    assert cam.main(["--fps", "50", "--no-tray", "--seconds", "2.5"], engine_factory=load_engine) == 0
+    backend = RecordingBackend.instances[n0]
+    assert loading["waited"] and loading["thread"] is not threading.main_thread()
+    card = status_frame(256, 256, CARD_TEXT[OUT_STARTING])
+    assert all(np.array_equal(f, card) for f in backend.frames[:loading["sent"]])
+    x0, y0, x1, y1 = box
+    assert sum((f[y0:y1, x0:x1] == GREEN).all() for f in backend.frames[loading["sent"]:]) >= 5
+    assert assert_no_raw_face(backend.frames, ["sent"] * len(backend.frames), camera.delivered, box) > 0
+
+
 def test_cli_preview_without_display_is_one_clear_error(monkeypatch, capsys):
     from safefm.cli import cam
     monkeypatch.delenv("DISPLAY", raising=False)

@@ -182,9 +182,11 @@ class Pipeline:
         self._fault_msg, self._fault_logged_t = "", -1e9
         self._cards: dict[str, np.ndarray] = {}
         self._threads: list[threading.Thread] = []
+        self._t_start = 0.0               # time.monotonic() of start() (the start-up log lines)
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> "Pipeline":
+        self._t_start = time.monotonic()
         loops = [("capture", lambda: self.capture.run(self._stop)), ("process", self._process_loop)]
         if self.cfg.pipelined:
             loops += [("generate", self._generate_loop), ("composite", self._composite_loop)]
@@ -313,6 +315,7 @@ class Pipeline:
             if self.cfg.pipelined and not staged:
                 log.info("the engine has no stages to overlap: frames run one after another")
             self.engine_ready.set()
+            log.info("engine ready %.2f s after the pipeline started", time.monotonic() - self._t_start)
             session, was_paused = None, False
             while not self._stop.is_set():
                 if staged:
@@ -498,6 +501,7 @@ class Pipeline:
 
     def _output_loop(self) -> None:
         pacer, cur, last_stats = Pacer(self.cfg.fps), None, time.monotonic()
+        first_sent = False
         try:
             while not self._stop.is_set():
                 r = self._results.take_nowait()
@@ -510,6 +514,9 @@ class Pipeline:
                 for sink in self._sinks:
                     sink.send(out)
                 now = time.monotonic()
+                if not first_sent and out.kind == OUT_ANONYMIZED:
+                    first_sent = True
+                    log.info("first anonymized frame sent %.2f s after the pipeline started", now - self._t_start)
                 self.stats.sent(fresh=out.fresh, placeholder=out.kind not in
                                 (OUT_ANONYMIZED, OUT_PAUSED),
                                 latency=now - out.t_capture if out.t_capture else None)
