@@ -139,25 +139,6 @@ def test_detector_rejects_bad_input_and_finds_nothing_in_a_blank_image():
         det.detect(np.zeros((240, 320, 3), np.uint8))
 
 
-def test_detector_loads_without_the_rest_of_mediapipe_which_still_imports_whole():
-    """A fresh process (as safefm-cam starts): FaceMesh without mediapipe's other solutions,
-    tasks API and matplotlib (0.6 s of start-up); ``import mediapipe`` afterwards is complete."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    code = ("import sys, numpy as np; from safefm.face.landmarks import FaceMeshDetector; "
-            "from safefm.face.composite import face_oval_indices; "
-            "det = FaceMeshDetector(max_faces=1); found = det.detect(np.full((64, 64, 3), 127, np.uint8)); "
-            "face_oval_indices(); print(found, 'matplotlib' in sys.modules); "
-            "import mediapipe as mp; from mediapipe.tasks.python import vision; "
-            "print(mp.__version__ > '0', callable(mp.solutions.face_mesh.FaceMesh), "
-            "callable(mp.solutions.drawing_utils.draw_landmarks), 'matplotlib' in sys.modules)")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert run.stdout.split() == ["[]", "False", "True", "True", "True", "True"], run.stderr[-2000:]
-
-
 @needs_data
 @pytest.mark.shared
 def test_detector_returns_pixel_landmarks_of_a_real_face(clip_frames):

@@ -44,10 +44,9 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 @functools.lru_cache(maxsize=1)
 def face_oval_indices() -> np.ndarray:
     """``(36,) int64`` sorted FaceMesh indices of the face oval (``FACEMESH_FACE_OVAL``)."""
-    from .landmarks import mediapipe_solution
+    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_FACE_OVAL
 
-    oval = mediapipe_solution("face_mesh_connections").FACEMESH_FACE_OVAL
-    return np.array(sorted({i for edge in oval for i in edge}), np.int64)
+    return np.array(sorted({i for edge in FACEMESH_FACE_OVAL for i in edge}), np.int64)
 
 
 def face_width(landmarks: np.ndarray) -> float:

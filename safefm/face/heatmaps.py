@@ -99,10 +99,11 @@ def _depth_triangles(template: np.ndarray, required: set, n_vertices: int = _DEP
 @lru_cache(maxsize=1)
 def _topology() -> dict:
     """Index arrays from MediaPipe's FACEMESH_* connection sets (computed once)."""
+    try:
+        from mediapipe.python.solutions import face_mesh_connections as fm
+    except ImportError:
+        raise ImportError("mediapipe is not installed: pip install mediapipe==0.10.21") from None
     from .alignment import load_template
-    from .landmarks import mediapipe_solution
-
-    fm = mediapipe_solution("face_mesh_connections")
 
     lips = _ordered_loops(fm.FACEMESH_LIPS)
     outer = next(loop for loop in lips if 61 in loop)

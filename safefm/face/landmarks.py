@@ -8,12 +8,7 @@ points + 10 iris points).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import sys
-import threading
-import types
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,48 +18,6 @@ from ..config import RuntimeConfig
 from ..errors import InputError
 
 N_LANDMARKS = 478
-_MEDIAPIPE_LOCK = threading.RLock()   # one thread at a time sets up or runs the deferred package inits
-
-
-class _DeferredPackage(types.ModuleType):
-    """A package whose ``__init__`` has not run yet: its submodules import without it, and the
-    first attribute it lacks runs it (from then on it is an ordinary module)."""
-
-    def __getattr__(self, name: str):
-        with _MEDIAPIPE_LOCK:
-            if type(self) is _DeferredPackage:
-                self.__class__ = types.ModuleType
-                self.__spec__.loader.exec_module(self)
-        return getattr(self, name)
-
-
-def _defer_package(name: str) -> None:
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        raise ImportError(f"no module named {name!r}")
-    module = importlib.util.module_from_spec(spec)
-    module.__class__ = _DeferredPackage
-    sys.modules[name] = module
-    parent, _, child = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], child, module)
-
-
-def mediapipe_solution(name: str) -> types.ModuleType:
-    """``mediapipe.python.solutions.NAME`` (``face_mesh``, ``face_mesh_connections``), imported
-    without first running the ``mediapipe`` and ``mediapipe.python.solutions`` package inits:
-    those import every other solution, the tasks API and matplotlib (0.6 s of safefm-cam's
-    start-up, measured; FaceMesh needs none of it). They run at the first use of anything else
-    of mediapipe, so ``import mediapipe`` elsewhere still gets the whole package."""
-    try:
-        with _MEDIAPIPE_LOCK:
-            if "mediapipe" not in sys.modules:
-                _defer_package("mediapipe")
-                importlib.import_module("mediapipe.python")
-                _defer_package("mediapipe.python.solutions")
-            return importlib.import_module(f"mediapipe.python.solutions.{name}")
-    except ImportError:
-        raise ImportError("mediapipe is not installed: pip install mediapipe==0.10.21") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,9 +34,12 @@ class FaceMeshDetector:
 
     def __init__(self, max_faces: int = 4, static_image: bool = False,
                  min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5):
-        face_mesh = mediapipe_solution("face_mesh")
+        try:
+            import mediapipe as mp
+        except ImportError:
+            raise ImportError("mediapipe is not installed: pip install mediapipe==0.10.21") from None
         self._static = static_image
-        self._make = lambda: face_mesh.FaceMesh(
+        self._make = lambda: mp.solutions.face_mesh.FaceMesh(
             static_image_mode=static_image, max_num_faces=max_faces, refine_landmarks=True,
             min_detection_confidence=min_detection_confidence,
             min_tracking_confidence=min_tracking_confidence)
