@@ -116,6 +116,23 @@ def figures(rep: dict, label: str) -> dict:
     return out
 
 
+def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """``rows`` merged into the rows already in ``path`` (one row per model, solver, NFE, warm,
+    seed; the new one wins), written back; returns the merged list. Runs with other models or
+    solvers in the same --out add to one comparison."""
+    key = lambda r: (r["model"], r["solver"], r["nfe"], r["warm"], r["seed"])   # noqa: E731
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    merged = {key(r): r for r in old}
+    merged.update({key(r): r for r in rows})
+    order = {"input": 0, "blur": 1, "pixelate": 2}
+    out = sorted(merged.values(), key=lambda r: (order.get(r["model"], 3), r["model"], r["solver"], r["warm"],
+                                                  r["seed"] is not None, r["seed"] or 0, r["nfe"]))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"rows": out}, indent=1))
+    tmp.replace(path)
+    return out
+
+
 def _label(steps: tuple[int, ...], s: int) -> str:
     return "safefm" if len(steps) == 1 else f"safefm@{s}"
 
@@ -158,11 +175,14 @@ def write_report(out: Path, rows: list[dict]) -> None:
                                     + [_cell(r.get(k), d) for k, _, d in COLUMNS]) + " |" for r in seeded]
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     refs = {r["model"]: r for r in rows if r["nfe"] == 0}
-    for fname, keys in (("quality_vs_nfe.png", ("clip_sharpness", "dlib_mouth", "dlib_eyes", "mp_mean_r",
-                                                 "leak", "consistency")),
+    for fname, keys in (("quality_vs_nfe.png", ("photo_sharpness", "clip_sharpness", "clip_tone_gap", "dlib_mouth",
+                                                 "dlib_eyes", "mp_mean_r", "leak", "consistency")),
                         ("flicker_vs_nfe.png", ("flicker",)), ("time_vs_nfe.png", ("generator_ms",))):
-        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
-        for ax, key in zip(axes[0], keys):
+        ncol = min(4, len(keys))
+        nrow = (len(keys) + ncol - 1) // ncol
+        fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol + (2.5 if ncol == 1 else 0), 3.4 * nrow),
+                                 squeeze=False)
+        for ax, key in zip(axes.ravel(), keys):
             for warm in (False, True):
                 for (model, solver) in sorted({(r["model"], r["solver"]) for r in rows if r["nfe"] > 0}):
                     pts = sorted((r["nfe"], r.get(key)) for r in rows if r["model"] == model and r["solver"] == solver
@@ -177,15 +197,51 @@ def write_report(out: Path, rows: list[dict]) -> None:
             ax.set_xlabel("network evaluations (NFE)")
             ax.set_title(key)
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=6)
+        axes[0][0].legend(fontsize=6, ncol=2)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=90)
         plt.close(fig)
 
 
+def strip(path: Path, models: dict, points: list[str], clip: Path, frame_index: int) -> Path:
+    """One whole frame of ``clip``: the input, then each ``model:solver:NFE`` point, side by side
+    at full size with a label (cold start, the comparison's settings)."""
+    import cv2
+    import numpy as np
+
+    from safefm.config import load_runtime_config
+    from safefm.engine import build_engine
+    from safefm.eval.benchmark import load_frames
+
+    frames, _ = load_frames(clip, frame_index + 1)
+    frame = frames[frame_index]
+    tiles = [("input", frame)]
+    for point in points:
+        model, solver, nfe = point.split(":")
+        cfg = load_runtime_config(steps=int(nfe) // calls_per_step(solver), solver=solver, identity_repel=0.0)
+        engine = build_engine(cfg, model_path=models[model], video=False)
+        try:
+            tiles.append((f"{model} {solver} NFE {nfe}", engine.process(frame, 0.0).image))
+        finally:
+            engine.close()
+    out = []
+    for label, img in tiles:
+        img = np.ascontiguousarray(img[:, :, ::-1])   # BGR for OpenCV
+        cv2.putText(img, label, (8, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 0), 4, cv2.LINE_AA)
+        cv2.putText(img, label, (8, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2, cv2.LINE_AA)
+        out.append(img)
+    cols = 4
+    rows = [np.hstack(out[i:i + cols] + [np.zeros_like(out[0])] * (cols - len(out[i:i + cols])))
+            for i in range(0, len(out), cols)]
+    cv2.imwrite(str(path), np.vstack(rows), [cv2.IMWRITE_JPEG_QUALITY, 88])
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--flow", default="default", help="flow-matching model (name or .safetensors)")
+    ap.add_argument("--flow-label", default="flow", help="how rows and run folders name the flow model "
+                    "(e.g. reflow, for a reflowed model compared in the same --out)")
     ap.add_argument("--diffusion", default="weights/safefm_twin.safetensors", help="diffusion twin")
     ap.add_argument("--nfe", type=int_list, default=(1, 2, 3, 4, 5, 8, 10, 20, 50))
     ap.add_argument("--warm-nfe", type=int_list, default=(2, 4, 8))
@@ -197,12 +253,25 @@ def main(argv=None) -> int:
                     help="solver:NFE points repeated with each --seeds value")
     ap.add_argument("--solvers", default=",".join(FLOW_SOLVERS + DIFFUSION_SOLVERS))
     ap.add_argument("--out", type=Path, default=Path("runs/compare"))
+    ap.add_argument("--strip", default="", help="only render whole frames of --strip-clip for these "
+                    "model:solver:NFE points (e.g. flow:euler:4,diffusion:ddim:4) to <out>/strip.jpg")
+    ap.add_argument("--strip-clip", type=Path, default=None, help="default: the shared liveportrait_d3.mp4")
+    ap.add_argument("--strip-frame", type=int, default=40)
+    ap.add_argument("--reflow", default=None, help="--strip: the model a 'reflow:...' point uses")
     a = ap.parse_args(argv)
 
     from safefm.paths import resolve_model_path
 
     a.out.mkdir(parents=True, exist_ok=True)
     models = {"flow": resolve_model_path(a.flow), "diffusion": resolve_model_path(a.diffusion)}
+    if a.strip:
+        from safefm.paths import shared_data_dir
+
+        clip = a.strip_clip or shared_data_dir() / "videos" / "liveportrait_d3.mp4"
+        if a.reflow:
+            models["reflow"] = resolve_model_path(a.reflow)
+        print(f"wrote {strip(a.out / 'strip.jpg', models, a.strip.split(','), clip, a.strip_frame)}")
+        return 0
     wanted = [s for s in a.solvers.split(",") if s]
     rows, shared = [], a.out / "baselines"
     print("baselines (blur, pixelate, input)", flush=True)
@@ -229,7 +298,8 @@ def main(argv=None) -> int:
     for model, solver, warm, steps, parts, seed in configs():
         if not steps:
             continue
-        name = f"{model}-{solver}" + ("-warm" if warm else "") + (f"-seed{seed}" if seed is not None else "")
+        label = a.flow_label if model == "flow" else model
+        name = f"{label}-{solver}" + ("-warm" if warm else "") + (f"-seed{seed}" if seed is not None else "")
         print(f"{name}: steps {steps}", flush=True)
         out = a.out / name
         out.mkdir(parents=True, exist_ok=True)
@@ -237,10 +307,10 @@ def main(argv=None) -> int:
         rep = eval_run(out, methods=("safefm",), steps=steps, model=models[model], runtime_config=cfg, a=a,
                        parts=parts, seed=seed, shared=shared)
         for s in steps:
-            rows.append({"model": model, "solver": solver, "nfe": s * calls_per_step(solver), "warm": warm,
+            rows.append({"model": label, "solver": solver, "nfe": s * calls_per_step(solver), "warm": warm,
                          "seed": seed, **figures(rep, _label(steps, s))})
-        (a.out / "compare.json").write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(a).items()},
-                                                        "models": {k: str(v) for k, v in models.items()}}, indent=1))
+        rows = merge_rows(a.out / "compare.json", rows)
+    rows = merge_rows(a.out / "compare.json", rows)
     write_report(a.out, rows)
     print(f"wrote {a.out / 'compare.md'}")
     return 0

@@ -237,3 +237,34 @@ def test_cached_load_does_not_import_diffusers(tmp_path, monkeypatch):
             "print(g.model is None, 'diffusers' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.stdout.split() == ["True", "False"], run.stderr[-2000:]
+
+
+def test_concurrent_exports_of_the_same_graph_do_not_collide(tmp_path, monkeypatch):
+    """Two workers exporting the same weights at once (batch workers, parallel evaluations: the
+    export writes its file, then renames it) both finish with the graph in place and no
+    temporary file left (a shared temporary name made the second rename fail)."""
+    import threading
+    import time
+
+    from safefm import generator
+
+    def slow_export(module, args, f, **kw):   # what torch.onnx.export does, slowly
+        with open(f, "wb") as fh:
+            fh.write(b"graph")
+        time.sleep(0.3)
+    monkeypatch.setattr(torch.onnx, "export", slow_export)
+    path, errors = tmp_path / "g.onnx", []
+
+    def work():
+        try:
+            generator._export(None, (), path, ["x"], ["y"])
+        except Exception as exc:   # pragma: no cover - the failure this test is about
+            errors.append(exc)
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert not errors and path.read_bytes() == b"graph"
+    assert [p.name for p in tmp_path.iterdir()] == ["g.onnx"]
