@@ -273,28 +273,29 @@ class IdentityAssigner:
         attributes. A choice for everyone is ranked, in order, by: every face embeddable and no
         two embeddings within DISTINCT; every face read as the kept gender (:data:`KEPT`); every
         face at least FAR from the other people's (worn and
-        new) and OWN from the person's own; the summed fit of the kept attributes
-        (:meth:`_fit`); then, for a person alone, the most typical render (nearest the centre of
-        the person's candidates' rendered faces: the farthest ones are the oddest-looking faces,
-        caricatures and smudges, and the distance to their own face is secured by the rule before)
-        and the smallest of those distances; with other people, the smallest distance first (two
-        people must stay apart all clip long: the first frame over-states it by ~0.05-0.12), then
-        the most typical. One or two people: every combination;
+        new) and OWN from the person's own; then, for a person alone, the summed fit of the kept
+        attributes (:meth:`_fit`), the most typical render (nearest the centre of the person's
+        candidates' rendered faces: the farthest ones are the oddest-looking faces, caricatures
+        and smudges, and the distance to their own face is secured by the rule before) and the
+        smallest of those distances; with other people, the gender fit, then the smallest
+        distance between the people's faces (two people must stay apart all clip long: the first
+        frame over-states it by ~0.05-0.12), then the age fit, then the most typical. One or two people: every combination;
         more: each person's choice revised in turn given the others' (:data:`ROUNDS`)."""
         people = list(faces)
         if not people:
             return {}, True
         worn = [r for _, r in self._refs.values()]
         alone = len(people) == 1 and not worn   # no one else to stay apart from
-        ok, fit, kept, near, far, emb, typical = {}, {}, {}, {}, {}, {}, {}
+        ok, fit, age_fit, kept, near, apart, far, emb, typical = {}, {}, {}, {}, {}, {}, {}, {}, {}
         for n in people:
             ok[n] = np.isfinite(faces[n]).all(axis=1)
             faces[n] = np.where(ok[n][:, None], faces[n], 0.0)
-            fit[n] = self._fit(faces[n], attrs[n])
-            kept[n] = fit[n] >= KEPT
+            fit[n], age_fit[n] = self._fit(faces[n], attrs[n], parts=True)
+            kept[n] = fit[n] + age_fit[n] >= KEPT
             d_other = _nearest(faces[n], worn)
             d_real = _nearest(faces[n], [] if reals[n] is None else [np.asarray(reals[n], np.float32)])
             near[n] = np.minimum(d_other, d_real)     # (K,) to the worn faces and the person's own
+            apart[n] = d_other                          # (K,) to the worn faces only
             far[n] = (d_other >= FAR) & (d_real >= OWN)
             emb[n] = np.stack([c.embedding for c in cands[n]])
             centre = faces[n][ok[n]].mean(axis=0) if ok[n].any() else faces[n].mean(axis=0)
@@ -306,15 +307,20 @@ class IdentityAssigner:
             gender = all(kept[n][sel[n]] for n in people)
             is_far = all(far[n][sel[n]] for n in people)
             dist = min(float(near[n][sel[n]]) for n in people)
+            sep = min(float(apart[n][sel[n]]) for n in people)
             for i, a in enumerate(people):
                 for b in people[i + 1:]:
                     good &= float(np.linalg.norm(emb[a][sel[a]] - emb[b][sel[b]])) >= DISTINCT
                     d = float(np.linalg.norm(faces[a][sel[a]] - faces[b][sel[b]]))
                     is_far &= d >= FAR
-                    dist = min(dist, d)
+                    dist, sep = min(dist, d), min(sep, d)
             typ = sum(float(typical[n][sel[n]]) for n in people)
-            tail = (typ, dist) if alone else (dist, typ)
-            return (good, gender, is_far, sum(float(fit[n][sel[n]]) for n in people)) + tail
+            g_fit = sum(float(fit[n][sel[n]]) for n in people)
+            a_fit = sum(float(age_fit[n][sel[n]]) for n in people)
+            if alone:
+                return (good, gender, is_far, g_fit + a_fit, typ, dist)
+            # together: the gender first, then how far apart the people are, then the age group
+            return (good, gender, is_far, g_fit, sep, a_fit, typ)
 
         if len(people) <= 2:
             grids = np.meshgrid(*[np.arange(len(faces[n])) for n in people], indexing="ij")
@@ -347,22 +353,22 @@ class IdentityAssigner:
             text += f" ({int((p >= 0.5).sum())} of {len(faces)} candidates read as {attrs['gender']})"
         return text
 
-    def _fit(self, faces: np.ndarray, attrs: dict[str, str]) -> np.ndarray:
+    def _fit(self, faces: np.ndarray, attrs: dict[str, str], parts: bool = False):
         """(K,) how well each rendered candidate (K, 128) reads as ``attrs``, gender first:
         2 * (2 = the kept gender with probability >= SURE, 1 = at least 0.5, 0 = otherwise)
-        + (1 = the kept age group or one next to it, 0 = otherwise); 0 with nothing to match."""
-        fit = np.zeros(len(faces))
-        if not attrs:
-            return fit
-        from .attributes import AGE_CLASSES, GENDER_CLASSES
+        + (1 = the kept age group or one next to it, 0 = otherwise); 0 with nothing to match.
+        ``parts``: the gender and the age terms as two (K,) arrays instead of their sum."""
+        g_fit, a_fit = np.zeros(len(faces)), np.zeros(len(faces))
+        if attrs:
+            from .attributes import AGE_CLASSES, GENDER_CLASSES
 
-        prob = self.classifier.probabilities(faces)
-        if "gender" in attrs:
-            p = prob["gender"][:, GENDER_CLASSES.index(attrs["gender"])]
-            fit += 2.0 * np.where(p >= SURE, 2.0, np.where(p >= 0.5, 1.0, 0.0))
-        if "age" in attrs:
-            fit += np.abs(prob["age"].argmax(axis=1) - AGE_CLASSES.index(attrs["age"])) <= 1
-        return fit
+            prob = self.classifier.probabilities(faces)
+            if "gender" in attrs:
+                p = prob["gender"][:, GENDER_CLASSES.index(attrs["gender"])]
+                g_fit = 2.0 * np.where(p >= SURE, 2.0, np.where(p >= 0.5, 1.0, 0.0))
+            if "age" in attrs:
+                a_fit = (np.abs(prob["age"].argmax(axis=1) - AGE_CLASSES.index(attrs["age"])) <= 1).astype(float)
+        return (g_fit, a_fit) if parts else g_fit + a_fit
 
 
 def _nearest(x: np.ndarray, refs: list[np.ndarray]) -> np.ndarray:
