@@ -299,7 +299,8 @@ def main(argv=None) -> int:
         if not steps:
             continue
         label = a.flow_label if model == "flow" else model
-        name = f"{label}-{solver}" + ("-warm" if warm else "") + (f"-seed{seed}" if seed is not None else "")
+        name = (f"{label}-{solver}" + ("-warm" if warm else "")
+                + (f"-seed{seed}-nfe{steps[0] * calls_per_step(solver)}" if seed is not None else ""))
         print(f"{name}: steps {steps}", flush=True)
         out = a.out / name
         out.mkdir(parents=True, exist_ok=True)
