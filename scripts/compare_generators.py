@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--flow", default="default", help="flow-matching model (name or .safetensors)")
     ap.add_argument("--flow-label", default="flow", help="how rows and run folders name the flow model "
                     "(e.g. reflow, for a reflowed model compared in the same --out)")
-    ap.add_argument("--diffusion", default="weights/safefm_twin.safetensors", help="diffusion twin")
+    ap.add_argument("--diffusion", default="twin", help="diffusion twin (default weights/safefm_twin.safetensors)")
     ap.add_argument("--nfe", type=int_list, default=(1, 2, 3, 4, 5, 8, 10, 20, 50))
     ap.add_argument("--warm-nfe", type=int_list, default=(2, 4, 8))
     ap.add_argument("--people", type=int, default=40)

@@ -25,7 +25,7 @@ LFW = shared_data_dir() / "lfw"
 def test_shipped_models_verify_and_fit_the_size_budget():
     total = sum(p.stat().st_size for p in weights_dir().rglob("*") if p.is_file())
     assert total <= 80 * 2**20, f"shipped weights {total / 2**20:.1f} MB > 80 MB"
-    for name in ("default", "large"):
+    for name in ("default", "large", "twin"):
         path = resolve_model_path(name)
         side = json.loads(path.with_suffix(".json").read_text())
         assert side["file"] == path.name
