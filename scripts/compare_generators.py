@@ -26,10 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+from safefm.config import DIFFUSION_SOLVERS
 from safefm.sampler import CALLS_PER_STEP
 
-FLOW_SOLVERS = ("euler", "heun")
-DIFFUSION_SOLVERS = ("ddim", "dpmpp", "ddpm")
+FLOW_SOLVERS = ("euler", "heun")   # the flow solvers compared (midpoint: tested, not swept)
 WARM_SOLVERS = ("euler", "ddim", "dpmpp")
 INPUT_PIECES = ("privacy_gallery", "video_input_")   # method-independent pieces shared between runs
 

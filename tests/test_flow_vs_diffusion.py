@@ -76,6 +76,10 @@ def test_both_objectives_train_a_tiny_seeded_model_with_their_own_targets():
 
 
 def test_solver_must_fit_the_models_objective():
+    from safefm import config, diffusion_sampler, sampler
+
+    assert set(config.FLOW_SOLVERS) == set(sampler.SOLVERS)          # the names the config accepts
+    assert set(config.DIFFUSION_SOLVERS) == set(diffusion_sampler.SOLVERS)   # are the ones that run
     assert resolve_solver("flow", "auto") == "euler" and resolve_solver("diffusion", "auto") == "ddim"
     with pytest.raises(ConfigError, match="does not run a flow model"):
         resolve_solver("flow", "ddim")
