@@ -30,6 +30,7 @@ def resolve_solver(objective: str, solver: str) -> str:
     if solver not in own:
         raise ConfigError(f"solver {solver!r} does not run a {objective} model (use one of {', '.join(own)})")
     return solver
+CONTEXT_CHANNELS = 4   # masked RGB crop + the mask (safefm.face.context)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -60,6 +61,7 @@ class ModelConfig:
     detail_width: int = 0          # > 0: a 2x detail stage (DetailNet) of this width after the decoder
     detail_blocks: int = 2
     objective: str = "flow"        # "flow" (flow matching, safefm.flow) or "diffusion" (the v-prediction twin, safefm.diffusion)
+    context_channels: int = 0      # 4: the ControlNet also sees the frame around the face (safefm.face.context); 0: heatmaps only
 
     @property
     def latent_size(self) -> int:
@@ -95,6 +97,9 @@ class ModelConfig:
         if self.detail_width < 0 or (self.detail_width and self.detail_blocks < 1):
             raise ConfigError(f"detail_width must be >= 0 (0: no detail stage) and detail_blocks >= 1, "
                               f"got {self.detail_width} and {self.detail_blocks}")
+        if self.context_channels not in (0, CONTEXT_CHANNELS):
+            raise ConfigError(f"context_channels must be 0 (no context) or {CONTEXT_CHANNELS} (masked RGB + mask), "
+                              f"got {self.context_channels}")
         cn_down = 2 ** (len(self.controlnet_embedding_channels) - 1)
         if self.heatmap_size != self.latent_size * cn_down:
             raise ConfigError(
@@ -145,6 +150,8 @@ class RuntimeConfig:
     identity_match: tuple[str, ...] = ("gender", "age")
     identity_seed: int = -1
     identity_memory: int = 150
+    context: bool = True
+    context_grow: float = 0.15
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 50:
@@ -188,6 +195,8 @@ class RuntimeConfig:
         if bad or len(set(self.identity_match)) != len(self.identity_match):
             raise ConfigError(f"identity_match must list gender and/or age (each once; [] = none), "
                               f"got {list(self.identity_match)}")
+        if not 0.0 <= self.context_grow <= 0.5:
+            raise ConfigError(f"context_grow must be in [0, 0.5] face widths, got {self.context_grow}")
         if self.identity_seed < -1 or self.identity_memory < 0:
             raise ConfigError(f"identity_seed must be >= -1 (-1 = random) and identity_memory >= 0 frames, "
                               f"got {self.identity_seed} and {self.identity_memory}")

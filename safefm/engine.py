@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .face import alignment, composite, heatmaps, retarget
+from .face.context import face_context
 from .config import RuntimeConfig
 from .generator import Generator
 from .sampler import first_step
@@ -90,6 +91,7 @@ class _FaceJob:
     lm_crop: np.ndarray | None = None    # (478, 3) real landmarks in the crop
     ret_crop: np.ndarray | None = None   # (478, 3) retargeted landmarks in the crop
     heat: np.ndarray | None = None       # (Ch, H, H) heatmaps
+    context: np.ndarray | None = None    # (4, H, H) the frame around the face (context models), or None
     crop: np.ndarray | None = None       # (S, S, 3) uint8 decoded face
     error: BaseException | None = None   # why this face cannot be anonymized this frame
 
@@ -277,7 +279,7 @@ class Engine:
             try:
                 if tr.id in broken:
                     raise broken[tr.id]
-                self._prepare_face(job, geometry[tr.id], timings)
+                self._prepare_face(job, geometry[tr.id], timings, frame)
             except Exception as exc:  # fail closed: covered in finish
                 job.error = exc
             jobs.append(job)
@@ -412,7 +414,8 @@ class Engine:
                                     eye_gain=cfg.eye_gain)
             heat = heatmaps.render_heatmaps(ret, S, self.mcfg.heatmap_size)
             z = gen.generate(heat, gen.identity_tokens(ident.embedding), self._noise(ident), steps=cfg.steps,
-                             guidance=guidance, guidance_until=until, reference=st.repel)
+                             guidance=guidance, guidance_until=until, reference=st.repel,
+                             context=self._context(frame, M, lm_crop, ret))
             np.copyto(scratch, frame)
             self._paste(scratch, frame, tr, gen.decode(z, heat)[0], ret, lm_crop, M)
             emb = embed_real_faces(self.recognizer, scratch, [tr.raw])
@@ -473,7 +476,17 @@ class Engine:
             neutral = self.template
         return M, lm_crop, pose, neutral
 
-    def _prepare_face(self, job: _FaceJob, geometry: tuple, timings) -> None:
+    def _context(self, frame: np.ndarray, M: np.ndarray, lm_crop: np.ndarray, ret_crop: np.ndarray) -> np.ndarray | None:
+        """(4, H, H) the real frame around a face as a context model reads it (the crop through M,
+        masked ``context_grow`` face widths beyond both the real and the generated face oval:
+        :mod:`safefm.face.context`), or None when the model reads none."""
+        if not self.gen.reads_context:
+            return None
+        S = self.mcfg.image_size
+        return face_context(alignment.crop_face(frame, M, S), (lm_crop, ret_crop), self.cfg.context_grow,
+                            self.mcfg.heatmap_size)
+
+    def _prepare_face(self, job: _FaceJob, geometry: tuple, timings, frame: np.ndarray) -> None:
         S, cfg, st = self.mcfg.image_size, self.cfg, job.st
         identity, job.tokens, job.noise = self._worn(st)
         job.repel, job.epoch = st.repel, st.epoch   # (a newly worn identity has just bumped the epoch)
@@ -483,6 +496,7 @@ class Engine:
                                          eye_gain=cfg.eye_gain)
         job.M, job.lm_crop = M, lm_crop
         job.heat = heatmaps.render_heatmaps(job.ret_crop, S, self.mcfg.heatmap_size)   # per frame: may overlap
+        job.context = self._context(frame, M, lm_crop, job.ret_crop)
         timings["retarget_heatmaps"] += time.perf_counter() - t_a
 
     def _generate_face(self, job: _FaceJob, plan: FramePlan) -> None:
@@ -493,7 +507,8 @@ class Engine:
         guidance, until = self._guidance(job.repel)
         t0 = cfg.warm_t0 if warm else 0.0
         z = self.gen.generate(heat, job.tokens, job.noise, z_prev=st.z_prev if warm else None,
-                              t0=t0, steps=cfg.steps, guidance=guidance, guidance_until=until, reference=job.repel)
+                              t0=t0, steps=cfg.steps, guidance=guidance, guidance_until=until, reference=job.repel,
+                              context=job.context)
         if self.fault_injector:
             z = self.fault_injector("latent", tr.id, z)
         if not torch.isfinite(z).all():

@@ -277,7 +277,7 @@ def export_graphs(model: SafeFMModel, velocity_net: Velocity, cond_embed: torch.
     folder.mkdir(parents=True, exist_ok=True)
     paths = graph_paths(folder, cond_embed is not None, model.detail is not None)
     z = torch.zeros(1, *mc.latent_shape)
-    heat = torch.zeros(1, mc.heatmap_channels, mc.heatmap_size, mc.heatmap_size)
+    heat = torch.zeros(1, mc.heatmap_channels + mc.context_channels, mc.heatmap_size, mc.heatmap_size)
     if cond_embed is not None and not paths["cond"].exists():
         _export(cond_embed.cpu(), (heat,), paths["cond"], ["heat"], ["cond"])
     if not paths["velocity"].exists():
@@ -286,7 +286,8 @@ def export_graphs(model: SafeFMModel, velocity_net: Velocity, cond_embed: torch.
         _export(velocity_net.cpu(), args, paths["velocity"], ["z", "t", "cond", "tokens"], ["v"])
     if not paths["decoder"].exists():
         if mc.decoder_heat:
-            _export(_Decoder(model).cpu(), (z, heat), paths["decoder"], ["z", "heat"], ["image"])
+            _export(_Decoder(model).cpu(), (z, heat[:, :mc.heatmap_channels]), paths["decoder"], ["z", "heat"],
+                    ["image"])
         else:
             _export(_Decoder(model).cpu(), (z,), paths["decoder"], ["z"], ["image"])
     if model.detail is not None and not paths["detail"].exists():
@@ -457,7 +458,7 @@ class Generator:
     def generate(self, heat: np.ndarray | torch.Tensor, tokens: torch.Tensor, noise: torch.Tensor,
                  z_prev: torch.Tensor | None = None, t0: float = 0.0, steps: int | None = None,
                  guidance: float | None = None, guidance_until: float | None = None,
-                 reference: torch.Tensor | None = None) -> torch.Tensor:
+                 reference: torch.Tensor | None = None, context: np.ndarray | None = None) -> torch.Tensor:
         """Latents (B, C, h, w) for heatmaps (B, Ch, H, H) in [0, 1].
 
         noise: (B or 1, C, h, w) fixed identity noise; z_prev: the track's previous latent for a
@@ -465,11 +466,10 @@ class Generator:
         (:func:`safefm.sampler.sample`, or :func:`safefm.diffusion_sampler.sample` for the
         diffusion twin; None = cold start from noise at t = 0); steps, guidance
         and guidance_until default to the runtime config's ``steps``, ``identity_guidance`` and
-        ``guidance_until``; reference: the guidance's reference tokens (None: the null identity).
+        ``guidance_until``; reference: the guidance's reference tokens (None: the null identity);
+        context: the frame around the face (:meth:`cond_input`).
         """
-        heat = torch.as_tensor(heat, dtype=torch.float32)
-        if heat.dim() == 3:
-            heat = heat[None]
+        heat = self.cond_input(heat, context)
         noise = noise.expand(heat.shape[0], -1, -1, -1).to(self.backend.device)
         v = self.velocity(heat, tokens, guidance, guidance_until, reference)
         if self.model_cfg.objective == "diffusion":
@@ -477,6 +477,31 @@ class Generator:
 
             return diffusion_sample(v, noise, steps or self.cfg.steps, self.solver, z_prev=z_prev, t0=t0)
         return sample(v, noise, steps or self.cfg.steps, z_prev=z_prev, t0=t0, solver=self.solver)
+
+    @property
+    def reads_context(self) -> bool:
+        """Whether the model's ControlNet reads the frame around the face and the runtime config
+        lets it (``context``); the engine builds a context only then."""
+        return bool(self.model_cfg.context_channels) and self.cfg.context
+
+    def cond_input(self, heat: np.ndarray | torch.Tensor, context: np.ndarray | None = None) -> torch.Tensor:
+        """The ControlNet's input (B, Ch [+ 4], H, H) float32: the heatmaps ((B, Ch, H, H) or
+        (Ch, H, H)), then for a model with ``context_channels`` the context ((B or 1, 4, H, H) or
+        (4, H, H), :mod:`safefm.face.context`), the null context when None or when the runtime
+        config turns context off. A model without context ignores ``context``."""
+        heat = torch.as_tensor(heat, dtype=torch.float32)
+        if heat.dim() == 3:
+            heat = heat[None]
+        mc = self.model_cfg
+        if not mc.context_channels:
+            return heat
+        if context is None or not self.cfg.context:
+            from .face.context import null_context
+
+            context = null_context(mc.heatmap_size)
+        ctx = torch.as_tensor(context, dtype=torch.float32)
+        ctx = ctx[None] if ctx.dim() == 3 else ctx
+        return torch.cat([heat, ctx.expand(heat.shape[0], -1, -1, -1)], dim=1)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, heat: np.ndarray | torch.Tensor | None = None) -> np.ndarray:

@@ -177,9 +177,21 @@ def build_controlnet(cfg: ModelConfig, unet):
     return ControlNetModel.from_unet(
         unet,
         conditioning_embedding_out_channels=tuple(cfg.controlnet_embedding_channels),
-        conditioning_channels=cfg.heatmap_channels,
+        conditioning_channels=cfg.heatmap_channels + cfg.context_channels,
         load_weights_from_unet=True,
     )
+
+
+CONTROLNET_INPUT = "controlnet.controlnet_cond_embedding.conv_in.weight"
+
+
+def widen_controlnet_input(state: dict, channels: int) -> dict:
+    """A SafeFMModel state dict whose ControlNet reads ``channels`` more conditioning channels
+    (appended after the heatmaps): their input weights start at zero, so the widened model's
+    outputs equal the original's whatever those channels hold. Returns a new dict."""
+    w = state[CONTROLNET_INPUT]
+    extra = torch.zeros(w.shape[0], channels, *w.shape[2:], dtype=w.dtype)
+    return {**state, CONTROLNET_INPUT: torch.cat([w, extra], dim=1)}
 
 
 def lora_config(cfg: ModelConfig):
@@ -209,7 +221,8 @@ class IdentityProjector(nn.Module):
 class Velocity(nn.Module):
     """v(z_t, t | heatmaps, identity tokens): the UNet with the ControlNet's residuals added.
 
-    z: (B, C, h, w) latent at flow time t (B,) in [0, 1]; heat: (B, Ch, H, H) in [0, 1];
+    z: (B, C, h, w) latent at flow time t (B,) in [0, 1]; heat: (B, Ch, H, H) in [0, 1] (with
+    the context after it for a ``context_channels`` model: see :mod:`safefm.face.context`);
     tokens: (B, K, W). Returns the velocity (B, C, h, w). ``controlnet=None`` is the bare base.
     """
 

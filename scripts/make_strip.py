@@ -28,16 +28,18 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--config", default=None, help="runtime TOML (default: the shipped defaults)")
     ap.add_argument("--identity-repel", type=float, default=None)
+    ap.add_argument("--model", default=None, help="weights file or shipped model name (default: the shipped default)")
+    ap.add_argument("--steps", type=int, default=None, help="solver steps (default: the runtime config's)")
     ap.add_argument("-o", "--output", default=None, help="default: docs/strip_<clip>.jpg")
     args = ap.parse_args(argv)
 
     clip = Path(args.clip) if Path(args.clip).is_file() else shared_data_dir() / "videos" / args.clip
-    cfg = load_runtime_config(args.config, identity_repel=args.identity_repel)
+    cfg = load_runtime_config(args.config, identity_repel=args.identity_repel, steps=args.steps)
     with VideoReader(clip) as reader:
         frames = [f for f, _ in reader]
     picks = set(np.linspace(len(frames) * 0.1, len(frames) - 1, args.frames).astype(int).tolist())
     top, bottom = [], []
-    with build_engine(cfg, video=True) as engine:
+    with build_engine(cfg, model_path=args.model, video=True) as engine:
         for i, frame in enumerate(frames):   # every frame: the engine tracks the face over time
             out = engine.process(frame, i / reader.fps).image
             if i in picks:

@@ -16,6 +16,8 @@
     python scripts/train.py --stage detail-export --from default --out weights/safefm_default.safetensors
     python scripts/train.py --stage reflow --from default --max-minutes 25   # one reflow pass (straighter paths)
     python scripts/train.py --stage reflow-export --from default --out weights/safefm_reflow.safetensors
+    python scripts/train.py --stage context --from default --max-minutes 30   # adapters read the frame around the face
+    python scripts/train.py --stage context-export --from default --out weights/safefm_context.safetensors
     python scripts/train.py --stage heat-decoder --from default --max-minutes 40 \
         --out weights/safefm_default.safetensors               # decoder that also reads the heatmaps (eyelids)
 
@@ -41,7 +43,8 @@ import time
 from pathlib import Path
 
 STAGES = ("ae", "from-weights", "cache", "decoder", "base", "adapters", "sampler", "export", "preview", "heat-decoder",
-          "detail-data", "detail", "detail-export", "reflow", "reflow-export")
+          "detail-data", "detail", "detail-export", "reflow", "reflow-export",
+          "context", "context-export")
 
 
 def _overrides(tcfg, a):
@@ -144,7 +147,7 @@ def main(argv=None) -> int:
 
     set_threads(a.threads)
     runner = None
-    if a.stage in ("base", "adapters", "reflow"):   # the flow stages: one process, or accelerate launch / torchrun
+    if a.stage in ("base", "adapters", "reflow", "context"):   # the flow stages: one process, or accelerate launch / torchrun
         from safefm.train.accel import Runner
 
         runner = Runner()
@@ -155,7 +158,8 @@ def main(argv=None) -> int:
     log = print if runner is None or runner.is_main else (lambda *_: None)
     root = Path(a.runs or runs_root())
     sdir = root / a.stage
-    if a.stage in ("ae", "decoder", "base", "adapters", "sampler", "heat-decoder", "detail", "reflow"):
+    if a.stage in ("ae", "decoder", "base", "adapters", "sampler", "heat-decoder", "detail", "reflow",
+                   "context"):
         if runner is None or runner.is_main:
             _prepare_run(sdir, a.fresh)
         if runner is not None:
@@ -248,6 +252,10 @@ def main(argv=None) -> int:
         stage_reflow(a, sdir, runner, log)
     elif a.stage == "reflow-export":
         reflow_export(a, sdir.with_name("reflow"))
+    elif a.stage == "context":
+        stage_context(a, sdir, runner, log)
+    elif a.stage == "context-export":
+        context_export(a, sdir.with_name("context"))
     elif a.stage == "detail-export":
         from safefm.train.detail import export_detail
 
@@ -297,19 +305,58 @@ def stage_reflow(a, sdir: Path, runner, log) -> None:
 
 def reflow_export(a, rdir: Path) -> None:
     """The shipped model with the reflow run's EMA weights, written to ``--out``."""
+    _finetune_export(a, rdir, "reflow", lambda model: model)
+
+
+def _finetune_export(a, rdir: Path, stage: str, build) -> None:
+    """``--from``'s model, made by ``build`` into the run's shape, with the run's EMA weights,
+    written to ``--out`` (default ``<run>/safefm_<stage>.safetensors``); the run is recorded
+    under the file's ``training`` metadata."""
     from safefm.checkpoint import load_model, save_model
     from safefm.paths import resolve_model_path
     from safefm.train.common import load_checkpoint
 
     model, meta = load_model(resolve_model_path(a.source))
+    model = build(model)
     ck = load_checkpoint(rdir / "last.pt")
-    model.load_state_dict(ck["ema"]["shadow"], strict=False)
+    res = model.load_state_dict(ck["ema"]["shadow"], strict=False)
+    if res.unexpected_keys:
+        raise SystemExit(f"{rdir / 'last.pt'} does not fit {a.source}: {res.unexpected_keys[:2]}")
     training = json.loads(meta.get("training") or "{}")
-    training["reflow"] = {"from_sha256": meta["sha256"], "steps": ck["step"], "train_config": ck["train_config"],
-                          "pairs": ck["metrics"].get("pairs"), "loss_last100": ck["metrics"].get("loss_last100")}
-    out = a.out or rdir / "safefm_reflow.safetensors"
+    training[stage] = {"from_sha256": meta["sha256"], "steps": ck["step"], "train_config": ck["train_config"],
+                       "loss_last100": ck["metrics"].get("loss_last100"),
+                       **{k: ck["metrics"][k] for k in ("pairs", "context_grow", "context_drop") if k in ck["metrics"]}}
+    out = a.out or rdir / f"safefm_{stage}.safetensors"
     save_model(model, out, extra_meta={"license": meta.get("license", ""), "training": json.dumps(training)})
     print(f"wrote {out} and {Path(out).with_suffix('.json')}")
+
+
+def stage_context(a, sdir: Path, runner, log) -> None:
+    """Context-aware adapters (safefm.train.context) on ``--from``'s model: ControlNet + LoRA
+    fine-tuned on the latent cache's crops with the frame around each face."""
+    from safefm.checkpoint import load_model
+    from safefm.paths import resolve_model_path
+    from safefm.train.context import CONTEXT_DEFAULTS, context_model, train_context
+    from safefm.train.data import LatentCache, cache_root, load_shards
+
+    source, meta = load_model(resolve_model_path(a.source))
+    if source.cfg.objective != "flow":
+        raise SystemExit(f"{a.source} is a {source.cfg.objective} model: the context stage trains flow models")
+    cache = LatentCache(cache_root() / "latents.npz")
+    shards = load_shards(keys=("path", "embeddings", "crops"))
+    cache.refresh_embeddings(shards)
+    cache.attach_crops(shards.pop("crops"))
+    model = context_model(source)
+    ck = train_context(model, cache, _overrides(CONTEXT_DEFAULTS, a), run_dir=sdir, max_minutes=a.max_minutes,
+                       log=log, runner=runner)
+    log(f"context: step {ck['step']}, loss (last 100) {ck['metrics']['loss_last100']:.4f} (from {meta['sha256'][:12]})")
+
+
+def context_export(a, rdir: Path) -> None:
+    """``--from``'s model widened to read the context, with the context run's EMA weights."""
+    from safefm.train.context import context_model
+
+    _finetune_export(a, rdir, "context", context_model)
 
 
 def stage_detail(a, sdir: Path) -> None:

@@ -143,11 +143,12 @@ def train_base(cfg: ModelConfig, tcfg: FlowTrainConfig, cache, *, ae_ckpt: dict 
 def train_flow_stage(stage: str, cfg: ModelConfig, tcfg: FlowTrainConfig, cache, *, model: SafeFMModel,
                      velocity: torch.nn.Module, params: list, keys: list[str], metrics: dict,
                      heat_size: int | None, seed_salt: int, title: str, run_dir: Path,
-                     max_minutes: float, resume: bool, log, runner: Runner | None) -> dict:
+                     max_minutes: float, resume: bool, log, runner: Runner | None, context=None) -> dict:
     """The loop both flow stages share: resumable, EMA of ``keys``, checkpoint every
     ``ckpt_every`` steps (main process only), one plain process or ``accelerate launch``
     (see :mod:`safefm.train.accel`). ``velocity`` wraps the trained modules; ``params`` are
-    the trainable parameters; ``keys`` the state-dict names saved and averaged."""
+    the trainable parameters; ``keys`` the state-dict names saved and averaged; ``context``: a
+    :class:`~safefm.train.data.ContextDraw` for a context model (the cache needs its crops)."""
     from tqdm import tqdm
 
     runner = runner or Runner()
@@ -194,7 +195,9 @@ def train_flow_stage(stage: str, cfg: ModelConfig, tcfg: FlowTrainConfig, cache,
     while step < tcfg.max_steps and not runner.should_stop():
         for g in opt.param_groups:
             g["lr"] = _lr(step, tcfg)
-        batch = runner.batch(cache.batch(rng.integers(0, len(cache), tcfg.batch), heat_size=heat_size))
+        rows = rng.integers(0, len(cache), tcfg.batch)
+        extra = {"context": context, "rng": rng} if context is not None else {}
+        batch = runner.batch(cache.batch(rows, heat_size=heat_size, **extra))
         with runner.autocast():
             loss = loss_fn(net, identity, batch, tcfg, gen)
         opt.zero_grad(set_to_none=True)

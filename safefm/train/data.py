@@ -385,17 +385,50 @@ class LatentCache:
         self.emb[has] = data["embeddings"][rows[has]].astype(np.float32)
         return int(has.sum())
 
-    def batch(self, idx, heat_size: int | None = None) -> dict:
+    def attach_crops(self, crops: np.ndarray) -> None:
+        """Keep the crop each latent was encoded from (``crops``: every shard row, (N, S, S, 3)
+        uint8 as :func:`load_shards` gives it; mirrored where the latent's crop was), for
+        :meth:`batch`'s context. Needs the cache's ``index`` and ``flipped``."""
+        rows = np.asarray(self.a["index"], np.int64)
+        if rows.max(initial=-1) >= len(crops):
+            raise ValueError(f"the latent cache indexes {rows.max() + 1} shard rows, the shards have {len(crops)}")
+        self.crops = crops[rows]
+        flip = np.asarray(self.a["flipped"], bool)
+        self.crops[flip] = self.crops[flip][:, :, ::-1]
+
+    def batch(self, idx, heat_size: int | None = None, context: "ContextDraw | None" = None,
+              rng: np.random.Generator | None = None) -> dict:
+        """``context`` (with ``rng``, and crops attached): the heatmaps get the context channels
+        of :mod:`safefm.face.context` after them, the mask grown by a draw from
+        ``context.grow``, a ``context.drop`` share replaced by the null context."""
         import torch
 
         idx = np.asarray(idx)
         out = {"z": torch.from_numpy(self.z[idx].astype(np.float32)),
                "emb": torch.from_numpy(self.emb[idx])}
         if heat_size:
+            from ..face import context as ctx
             from ..face.heatmaps import CHANNELS, render_heatmaps
 
-            heat = np.empty((len(idx), len(CHANNELS), heat_size, heat_size), np.float32)
+            ch = len(CHANNELS)
+            extra = len(ctx.CHANNELS) if context is not None else 0
+            heat = np.empty((len(idx), ch + extra, heat_size, heat_size), np.float32)
             for j, i in enumerate(idx):
-                render_heatmaps(self.landmarks[i].astype(np.float32), self.image_size, heat_size, out=heat[j])
+                lm = self.landmarks[i].astype(np.float32)
+                render_heatmaps(lm, self.image_size, heat_size, out=heat[j, :ch])
+                if extra:
+                    if rng.random() < context.drop:
+                        heat[j, ch:] = ctx.null_context(heat_size)
+                    else:
+                        ctx.face_context(self.crops[i], [lm], float(rng.uniform(*context.grow)), heat_size,
+                                         out=heat[j, ch:])
             out["heat"] = torch.from_numpy(heat)
         return out
+
+
+@dataclass(frozen=True)
+class ContextDraw:
+    """How training draws a context (:meth:`LatentCache.batch`): the mask grown by
+    U(grow) face widths beyond the face oval, a ``drop`` share with no context at all."""
+    grow: tuple[float, float] = (0.05, 0.35)
+    drop: float = 0.1
