@@ -268,3 +268,19 @@ def test_strong_pixelation_drops_face_detection():
         assert len(out.faces) == 1 and out.faces[0].status == "anonymized"
         assert rec.detect(out.image) == []
         assert det.detect(out.image) == []
+
+
+def test_within_clip_r_ignores_each_clips_resting_level_but_not_its_movement():
+    from safefm.eval.metrics import compare_series, demean_within
+
+    t = np.linspace(0, 6, 50)
+    a, b = np.sin(t)[:, None], np.cos(t)[:, None]
+    a[3, 0] = np.nan                                   # a frame the landmarker missed
+    inp = [a + 0.2, b + 0.9]                           # two people, different resting eye opening
+    out = [a + 0.6, b + 0.1]                           # the identity's own resting level, same movement
+    pooled = compare_series(np.concatenate(inp), np.concatenate(out), ["eye"])["eye"]["pearson"]
+    within = compare_series(demean_within(inp), demean_within(out), ["eye"])["eye"]["pearson"]
+    assert pooled < 0.8 and within == pytest.approx(1.0)
+    assert np.isnan(demean_within(inp)[3, 0]) and demean_within(inp)[:50][np.isfinite(a[:, 0])].mean() == pytest.approx(0)
+    flat = [np.full((50, 1), 0.3), np.full((50, 1), 0.3)]   # a frozen output has no within-clip movement
+    assert np.isnan(compare_series(demean_within(inp), demean_within(flat), ["eye"])["eye"]["pearson"])

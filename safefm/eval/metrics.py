@@ -189,6 +189,20 @@ def compare_series(inp: np.ndarray, out: np.ndarray,
     return res
 
 
+def demean_within(series: list[np.ndarray]) -> np.ndarray:
+    """(T_i, F) series (one per clip) -> their concatenation, each clip's own mean (over its
+    finite frames) taken off each feature: what is left is how each clip varies within itself.
+    Correlating input and output after this is the *within-clip* r: the expression's movement,
+    not the person's resting shape (which an anonymizer replaces with its identity's)."""
+    out = []
+    for s in series:
+        s = np.asarray(s, np.float64)
+        both = np.isfinite(s)
+        mean = np.array([s[both[:, j], j].mean() if both[:, j].any() else np.nan for j in range(s.shape[1])])
+        out.append(s - mean)
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
 # ---------------------------------------------------------------------------------------
 # Images: boxes and temporal change
 

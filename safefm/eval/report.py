@@ -41,6 +41,15 @@ def _fmt(v, nd: int = 3) -> str:
     return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
 
+def _within(fid: dict | None) -> str:
+    """'mouth / eyes' within-clip r of a dlib-68 fidelity dict ('-' for reports without one)."""
+    if not fid:
+        return "-"
+    eyes = [fid[f]["pearson"] for f in ("eye_open_r", "eye_open_l")
+            if fid[f]["pearson"] is not None and math.isfinite(fid[f]["pearson"])]
+    return f"{_fmt(fid['mouth_open']['pearson'], 2)} / {_fmt(float(np.mean(eyes)) if eyes else None, 2)}"
+
+
 def write_markdown(report: dict) -> str:
     """The text of ``report.md`` for a :func:`jsonable` report."""
     meta = report["meta"]
@@ -95,10 +104,13 @@ def write_markdown(report: dict) -> str:
                       "embeddings use) and 68-point predictor on every frame of input and output, "
                       "at the face nearest the source face box. Pearson r over all frames pooled (MAE "
                       "in brackets: openings / inter-ocular or eye width, angles in degrees); *clip "
-                      "mean r*: mouth / eyes r averaged over clips.", "",
+                      "mean r*: mouth / eyes r averaged over clips; *within-clip r*: mouth / eyes r "
+                      "pooled after taking each clip's own mean off input and output (the movement "
+                      "without the person's resting mouth and eye shape, which SAFE-FM replaces with "
+                      "its identity's).", "",
                       "| method | " + " | ".join(v["features68"]) + " | mean r | clip mean r (mouth / eyes) "
-                      "| dlib face found (output) |",
-                      "|---|" + "---|" * (len(v["features68"]) + 3)]
+                      "| within-clip r (mouth / eyes) | dlib face found (output) |",
+                      "|---|" + "---|" * (len(v["features68"]) + 4)]
             for k, m in v["methods"].items():
                 o = m["overall"]
                 fid = o["fidelity_dlib68"]
@@ -108,6 +120,7 @@ def write_markdown(report: dict) -> str:
                 lines.append(f"| {k} | " + " | ".join(cells) + f" | {_fmt(o['fidelity_dlib68_mean_pearson'])} | "
                              f"{_fmt(cm['mouth_open']['pearson'], 2)} / "
                              f"{_fmt(float(np.mean(eyes)) if eyes else None, 2)} | "
+                             f"{_within(o.get('fidelity_dlib68_within'))} | "
                              f"{_fmt(o['dlib68_output_face_found'])} |")
         lines += ["", "## Stability and per-frame leak (video clips)", "",
                   f"dlib embeddings every {v['embed_stride']} frames. Flicker: output's frame-to-frame "

@@ -165,6 +165,11 @@ def _overall(clips: dict, inputs: dict) -> dict:
     f68_in = np.concatenate([inputs[n].feats68 for n in names])
     f68_out = np.concatenate([clips[n]["_feats68"] for n in names])
     fid68 = M.compare_series(f68_in, f68_out, FEATURES68)
+    # within-clip: both sides demeaned over the frames where both were read, clip by clip
+    pairs = [(inputs[n].feats68, clips[n]["_feats68"]) for n in names]
+    both = [np.where(np.isfinite(a) & np.isfinite(b), 1.0, np.nan) for a, b in pairs]
+    fid68_within = M.compare_series(M.demean_within([a * m for (a, _), m in zip(pairs, both)]),
+                                    M.demean_within([b * m for (_, b), m in zip(pairs, both)]), FEATURES68)
     cat = lambda key: np.concatenate([clips[n][key] for n in names])  # noqa: E731
     e_in, e_out, e_det = cat("_e_in"), cat("_e_out"), cat("_e_det")
     has_in = sum(clips[n]["frames_with_input_face"] for n in names)
@@ -176,6 +181,7 @@ def _overall(clips: dict, inputs: dict) -> dict:
         "fidelity_mean_pearson": _mean_pearson(fid),
         "fidelity_dlib68": fid68, "fidelity_dlib68_clip_mean": _clip_mean(clips, "fidelity_dlib68", FEATURES68),
         "fidelity_dlib68_mean_pearson": _mean_pearson(fid68),
+        "fidelity_dlib68_within": fid68_within,
         **_found68(f68_in, f68_out),
         "realism": aggregate(r for n in names for r in clips[n]["_realism"]),
         "flicker": M.flicker_ratio(cat("_d_out"), np.concatenate([inputs[n].d_in for n in names])),
