@@ -151,7 +151,7 @@ class RuntimeConfig:
     identity_seed: int = -1
     identity_memory: int = 150
     context: bool = True
-    context_grow: float = 0.15
+    context_grow: float = 0.1
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 50:

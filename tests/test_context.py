@@ -23,28 +23,42 @@ def test_context_hides_the_face_and_its_outline_and_keeps_the_surroundings():
     s, lm = 64, _face(64)
     rng = np.random.default_rng(0)
     crop = rng.integers(0, 256, (s, s, 3), dtype=np.uint8)
-    c = ctx.face_context(crop, [lm], grow=0.15)
+    c = ctx.face_context(crop, [lm], grow=0.1)
     assert c.shape == (4, s, s) and c.dtype == np.float32
-    dist = oval_distance(lm, s)
-    hidden = dist < 0.15
-    assert (c[3][hidden] == 1).all() and (c[3][~hidden] == 0).all()
-    assert (c[:3][:, hidden] == 0).all()                                   # no pixel of the face, nor of its edge
+    hidden = c[3] == 1
+    assert set(np.unique(c[3])) == {0.0, 1.0}
+    assert hidden[oval_distance(lm, s) < 0.1].all()                      # the face and a margin around it
+    assert 0.5 < hidden.mean() < 0.95                                     # the surroundings stay
+    assert (c[:3][:, hidden] == 0).all()                                  # no pixel of the face, nor of its edge
     np.testing.assert_allclose(c[:3][:, ~hidden], crop.transpose(2, 0, 1)[:, ~hidden] / 127.5 - 1, atol=1e-6)
     # whatever the face looks like, the context is the same: the person's face cannot reach the model
     other = crop.copy()
     other[hidden] = rng.integers(0, 256, (int(hidden.sum()), 3), dtype=np.uint8)
-    np.testing.assert_array_equal(ctx.face_context(other, [lm], grow=0.15), c)
-    # a second face (the identity's shape) is hidden too; a bigger grow hides more
-    moved = lm + np.float32([3, -2, 0])
-    both = ctx.face_context(crop, [lm, moved], grow=0.15)
-    assert both[3].sum() > c[3].sum() and (both[3][oval_distance(moved, s) < 0.15] == 1).all()
-    assert ctx.context_mask([lm], s, 0.3).sum() > ctx.context_mask([lm], s, 0.15).sum()
+    np.testing.assert_array_equal(ctx.face_context(other, [lm], grow=0.1), c)
+    # nor its outline: a face with another jaw inside the same reach gets exactly the same mask
+    jaw = lm.copy()
+    low = jaw[:, 1] > np.median(jaw[:, 1])
+    jaw[low, 0] = lm[low, 0].mean() + 0.9 * (lm[low, 0] - lm[low, 0].mean())   # a narrower jaw
+    np.testing.assert_array_equal(ctx.context_mask([jaw], s, 0.1), ctx.context_mask([lm], s, 0.1))
+    # a second face (the identity's shape) is covered too; a bigger grow hides more
+    wide = lm.copy()
+    wide[:, 0] = lm[:, 0].mean() + 1.15 * (lm[:, 0] - lm[:, 0].mean())
+    both = ctx.context_mask([lm, wide], s, 0.1)
+    assert both.sum() > c[3].sum() and (both[oval_distance(wide, s) < 0.1] == 1).all()
+    assert ctx.context_mask([lm], s, 0.3).sum() > ctx.context_mask([lm], s, 0.1).sum()
+
+
+def test_covering_scale_is_exact_for_a_square():
+    sq = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float64)
+    assert ctx.covering_scale(np.array([[0.5, 0.2]]), sq, np.zeros(2)) == 1.0
+    assert ctx.covering_scale(np.array([[0.5, 1.5], [-1.2, 0]]), sq, np.zeros(2)) == pytest.approx(1.5)
+    assert ctx.covering_scale(np.array([[2.0, 0.0]]), sq, np.array([0.5, 0.0])) == pytest.approx(3.0)
 
 
 def test_context_at_another_size_and_the_null_context():
     crop = np.full((64, 64, 3), 200, np.uint8)
-    c = ctx.face_context(crop, [_face(64)], 0.15, size=32)
-    np.testing.assert_array_equal(c[3], ctx.context_mask([_face(32)], 32, 0.15))
+    c = ctx.face_context(crop, [_face(64)], 0.1, size=32)
+    np.testing.assert_array_equal(c[3], ctx.context_mask([_face(32)], 32, 0.1))
     n = ctx.null_context(16)
     assert n.shape == (4, 16, 16) and (n[:3] == 0).all() and (n[3] == 1).all()
     with pytest.raises(ValueError):

@@ -3,10 +3,12 @@
 The ControlNet of a model with ``context_channels = 4`` reads, besides the expression heatmaps,
 the aligned crop of the real frame with the face masked out and the mask itself, so skin tone,
 light direction, white balance, grain, a grey-scale picture and the hair line continue from the
-real frame into the synthetic face (the inpainting conditioning of DeepPrivacy2). The mask covers
-the face oval (jaw line to the top of the forehead) grown by ``grow`` face widths, for every
-landmark set given: the real face's and the identity's retargeted one, so neither the person's
-face nor its outline reaches the generator.
+real frame into the synthetic face (the inpainting conditioning of DeepPrivacy2). The mask is
+the *template's* face oval (jaw line to the top of the forehead of the mean face), scaled about
+its centre just enough to cover every landmark set given (the real face and the identity's
+retargeted one), then grown by ``grow`` face widths. Its shape is always the template's, so
+neither the person's face nor its outline reaches the generator, not even through the mask: all
+it tells is one number, how far the face reaches beyond the mean face's outline.
 
 Layout of the ``(4, S, S) float32`` context: channels 0-2 the crop's RGB in [-1, 1], 0 under
 the mask; channel 3 the mask (1 = generate here). :func:`null_context` (all masked, no pixels)
@@ -22,14 +24,49 @@ from .composite import oval_distance
 CHANNELS = ("red", "green", "blue", "mask")
 
 
+def covering_scale(points: np.ndarray, hull: np.ndarray, centre: np.ndarray) -> float:
+    """The least k >= 1 for which the convex polygon ``hull`` ``(V, 2)`` scaled by k about
+    ``centre`` (inside it) contains every point of ``points`` ``(N, 2)``.
+
+    For each edge (outward normal n, n . x <= d inside) a point p needs
+    k >= n . (p - c) / (d - n . c); the answer is the largest such bound."""
+    hull = np.asarray(hull, np.float64)
+    c = np.asarray(centre, np.float64)
+    a, b = hull, np.roll(hull, -1, axis=0)
+    n = np.stack([b[:, 1] - a[:, 1], a[:, 0] - b[:, 0]], axis=1)        # edge normals
+    n *= np.sign(((c - a) * n).sum(1, keepdims=True)) * -1.0             # made to point outward
+    slack = ((a - c) * n).sum(1)                                         # d - n . c > 0
+    need = (np.asarray(points, np.float64)[:, None, :2] - c) @ n.T / slack[None, :]
+    return float(max(1.0, need.max()))
+
+
+def template_oval(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the template's face-oval hull ``(V, 2)``, its centre ``(2,)``) in pixels of a
+    ``size`` crop."""
+    import cv2
+
+    from .alignment import load_template
+    from .composite import face_oval_indices
+
+    pts = load_template()[face_oval_indices(), :2].astype(np.float32) * size
+    hull = cv2.convexHull(pts).reshape(-1, 2)
+    return hull.astype(np.float64), hull.mean(axis=0).astype(np.float64)
+
+
 def context_mask(landmark_sets, size: int, grow: float) -> np.ndarray:
-    """``(size, size) float32``: 1 within ``grow`` face widths of any given face oval, else 0.
+    """``(size, size) float32``: 1 within ``grow`` face widths of the template's face oval
+    scaled to cover every given face oval (see the module), else 0.
 
     landmark_sets: one or more ``(478, 2|3)`` landmark arrays in crop pixels."""
-    mask = np.zeros((size, size), bool)
-    for lm in landmark_sets:
-        mask |= oval_distance(lm, size) < grow
-    return mask.astype(np.float32)
+    from .alignment import load_template
+    from .composite import face_oval_indices
+
+    hull, c = template_oval(size)
+    ovals = np.concatenate([np.asarray(lm, np.float32)[face_oval_indices(), :2] for lm in landmark_sets])
+    k = covering_scale(ovals, hull, c)
+    scaled = load_template()[:, :2] * size
+    scaled = c + (scaled - c) * k
+    return (oval_distance(scaled, size) < grow).astype(np.float32)
 
 
 def render_context(crop: np.ndarray, mask: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -6,7 +6,7 @@ out, and the mask: :mod:`safefm.face.context`), their weights zero, so before tr
 exactly what the source model drew. :func:`train_context` then fine-tunes the ControlNet and the
 LoRA (the adapters; the base UNet, identity projector, autoencoder and detail stage stay frozen)
 with the loss every flow stage shares (:func:`safefm.train.base.flow_loss`) on the latent
-cache's crops, each with its own context: the mask grown by a random 0.05-0.35 face widths, a
+cache's crops, each with its own context: the mask grown by a random 0-0.3 face widths, a
 10 % share with no context (so the model still draws without a frame).
 """
 

@@ -430,5 +430,5 @@ class LatentCache:
 class ContextDraw:
     """How training draws a context (:meth:`LatentCache.batch`): the mask grown by
     U(grow) face widths beyond the face oval, a ``drop`` share with no context at all."""
-    grow: tuple[float, float] = (0.05, 0.35)
+    grow: tuple[float, float] = (0.0, 0.3)
     drop: float = 0.1
