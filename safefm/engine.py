@@ -415,7 +415,7 @@ class Engine:
             heat = heatmaps.render_heatmaps(ret, S, self.mcfg.heatmap_size)
             z = gen.generate(heat, gen.identity_tokens(ident.embedding), self._noise(ident), steps=cfg.steps,
                              guidance=guidance, guidance_until=until, reference=st.repel,
-                             context=self._context(frame, M, lm_crop, ret))
+                             context=self._context(frame, M, tr, lm_crop, ret))
             np.copyto(scratch, frame)
             self._paste(scratch, frame, tr, gen.decode(z, heat)[0], ret, lm_crop, M)
             emb = embed_real_faces(self.recognizer, scratch, [tr.raw])
@@ -476,14 +476,17 @@ class Engine:
             neutral = self.template
         return M, lm_crop, pose, neutral
 
-    def _context(self, frame: np.ndarray, M: np.ndarray, lm_crop: np.ndarray, ret_crop: np.ndarray) -> np.ndarray | None:
-        """(4, H, H) the real frame around a face as a context model reads it (the crop through M,
-        masked ``context_grow`` face widths beyond both the real and the generated face oval:
+    def _context(self, frame: np.ndarray, M: np.ndarray, tr: Track, lm_crop: np.ndarray,
+                 ret_crop: np.ndarray) -> np.ndarray | None:
+        """(4, H, H) the real frame around track ``tr``'s face as a context model reads it (the crop
+        through M, the mask covering the real face where it is this frame (its raw landmarks) and
+        where the smoothed track puts it (``lm_crop``), and the generated face (``ret_crop``):
         :mod:`safefm.face.context`), or None when the model reads none."""
         if not self.gen.reads_context:
             return None
         S = self.mcfg.image_size
-        return face_context(alignment.crop_face(frame, M, S), (lm_crop, ret_crop), self.cfg.context_grow,
+        raw = alignment.transform_points(tr.raw, M)
+        return face_context(alignment.crop_face(frame, M, S), (raw, lm_crop, ret_crop), self.cfg.context_grow,
                             self.mcfg.heatmap_size)
 
     def _prepare_face(self, job: _FaceJob, geometry: tuple, timings, frame: np.ndarray) -> None:
@@ -496,7 +499,7 @@ class Engine:
                                          eye_gain=cfg.eye_gain)
         job.M, job.lm_crop = M, lm_crop
         job.heat = heatmaps.render_heatmaps(job.ret_crop, S, self.mcfg.heatmap_size)   # per frame: may overlap
-        job.context = self._context(frame, M, lm_crop, job.ret_crop)
+        job.context = self._context(frame, M, job.track, lm_crop, job.ret_crop)
         timings["retarget_heatmaps"] += time.perf_counter() - t_a
 
     def _generate_face(self, job: _FaceJob, plan: FramePlan) -> None:

@@ -51,6 +51,7 @@ def calibration_feeds(gen, identities) -> dict[str, list[dict]]:
     shape and ``SEEDS_PER_IDENTITY - 1`` jittered copies, cold start, ``gen.cfg.steps`` steps,
     decoded, and refined when the model has a detail stage. Returns ``{graph: [feeds, ...]}``."""
     from .face import heatmaps
+    from .face.context import face_context
     from .identity import Identity
 
     be = gen.backend
@@ -71,6 +72,9 @@ def calibration_feeds(gen, identities) -> dict[str, list[dict]]:
                 noise = Identity(ident.embedding, ident.shape, int(ident.seed) + k).noise(mc.latent_shape)
                 z = gen.generate(heat, tokens, noise, guidance=1.0)
                 crop = gen.decode(z, heat)
+                if gen.reads_context:   # a context model: also with a frame around the face (its own face as the scene)
+                    context = face_context(crop[0], [shape * S], 0.1, mc.heatmap_size)
+                    gen.decode(gen.generate(heat, tokens, noise, guidance=1.0, context=context), heat)
                 if gen.has_detail:
                     gen.refine(crop)
     finally:

@@ -152,16 +152,25 @@ def test_context_training_learns_to_read_the_frame(tmp_path):
 
 def test_engine_feeds_a_context_model_the_frame_around_each_face():
     from safefm.engine import Engine
+    from safefm.face.alignment import invert_affine, transform_points
+    from safefm.face.landmarks import Track
     from safefm.generator import Generator
     from safefm.tiny import tiny_identity
 
     _, model = _context_model()
     cfg = load_runtime_config(runtime="torch")
-    eng = Engine(Generator(model, cfg), tiny_identity(0), cfg, video=False)
+    eng = Engine(Generator(model, cfg), tiny_identity(0), cfg, video=True)
     frame = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
     M = np.float32([[0.5, 0, 4], [0, 0.5, 6]])
     lm = _face(32)
-    c = eng._context(frame, M, lm, lm + np.float32([1, 1, 0]))
+    smoothed = transform_points(lm, invert_affine(M))
+    tr = Track(0, smoothed, smoothed.copy(), (0, 0, 96, 96))
+    c = eng._context(frame, M, tr, lm, lm)
     assert c.shape == (4, 16, 16) and c[3].any() and not c[3].all()
+    # the face has moved on while the smoothed track lags: the mask follows the raw landmarks too
+    moved = Track(0, smoothed, smoothed + np.float32([14, 0, 0]), (0, 0, 96, 96))
+    lag = eng._context(frame, M, moved, lm, lm)
+    hidden = ctx.context_mask([transform_points(moved.raw, M) * 0.5], 16, cfg.context_grow)   # heatmaps: 16 px
+    assert (lag[3][hidden == 1] == 1).all() and lag[3].sum() > c[3].sum()
     off = Engine(Generator(model, dataclasses.replace(cfg, context=False)), tiny_identity(0), cfg, video=False)
-    assert off._context(frame, M, lm, lm) is None
+    assert off._context(frame, M, tr, lm, lm) is None
