@@ -285,7 +285,12 @@ def stage_reflow(a, sdir: Path, runner, log) -> None:
     if model.cfg.objective != "flow":
         raise SystemExit(f"{a.source} is a {model.cfg.objective} model: reflow needs a flow-matching one")
     cache = LatentCache(cache_root() / "latents.npz")
-    cache.refresh_embeddings(load_shards(keys=("path", "embeddings")))
+    if model.cfg.context_channels:   # a context model: its pairs are drawn with the crops' contexts
+        shards = load_shards(keys=("path", "embeddings", "crops"))
+        cache.attach_crops(shards.pop("crops"))
+    else:
+        shards = load_shards(keys=("path", "embeddings"))
+    cache.refresh_embeddings(shards)
     pairs_path = sdir / "pairs.npz"
     if not pairs_path.exists():
         t0 = time.time()

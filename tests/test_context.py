@@ -174,3 +174,34 @@ def test_engine_feeds_a_context_model_the_frame_around_each_face():
     assert (lag[3][hidden == 1] == 1).all() and lag[3].sum() > c[3].sum()
     off = Engine(Generator(model, dataclasses.replace(cfg, context=False)), tiny_identity(0), cfg, video=False)
     assert off._context(frame, M, tr, lm, lm) is None
+
+
+def test_reflow_pairs_of_a_context_model_keep_each_pairs_context():
+    from safefm.sampler import sample
+    from safefm.train.data import LatentCache
+    from safefm.train.reflow import ReflowPairs, make_pairs
+
+    _, model = _context_model()
+    cfg = model.cfg
+    with torch.no_grad():   # let the context channels matter
+        w = model.controlnet.controlnet_cond_embedding.conv_in.weight
+        w[:, 9:] = torch.randn_like(w[:, 9:]) * 0.5
+    rng = np.random.default_rng(0)
+    n = 8
+    lms = np.tile(_face(cfg.image_size)[None].astype(np.float16), (n, 1, 1))
+    cache = LatentCache(arrays={"z": rng.normal(size=(n, *cfg.latent_shape)).astype(np.float16),
+                                "landmarks": lms, "embeddings": rng.normal(size=(n, 128)).astype(np.float32),
+                                "image_size": np.int64(cfg.image_size), "index": np.arange(n),
+                                "flipped": np.zeros(n, bool)})
+    cache.attach_crops(rng.integers(0, 256, (n, cfg.image_size, cfg.image_size, 3), dtype=np.uint8))
+    arrays = make_pairs(model, cache, 6, teacher_steps=3, batch=4, log=lambda *_: None)
+    assert arrays["grow"].shape == (6,)
+    pairs = ReflowPairs(cache, arrays)
+    b = pairs.batch(np.arange(6), heat_size=cfg.heatmap_size)
+    assert b["heat"].shape[1] == 13
+    again = pairs.batch(np.arange(6), heat_size=cfg.heatmap_size)["heat"]
+    torch.testing.assert_close(again, b["heat"])                       # the same context every time
+    with torch.no_grad():   # x1 is the model's own solution under exactly that context
+        tokens = model.identity(b["emb"])
+        v = lambda z, t: model.velocity(z, torch.full((z.shape[0],), t), b["heat"], tokens)   # noqa: E731
+        torch.testing.assert_close(sample(v, b["x0"], 3), b["z"], atol=2e-3, rtol=1e-2)

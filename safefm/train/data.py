@@ -397,10 +397,11 @@ class LatentCache:
         self.crops[flip] = self.crops[flip][:, :, ::-1]
 
     def batch(self, idx, heat_size: int | None = None, context: "ContextDraw | None" = None,
-              rng: np.random.Generator | None = None) -> dict:
+              rng: np.random.Generator | None = None, grows: np.ndarray | None = None) -> dict:
         """``context`` (with ``rng``, and crops attached): the heatmaps get the context channels
         of :mod:`safefm.face.context` after them, the mask grown by a draw from
-        ``context.grow``, a ``context.drop`` share replaced by the null context."""
+        ``context.grow``, a ``context.drop`` share replaced by the null context; or ``grows``
+        ``(B,)``: those growths exactly (NaN: the null context)."""
         import torch
 
         idx = np.asarray(idx)
@@ -411,17 +412,18 @@ class LatentCache:
             from ..face.heatmaps import CHANNELS, render_heatmaps
 
             ch = len(CHANNELS)
-            extra = len(ctx.CHANNELS) if context is not None else 0
+            if context is not None:
+                grows = context.draw(rng, len(idx))
+            extra = len(ctx.CHANNELS) if grows is not None else 0
             heat = np.empty((len(idx), ch + extra, heat_size, heat_size), np.float32)
             for j, i in enumerate(idx):
                 lm = self.landmarks[i].astype(np.float32)
                 render_heatmaps(lm, self.image_size, heat_size, out=heat[j, :ch])
                 if extra:
-                    if rng.random() < context.drop:
+                    if np.isnan(grows[j]):
                         heat[j, ch:] = ctx.null_context(heat_size)
                     else:
-                        ctx.face_context(self.crops[i], [lm], float(rng.uniform(*context.grow)), heat_size,
-                                         out=heat[j, ch:])
+                        ctx.face_context(self.crops[i], [lm], float(grows[j]), heat_size, out=heat[j, ch:])
             out["heat"] = torch.from_numpy(heat)
         return out
 
@@ -432,3 +434,10 @@ class ContextDraw:
     U(grow) face widths beyond the face oval, a ``drop`` share with no context at all."""
     grow: tuple[float, float] = (0.0, 0.3)
     drop: float = 0.1
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``(n,) float`` growths, NaN for the ``drop`` share (the null context)."""
+        out = np.empty(n)
+        for j in range(n):   # one draw after the other, as the batches always drew them
+            out[j] = np.nan if rng.random() < self.drop else rng.uniform(*self.grow)
+        return out

@@ -25,6 +25,7 @@ import torch
 from ..models import SafeFMModel
 from ..sampler import sample
 from .base import NULL_EMBEDDING_VALUE, FlowTrainConfig, train_flow_stage
+from .data import ContextDraw
 
 REFLOW_DEFAULTS = FlowTrainConfig(batch=16, lr=5e-5, warmup=20, weight_decay=0.0, ema_decay=0.995,
                                   null_prob=0.0, ckpt_every=50)
@@ -38,13 +39,15 @@ class ReflowPairs:
     def __init__(self, cache, arrays: dict):
         self.cache, self.x0, self.x1 = cache, arrays["x0"], arrays["x1"]
         self.rows, self.emb = arrays["rows"], arrays["emb"]
+        self.grow = arrays.get("grow")   # a context model's pairs: the context each was drawn with
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def batch(self, idx, heat_size: int | None = None) -> dict:
         idx = np.asarray(idx)
-        out = self.cache.batch(self.rows[idx], heat_size=heat_size)
+        grows = None if self.grow is None else self.grow[idx]
+        out = self.cache.batch(self.rows[idx], heat_size=heat_size, grows=grows)
         out.update(z=torch.from_numpy(self.x1[idx].astype(np.float32)),
                    x0=torch.from_numpy(self.x0[idx].astype(np.float32)),
                    emb=torch.from_numpy(self.emb[idx].astype(np.float32)))
@@ -58,11 +61,13 @@ def make_pairs(model: SafeFMModel, cache, n: int, teacher_steps: int, *, seed: i
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     rows = rng.choice(len(cache), size=n, replace=n > len(cache))
+    grow = ContextDraw().draw(rng, n) if model.cfg.context_channels else None   # a context model: fixed per pair
     model.eval()
     velocity = model.velocity
     x0s, x1s, embs = [], [], []
     for i in range(0, n, batch):
-        b = cache.batch(rows[i:i + batch], heat_size=model.cfg.heatmap_size)
+        b = cache.batch(rows[i:i + batch], heat_size=model.cfg.heatmap_size,
+                        grows=None if grow is None else grow[i:i + batch])
         k = len(b["z"])
         drop = torch.rand(k, generator=gen) < null_prob
         emb = torch.where(drop[:, None], torch.full_like(b["emb"], NULL_EMBEDDING_VALUE), b["emb"])
@@ -76,8 +81,11 @@ def make_pairs(model: SafeFMModel, cache, n: int, teacher_steps: int, *, seed: i
         embs.append(emb.numpy())
         if (i // batch) % 20 == 0:
             log(f"reflow pairs: {i + k} of {n}")
-    return {"x0": np.concatenate(x0s), "x1": np.concatenate(x1s), "rows": rows.astype(np.int64),
-            "emb": np.concatenate(embs).astype(np.float32)}
+    out = {"x0": np.concatenate(x0s), "x1": np.concatenate(x1s), "rows": rows.astype(np.int64),
+           "emb": np.concatenate(embs).astype(np.float32)}
+    if grow is not None:
+        out["grow"] = grow
+    return out
 
 
 def reflow_keys(model: SafeFMModel) -> list[str]:
