@@ -109,7 +109,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    steps: int = 4
+    steps: int = 2
     solver: str = "auto"           # auto: euler (flow model) / ddim (diffusion twin); see safefm.solvers
     warm_start: bool = False
     seed: int = -1
@@ -144,7 +144,7 @@ class RuntimeConfig:
     detail_strength: float = 1.0
     int8: bool = False
     identity_guard: float = 0.0
-    identity_repel: float = 1.0
+    identity_repel: float = 1.5
     repel_until: float = 1.0
     identity_per_track: bool = False
     identity_match: tuple[str, ...] = ("gender", "age")

@@ -142,7 +142,7 @@ def test_cli_tiny_model_prints_json(capsys, tmp_path):
             assert {"e2e_fps", "latency_ms", "fresh_frames", "dropped", "pacing"} <= set(v)
 
 
-@pytest.mark.parametrize("path, repel, detail", [("live", 0.0, 0), ("files", 1.0, 160)])
+@pytest.mark.parametrize("path, repel, detail", [("live", 0.0, 0), ("files", 1.5, 160)])
 def test_bench_times_the_camera_configuration_unless_told_files(tiny_video, path, repel, detail):
     """What safefm-bench times is what safefm-cam runs (no identity repel, no detail stage), or
     with --path files what safefm-anonymize runs; int8 is its own runtime entry."""

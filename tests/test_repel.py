@@ -46,7 +46,7 @@ def setup():
 def test_files_repel_by_default_and_the_live_camera_does_not():
     from safefm.cli.cam import _engine_factory, build_parser
 
-    assert load_runtime_config().identity_repel == 1.0
+    assert load_runtime_config().identity_repel == 1.5
     seen = {}
 
     def factory(cfg, **kw):

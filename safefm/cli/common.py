@@ -42,9 +42,9 @@ def add_runtime_args(parser: argparse.ArgumentParser, identity: bool = True, ide
     g.add_argument("--identity-repel", type=float, default=None, metavar="R",
                    help="guide the face away from the real person's own (their dlib embedding, taken once "
                         "per face, in memory only; a second network call per step), e.g. 1; 0 = off "
-                        "(default from the runtime config: 1)")
+                        "(default from the runtime config: 1.5)")
     g.add_argument("--steps", type=int, default=None, metavar="N",
-                   help="Euler steps per frame (default from the runtime config, usually 4)")
+                   help="Euler steps per frame (default from the runtime config: 2)")
     g.add_argument("--seed", type=int, default=None, metavar="S", help="noise seed of the face (default: the identity's own)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="compute device (auto, the default: a GPU when the runtime has one)")

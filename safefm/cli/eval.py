@@ -16,6 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..config import RuntimeConfig
 from .common import add_logging_args, cli_main, int_list, name_list
 
 
@@ -29,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", type=Path, default=None,
                     help="weights file, or a shipped model by name: default, large")
     ap.add_argument("--identity", type=Path, default=None, help="identity file (default: the shipped one)")
-    ap.add_argument("--steps", type=int_list, default=(4,),
-                    help="Euler steps; a comma list runs each (default 4)")
+    ap.add_argument("--steps", type=int_list, default=(RuntimeConfig().steps,),
+                    help=f"Euler steps; a comma list runs each (default {RuntimeConfig().steps}: the runtime default)")
     ap.add_argument("--seed", type=int, default=None,
                     help="identity noise seed (default: the identity file's)")
     ap.add_argument("--runtime", choices=("auto", "torch", "onnx"), default="auto")

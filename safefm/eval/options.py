@@ -25,7 +25,7 @@ EngineFactory = Callable[[str, int, bool], object]
 class EvalOptions:
     out: Path = Path("runs/eval")
     methods: tuple[str, ...] = METHODS
-    steps: tuple[int, ...] = (4,)
+    steps: tuple[int, ...] = (2,)   # the runtime default (RuntimeConfig.steps)
     seed: int | None = None          # identity noise seed override (None: the identity file's)
     model: Path | None = None
     identity: Path | None = None
