@@ -204,7 +204,9 @@ class RuntimeConfig:
 
 # The camera's own runtime defaults (safefm-cam, and what safefm-bench times by default), above the
 # built-in ones and below --config and the flags: real time first, so no identity repel (it
-# doubles the generator's network calls) and no 2x detail stage (+6.5 ms a face on a 2-core CPU).
+# doubles the generator's network calls) and no 2x detail stage (+6.5 ms a face on a 2-core CPU;
+# session 12 at 2 steps: clip sharpness 0.11 -> 0.72, but 24 vs 28 FPS unpaced and a p50 latency of
+# 94 vs 44 ms: --detail-min-px 160 turns it on).
 # int8 (onnxruntime's int8 convolutions, safefm.quantize) stays off: it saves ~9 ms a frame here
 # but raised flicker on every clip (1.14 -> 1.37, docs/results.md).
 # Grain matching costs ~3.5 ms a frame (measuring the frame's noise): files only.
