@@ -17,9 +17,13 @@ is what a model trained with context dropout draws without a frame (identity pre
 
 from __future__ import annotations
 
+from functools import lru_cache
+
+import cv2
 import numpy as np
 
-from .composite import oval_distance
+from .alignment import load_template
+from .composite import face_oval_indices, oval_distance
 
 CHANNELS = ("red", "green", "blue", "mask")
 
@@ -40,14 +44,10 @@ def covering_scale(points: np.ndarray, hull: np.ndarray, centre: np.ndarray) -> 
     return float(max(1.0, need.max()))
 
 
+@lru_cache(maxsize=4)
 def template_oval(size: int) -> tuple[np.ndarray, np.ndarray]:
     """(the template's face-oval hull ``(V, 2)``, its centre ``(2,)``) in pixels of a
-    ``size`` crop."""
-    import cv2
-
-    from .alignment import load_template
-    from .composite import face_oval_indices
-
+    ``size`` crop (cached: treat as read-only)."""
     pts = load_template()[face_oval_indices(), :2].astype(np.float32) * size
     hull = cv2.convexHull(pts).reshape(-1, 2)
     return hull.astype(np.float64), hull.mean(axis=0).astype(np.float64)
@@ -58,9 +58,6 @@ def context_mask(landmark_sets, size: int, grow: float) -> np.ndarray:
     scaled to cover every given face oval (see the module), else 0.
 
     landmark_sets: one or more ``(478, 2|3)`` landmark arrays in crop pixels."""
-    from .alignment import load_template
-    from .composite import face_oval_indices
-
     hull, c = template_oval(size)
     ovals = np.concatenate([np.asarray(lm, np.float32)[face_oval_indices(), :2] for lm in landmark_sets])
     k = covering_scale(ovals, hull, c)
@@ -98,8 +95,6 @@ def face_context(crop: np.ndarray, landmark_sets, grow: float, size: int | None 
     s = crop.shape[0]
     size = size or s
     if size != s:
-        import cv2
-
         crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
         k = np.float32(size / s)
         landmark_sets = [np.asarray(lm, np.float32)[:, :2] * k for lm in landmark_sets]
