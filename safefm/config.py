@@ -131,6 +131,7 @@ class RuntimeConfig:
     image_neutral: str = "prior"
     expression_gain: float = 1.0
     eye_gain: float = 1.5
+    eye_rest: float = 1.0
     hold_frames: int = 8
     placeholder_frames: int = 50
     scene_cut_threshold: float = 0.45
@@ -191,6 +192,9 @@ class RuntimeConfig:
             raise ConfigError(f"detail_min_px must be >= 0 (0 = never use the detail stage), got {self.detail_min_px}")
         if not 0.0 <= self.eye_gain <= 3.0:
             raise ConfigError(f"eye_gain must be in [0, 3], got {self.eye_gain}")
+        if not 0.0 <= self.eye_rest <= 1.0:
+            raise ConfigError(f"eye_rest must be in [0, 1] (share of the person's resting eye opening kept), "
+                              f"got {self.eye_rest}")
         bad = [a for a in self.identity_match if a not in ("gender", "age")]
         if bad or len(set(self.identity_match)) != len(self.identity_match):
             raise ConfigError(f"identity_match must list gender and/or age (each once; [] = none), "

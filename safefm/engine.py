@@ -411,7 +411,7 @@ class Engine:
         out = np.full((len(identities), 128), np.nan, np.float32)
         for i, ident in enumerate(identities):
             ret = retarget.retarget(lm_crop, neutral, ident.shape, cfg.expression_gain, pose=pose,
-                                    eye_gain=cfg.eye_gain)
+                                    eye_gain=cfg.eye_gain, eye_rest=cfg.eye_rest)
             heat = heatmaps.render_heatmaps(ret, S, self.mcfg.heatmap_size)
             z = gen.generate(heat, gen.identity_tokens(ident.embedding), self._noise(ident), steps=cfg.steps,
                              guidance=guidance, guidance_until=until, reference=st.repel,
@@ -496,7 +496,7 @@ class Engine:
         t_a = time.perf_counter()
         M, lm_crop, pose, neutral = geometry
         job.ret_crop = retarget.retarget(lm_crop, neutral, identity.shape, cfg.expression_gain, pose=pose,
-                                         eye_gain=cfg.eye_gain)
+                                         eye_gain=cfg.eye_gain, eye_rest=cfg.eye_rest)
         job.M, job.lm_crop = M, lm_crop
         job.heat = heatmaps.render_heatmaps(job.ret_crop, S, self.mcfg.heatmap_size)   # per frame: may overlap
         job.context = self._context(frame, M, job.track, lm_crop, job.ret_crop)

@@ -67,7 +67,8 @@ def main(argv=None) -> int:
                 continue
             row = []
             for j, ident in enumerate(ids):
-                ret = retarget.retarget(lm, neu, ident.shape, cfg.expression_gain, pose=pose, eye_gain=cfg.eye_gain)
+                ret = retarget.retarget(lm, neu, ident.shape, cfg.expression_gain, pose=pose, eye_gain=cfg.eye_gain,
+                                        eye_rest=cfg.eye_rest)
                 heat = heatmaps.render_heatmaps(ret, S, gen.model_cfg.heatmap_size)
                 if j == 0:
                     row.append(cv2.resize(heat_summary(heat), (S, S)))

@@ -7,9 +7,9 @@ import pytest
 from conftest import needs_data
 
 from safefm.face.alignment import load_template
-from safefm.face.retarget import (EYELIDS, IRISES, JAW, LIPS, NeutralEstimator, canonical_shape,
-                             expression_weights, from_canonical, load_expression_prior, pose_fit, retarget,
-                             single_image_neutral, to_canonical, upright_shape)
+from safefm.face.retarget import (EYE_PAIRS, EYELIDS, IRISES, JAW, LIPS, NeutralEstimator, canonical_shape,
+                             expression_weights, eye_openings, from_canonical, load_expression_prior, pose_fit,
+                             retarget, single_image_neutral, to_canonical, upright_shape, with_rest_eyes)
 
 LOWER_LIPS = (14, 17, 84, 87, 88, 91, 95, 146, 178, 181, 314, 317, 318, 321, 324, 375, 402, 405)
 UPPER_LIDS = (157, 158, 159, 160, 161, 384, 385, 386, 387, 388)
@@ -150,6 +150,50 @@ def test_eye_gain_scales_only_the_eyelids_and_lids_never_cross():
     shut = observe(tmpl + expression(blink=0.03), pose)             # a full blink, tripled
     out = canonical_shape(retarget(shut, tmpl, tmpl, eye_gain=3.0))
     assert out[145, 1] - out[159, 1] >= -1e-4                       # upper lid not below the lower
+
+
+def test_eye_rest_passes_how_open_the_eyes_rest_and_nothing_else():
+    tmpl = load_template()
+    narrow = tmpl + expression(blink=0.006)                       # a person whose eyes rest half shut
+    ident = tmpl + person_offsets(3)                              # an identity with its own eye shape
+    assert np.array_equal(with_rest_eyes(ident, narrow, 0.0), ident.astype(np.float32))
+    full = with_rest_eyes(ident, narrow, 1.0)
+    assert eye_openings(full) == pytest.approx(eye_openings(narrow), rel=1e-4)
+    half = with_rest_eyes(ident, narrow, 0.5)                     # half way, in log ratio
+    assert eye_openings(half) == pytest.approx(np.sqrt(eye_openings(narrow) * eye_openings(ident)), rel=1e-4)
+    moved = np.abs(full - ident).max(axis=1) > 1e-7
+    assert set(np.flatnonzero(moved)) <= set(EYELIDS)            # only eyelid points move ...
+    assert np.allclose(full[:, [0, 2]], ident[:, [0, 2]])         # ... and only vertically
+    for corner in (33, 133, 263, 362):                            # the eye's corners stay the identity's
+        assert np.array_equal(full[corner], ident[corner].astype(np.float32))
+    # in retarget: a narrow-eyed person at rest gets narrow eyes on the identity's face (keep 1)
+    pose = pose_of(10.0, 5.0, 0.0)
+    lm = observe(narrow, pose)
+    out = canonical_shape(retarget(lm, narrow, ident, pose=pose_fit(lm, tmpl), eye_rest=1.0))
+    assert eye_openings(out) == pytest.approx(eye_openings(narrow), rel=0.02)
+    off = canonical_shape(retarget(lm, narrow, ident, pose=pose_fit(lm, tmpl)))
+    assert eye_openings(off) == pytest.approx(eye_openings(ident), rel=0.02)
+
+
+def test_eye_rest_passes_one_number_per_eye_not_the_eyelids_shape():
+    """Two people whose eyes rest equally open on average but with differently shaped lids get
+    the same conditioning at eye_rest 1 (the shipped default): only the mean opening passes."""
+    tmpl = load_template()
+    ident = tmpl + person_offsets(4)
+    up = np.array([p[0] for p in EYE_PAIRS])
+    a, b = tmpl.copy(), tmpl.copy()
+    a[up[[0, 7]], 1] += 0.004                      # person a: the lid's middle lower ...
+    a[up[[1, 8]], 1] -= 0.004                      # ... its inner part higher (same mean)
+    b[up[[2, 9]], 1] += 0.002                      # person b: another profile, same mean
+    b[up[[3, 10]], 1] -= 0.002
+    assert eye_openings(a) == pytest.approx(eye_openings(b), abs=1e-7)
+    pose = pose_of(-12.0, 4.0, 2.0)
+    outs = []
+    for person in (a, b):
+        lm = observe(person, pose)
+        outs.append(retarget(lm, person, ident, pose=pose_fit(lm, tmpl), eye_rest=1.0))
+    assert np.abs(outs[0] - outs[1]).max() < 1e-3                # pixels: the same face drawn
+    assert np.abs(with_rest_eyes(ident, a, 1.0) - with_rest_eyes(ident, b, 1.0)).max() < 1e-6
 
 
 def test_two_people_with_the_same_expression_get_the_same_conditioning():

@@ -129,6 +129,36 @@ def close_gaps(shape: np.ndarray) -> np.ndarray:
     return out
 
 
+def eye_openings(shape: np.ndarray) -> np.ndarray:
+    """(2,) mean vertical gap between the upper and lower eyelid of each eye (right-of-image
+    first, as :data:`EYE_PAIRS` lists them) of a canonical (478, 3) shape (crop units)."""
+    up, lo = np.array(EYE_PAIRS).T
+    gap = np.asarray(shape, np.float64)[lo, 1] - np.asarray(shape, np.float64)[up, 1]
+    return gap.reshape(2, -1).mean(axis=1)
+
+
+def with_rest_eyes(identity_shape: np.ndarray, neutral: np.ndarray, keep: float) -> np.ndarray:
+    """The identity's canonical (478, 3) shape with each eye's resting opening moved ``keep``
+    (0..1) of the way, in log ratio, to the opening of ``neutral`` (the person's rest shape):
+    each (upper, lower) eyelid pair is scaled vertically about its own midpoint, so the eye's
+    outline, corners and position stay the identity's and only one number per eye, how open it
+    rests, comes from the person (narrow-eyed people keep resting narrow eyes, so a squint and a
+    wide look read the same in the output as in the input). ``keep`` 0 returns a copy of the
+    identity's shape. Returns float32."""
+    out = np.array(identity_shape, dtype=np.float32)
+    if keep <= 0.0:
+        return out
+    ident, rest = eye_openings(out), eye_openings(neutral)
+    ratio = np.exp(keep * np.log(np.maximum(rest, 1e-4) / np.maximum(ident, 1e-4)))
+    ratio = np.where((ident > 1e-4) & (rest > 1e-4), np.clip(ratio, 0.25, 4.0), 1.0)
+    up, lo = np.array(EYE_PAIRS).T
+    r = np.repeat(ratio, len(EYE_PAIRS) // 2)
+    mid = 0.5 * (out[up, 1] + out[lo, 1])
+    out[up, 1] = mid + r * (out[up, 1] - mid)
+    out[lo, 1] = mid + r * (out[lo, 1] - mid)
+    return out
+
+
 def canonical_shape(landmarks: np.ndarray) -> np.ndarray:
     """Canonical (478, 3) float32 shape of one face's landmarks (e.g. an identity's shape)."""
     return to_canonical(landmarks, pose_fit(landmarks, load_template()))
@@ -179,7 +209,10 @@ class NeutralEstimator:
     With ``warmup = 1`` the neutral is the user's own shape from the first frame, so only
     deviations from it (expressions) are transferred; a slow warm-up passes part of the user's
     lip, eye and brow geometry for as long as it lasts (measured on the video clips' first 150
-    frames: per-frame dlib leak 5.5 % with a 30-frame warm-up, 2.5 % with 1).
+    frames: per-frame dlib leak 5.5 % with a 30-frame warm-up, 2.5 % with 1). One exception by
+    choice: with ``eye_rest`` > 0 (:func:`retarget`; the runtime default 1) each eye's *mean*
+    resting opening is taken from the neutral (:func:`with_rest_eyes`): two numbers, not the
+    eyelids' shape.
 
     Why a long window with a short warm-up: the expression is ``canonical - neutral``, so
     anything the neutral follows is removed from the output. A neutral over the last 3 s
@@ -294,19 +327,24 @@ def single_image_neutral(canon: np.ndarray, prior=None, template: np.ndarray | N
 
 
 def retarget(landmarks: np.ndarray, neutral: np.ndarray, identity_shape: np.ndarray,
-             gain: float = 1.0, pose: Pose | None = None, eye_gain: float = 1.0) -> np.ndarray:
+             gain: float = 1.0, pose: Pose | None = None, eye_gain: float = 1.0,
+             eye_rest: float = 0.0) -> np.ndarray:
     """The user's expression on the identity's face, in the user's pose.
 
     landmarks: (478, 3) user landmarks in some pixel frame; neutral, identity_shape: (478, 3)
     canonical; pose: the landmarks' :func:`pose_fit` if already known. Returns (478, 3)
     float32 landmarks in the same pixel frame: same head pose (rotation, position, scale),
     the identity's face shape, the user's expression scaled by ``gain`` (the eyelids' by
-    ``gain * eye_gain``); lips and eyelids never cross (:func:`close_gaps`).
+    ``gain * eye_gain``); lips and eyelids never cross (:func:`close_gaps`). ``eye_rest``
+    (0..1): how much of the user's resting eye opening the identity's eyes take
+    (:func:`with_rest_eyes`; 0: none, the identity's own).
     """
     if pose is None:
         pose = pose_fit(landmarks, load_template())
     neutral = _check_canonical(neutral, "neutral")
     identity_shape = _check_canonical(identity_shape, "identity_shape")
+    if eye_rest > 0.0:
+        identity_shape = with_rest_eyes(identity_shape, neutral, eye_rest)
     expression = (to_canonical(landmarks, pose) - neutral) * _weights_cached()[:, None]
     if eye_gain != 1.0:
         expression[_EYELID_IDX] *= eye_gain
