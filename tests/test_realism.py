@@ -31,7 +31,8 @@ def radius(lm) -> np.ndarray:
 
 def test_identical_images_are_perfect():
     img, lm = textured(), box_landmarks()
-    assert R.face_realism(img, img, lm) == {"sharpness": 1.0, "tone_gap": 0.0, "chroma_excess": 0.0}
+    assert R.face_realism(img, img, lm) == {"sharpness": 1.0, "tone_gap": 0.0, "chroma_excess": 0.0,
+                                            "edge_dark": 0.0}
 
 
 def test_ellipse_radius_is_one_on_the_box_edge_midpoints():
@@ -117,12 +118,46 @@ def test_faces_partly_outside_the_frame_and_bad_inputs():
 
 
 def test_aggregate_uses_the_geometric_mean_of_sharpness():
-    rows = [{"sharpness": 0.25, "tone_gap": 2.0, "chroma_excess": 0.0},
-            {"sharpness": 4.0, "tone_gap": 4.0, "chroma_excess": 1.0}]
+    rows = [{"sharpness": 0.25, "tone_gap": 2.0, "chroma_excess": 0.0, "edge_dark": 0.1},
+            {"sharpness": 4.0, "tone_gap": 4.0, "chroma_excess": 1.0, "edge_dark": 0.0}]
     assert R.aggregate(rows) == {"sharpness": pytest.approx(1.0), "tone_gap": 3.0, "chroma_excess": 0.5,
-                                 "faces": 2}
+                                 "edge_dark": pytest.approx(0.05), "faces": 2}
+    old = R.aggregate([{k: v for k, v in r.items() if k != "edge_dark"} for r in rows])   # saved before it
+    assert math.isnan(old["edge_dark"]) and old["tone_gap"] == 3.0
     empty = R.aggregate([])
     assert empty["faces"] == 0 and math.isnan(empty["sharpness"])
+
+
+def skin_face(lm, L_face=70.0, seed=0) -> np.ndarray:
+    """A frame with an even skin-lit face (Lab lightness ``L_face``) with a little texture,
+    on a darker background."""
+    rng = np.random.default_rng(seed)
+    img = np.full((H, W, 3), (60, 50, 45), np.float32)
+    skin = np.array(cv2.cvtColor(np.array([[[L_face, 15.0, 20.0]]], np.float32), cv2.COLOR_Lab2RGB)[0, 0]) * 255
+    img[radius(lm) <= 1.2] = skin
+    return np.clip(img + rng.normal(0, 2.0, img.shape), 0, 255).astype(np.uint8)
+
+
+def test_edge_dark_counts_hair_painted_into_the_face_edge_and_nothing_else():
+    lm = box_landmarks()
+    face = skin_face(lm)
+    r = radius(lm)
+    band = (r > R.INNER) & (r <= 1.0)
+    streaked = face.copy()
+    streaked[band & (np.arange(W)[None, :] % 8 < 3)] = (70, 45, 30)     # dark brown strands at the edge
+    share = ((np.arange(W)[None, :] % 8 < 3) & band).sum() / band.sum()
+    assert R.edge_dark(face, streaked, lm) == pytest.approx(share, abs=0.01)
+    assert R.edge_dark(streaked, face, lm) == 0.0                       # removing the input's hair is not a smudge
+    assert R.edge_dark(streaked, streaked, lm) == 0.0                   # the person's own hair, kept: none
+    shaded = face.copy()                                                # a soft shadow (10 L*) is not hair
+    dim = cv2.cvtColor(shaded.astype(np.float32) / 255, cv2.COLOR_RGB2Lab)
+    dim[band, 0] -= 10.0
+    shaded = np.clip(cv2.cvtColor(dim, cv2.COLOR_Lab2RGB) * 255, 0, 255).astype(np.uint8)
+    assert R.edge_dark(face, shaded, lm) < 0.01
+    inner = face.copy()                                                 # dark features inside the inner face
+    inner[r <= 0.3] = (40, 30, 25)
+    assert R.edge_dark(face, inner, lm) < 0.01
+    assert R.edge_dark(face, cv2.GaussianBlur(face, (0, 0), 4.0), lm) < 0.01   # blur adds no dark structure
 
 
 def test_grey_pictures_are_told_apart_and_made():

@@ -20,6 +20,11 @@ Measures (pure functions of ``(H, W, 3) uint8`` RGB images and ``(N, 2|3)`` sour
 - :func:`chroma_excess`: ``max(0, mean C*_out - mean C*_in)`` over the face ellipse inscribed
   in the box (``C* = sqrt(a*^2 + b*^2)``): the colour the output adds. A grey-scale input must
   stay at ~0.
+- :func:`edge_dark`: ``max(0, share_out - share_in)`` of the face's outer band (the face
+  ellipse outside the inner face: forehead, temples, cheek edges, jaw) whose lightness lies more
+  than :data:`DARK_DROP` L* below the inner face's median: the hair-like smudges and dark
+  seams a generator paints into the face edge, over what the input has there (its own hair,
+  shadows). 0 = no more dark structure at the face edge than the real face.
 
 Grey-scale pictures are told apart by :func:`is_grey` and made by :func:`to_grey`, so that
 ``chroma_excess`` can be reported on them separately.
@@ -38,7 +43,8 @@ from ..face.landmarks import face_box
 INNER = 0.7          # inner-face ellipse, as a fraction of the box's half sides
 RING = (1.1, 1.5)    # ring just outside the face, same units
 SHARPNESS_SIGMA = 1.0
-MEASURES = ("sharpness", "tone_gap", "chroma_excess")
+MEASURES = ("sharpness", "tone_gap", "chroma_excess", "edge_dark")
+DARK_DROP = 15.0     # L* (0-100) below the inner face's median lightness that counts as dark (hair, not shading)
 GREY_CHROMA = 1.5    # mean CIELAB chroma under which a whole picture counts as grey-scale
 
 
@@ -115,6 +121,16 @@ def _face_chroma(lab: np.ndarray, r: np.ndarray) -> float:
     return float(_masked_mean(_chroma(lab), face)[0])
 
 
+def _edge_dark_share(lab: np.ndarray, r: np.ndarray) -> float:
+    """Share of the face's outer band (``INNER < r <= 1``) darker than the inner face's median
+    L* minus :data:`DARK_DROP`, from :func:`_lab_radius`'s ``(lab, r)``."""
+    inner, band = r <= INNER, (r > INNER) & (r <= 1.0)
+    if inner.sum() < 16 or band.sum() < 16:
+        raise ValueError("the inner face or its outer band has fewer than 16 pixels in the frame")
+    L = lab[..., 0]
+    return float((L[band] < float(np.median(L[inner])) - DARK_DROP).mean())
+
+
 def laplacian_energy(grey: np.ndarray, mask: np.ndarray, sigma: float = SHARPNESS_SIGMA) -> float:
     """Variance of the Laplacian of ``grey`` ``(h, w)`` (any real dtype, 0-255 scale) after a
     Gaussian of ``sigma`` px, over ``mask`` ``(h, w) bool``."""
@@ -181,14 +197,24 @@ def chroma_excess(inp: np.ndarray, out: np.ndarray, landmarks: np.ndarray) -> fl
     return max(0.0, mean_chroma(out, landmarks) - mean_chroma(inp, landmarks))
 
 
+def edge_dark(inp: np.ndarray, out: np.ndarray, landmarks: np.ndarray) -> float:
+    """``max(0, share_out - share_in)``: the share of the face's outer band (inside the face
+    ellipse of ``landmarks`` ``(N, 2|3)``, outside the inner face) that is dark (more than
+    :data:`DARK_DROP` L* under the inner face's median) in the output and was not in the input:
+    hair-like smudges and dark seams painted into the face edge. 0..1."""
+    _check_pair(inp, out)
+    return max(0.0, _edge_dark_share(*_lab_radius(out, landmarks)) - _edge_dark_share(*_lab_radius(inp, landmarks)))
+
+
 def face_realism(inp: np.ndarray, out: np.ndarray, landmarks: np.ndarray) -> dict[str, float]:
-    """All three measures for one face: ``{"sharpness", "tone_gap", "chroma_excess"}`` (each
-    image converted to Lab once)."""
+    """All four measures for one face: ``{"sharpness", "tone_gap", "chroma_excess",
+    "edge_dark"}`` (each image converted to Lab once)."""
     _check_pair(inp, out)
     lab_in, lab_out = _lab_radius(inp, landmarks), _lab_radius(out, landmarks)
     return {"sharpness": sharpness(inp, out, landmarks),
             "tone_gap": abs(_ring_delta_e(*lab_out) - _ring_delta_e(*lab_in)),
-            "chroma_excess": max(0.0, _face_chroma(*lab_out) - _face_chroma(*lab_in))}
+            "chroma_excess": max(0.0, _face_chroma(*lab_out) - _face_chroma(*lab_in)),
+            "edge_dark": max(0.0, _edge_dark_share(*lab_out) - _edge_dark_share(*lab_in))}
 
 
 def face_realism_or_none(inp: np.ndarray, out: np.ndarray,
@@ -205,13 +231,16 @@ def face_realism_or_none(inp: np.ndarray, out: np.ndarray,
 
 
 def aggregate(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:
-    """Over faces: geometric mean of ``sharpness``, arithmetic means of ``tone_gap`` and
-    ``chroma_excess``, and ``faces`` (their number). Empty input gives NaNs and 0 faces."""
+    """Over faces: geometric mean of ``sharpness``, arithmetic means of ``tone_gap``,
+    ``chroma_excess`` and ``edge_dark`` (NaN when rows saved before it was measured lack it),
+    and ``faces`` (their number). Empty input gives NaNs and 0 faces."""
     rows = list(rows)
     if not rows:
         return {**dict.fromkeys(MEASURES, math.nan), "faces": 0}
     sharp = np.array([r["sharpness"] for r in rows], np.float64)
+    dark = [r["edge_dark"] for r in rows if "edge_dark" in r]
     return {"sharpness": float(np.exp(np.log(np.maximum(sharp, 1e-12)).mean())),
             "tone_gap": float(np.mean([r["tone_gap"] for r in rows])),
             "chroma_excess": float(np.mean([r["chroma_excess"] for r in rows])),
+            "edge_dark": float(np.mean(dark)) if len(dark) == len(rows) else math.nan,
             "faces": len(rows)}

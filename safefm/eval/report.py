@@ -143,9 +143,9 @@ def write_markdown(report: dict) -> str:
         new = "features68" in v
         lines += ["", "### Per clip", "",
                   "| method | clip | frames | mean r | flicker | id consistency | leak | output face found |"
-                  + (" dlib-68 mouth r | dlib-68 eye r (r / l) | sharpness | tone_gap | chroma_excess |"
+                  + (" dlib-68 mouth r | dlib-68 eye r (r / l) | sharpness | tone_gap | chroma_excess | edge_dark |"
                      if new else ""),
-                  "|---|---|---|---|---|---|---|---|" + ("---|" * 5 if new else "")]
+                  "|---|---|---|---|---|---|---|---|" + ("---|" * 6 if new else "")]
         for k, m in v["methods"].items():
             for n, c in m["clips"].items():
                 line = (f"| {k} | {n} | {c['frames']} | {_fmt(_mean_r(c['fidelity']))} | "
@@ -155,7 +155,8 @@ def write_markdown(report: dict) -> str:
                     f68, rz = c["fidelity_dlib68"], c["realism"]
                     line += (f" {_fmt(f68['mouth_open']['pearson'], 2)} | {_fmt(f68['eye_open_r']['pearson'], 2)}"
                              f" / {_fmt(f68['eye_open_l']['pearson'], 2)} | {_fmt(rz['sharpness'])} | "
-                             f"{_fmt(rz['tone_gap'], 2)} | {_fmt(rz['chroma_excess'], 2)} |")
+                             f"{_fmt(rz['tone_gap'], 2)} | {_fmt(rz['chroma_excess'], 2)} | "
+                             f"{_fmt(rz.get('edge_dark', float('nan')))} |")
                 lines.append(line)
     lines += _attacker_lines(report)
     lines += _realism_lines(report)
@@ -217,14 +218,19 @@ def _realism_lines(report: dict) -> list[str]:
              "geometric mean over faces (1 = as sharp as the input, blur ~0); *tone_gap*: | dE76 "
              "between the inner face and a ring just outside it, output minus input | (0 = the face "
              "sits in its surroundings as the real one did, a viewer notices 2-3); *chroma_excess*: "
-             "mean CIELAB chroma the output adds inside the face (grey-scale photos must stay at ~0). "
-             "*none* is the input itself: the ceiling 1 / 0 / 0.", "",
-             "| method | data | faces | sharpness | tone_gap | chroma_excess |", "|---|---|---|---|---|---|"]
+             "mean CIELAB chroma the output adds inside the face (grey-scale photos must stay at ~0); "
+             "*edge_dark*: share of the face's outer band (forehead, temples, cheek edges, jaw) more "
+             "than 15 L* darker than the inner face in the output and not in the input (hair-like "
+             "smudges, dark seams; 0 = no more than the real face). "
+             "*none* is the input itself: the ceiling 1 / 0 / 0 / 0.", "",
+             "| method | data | faces | sharpness | tone_gap | chroma_excess | edge_dark |",
+             "|---|---|---|---|---|---|---|"]
     for label, part, key in sets:
         for k, m in report[part]["methods"].items():
             rz = m["realism"][key] if part == "privacy" else m["overall"]["realism"]
             lines.append(f"| {k} | {label} | {rz['faces']} | {_fmt(rz['sharpness'])} | "
-                         f"{_fmt(rz['tone_gap'], 2)} | {_fmt(rz['chroma_excess'], 2)} |")
+                         f"{_fmt(rz['tone_gap'], 2)} | {_fmt(rz['chroma_excess'], 2)} | "
+                         f"{_fmt(rz.get('edge_dark', float('nan')))} |")
     return lines
 
 
