@@ -37,6 +37,39 @@ def test_file_source_reads_rgb_then_ends():
     assert n == 78
 
 
+def test_an_unpaced_file_is_decoded_on_demand_and_no_frame_is_dropped():
+    from safefm.live.capture import SourceInfo
+
+    class Counting:
+        def __init__(self):
+            self.info, self.reads = SourceInfo(8, 8, 30.0, False, "clip.mp4"), 0
+
+        def read(self):
+            if self.reads >= 20:
+                raise EndOfStream()
+            self.reads += 1
+            return np.full((8, 8, 3), self.reads, np.uint8), None
+
+        def close(self):
+            pass
+
+    src, box, stop = Counting(), Mailbox(), threading.Event()
+    w = CaptureWorker(lambda: src, box, pace=False)
+    t = threading.Thread(target=w.run, args=(stop,), daemon=True)
+    t.start()
+    got = []
+    while True:
+        time.sleep(0.01)                              # a consumer far slower than decoding
+        pkt = box.take(1.0)
+        if pkt is None:
+            break
+        got.append(int(pkt.image[0, 0, 0]))
+        assert src.reads <= len(got) + 1              # never more than one frame read ahead
+    stop.set()
+    t.join(2)
+    assert got == list(range(1, 21)) and box.dropped == 0 and w.ended
+
+
 def test_unavailable_camera_backs_off_and_stops_promptly():
     opens = []
 

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--camera", type=int, default=0, metavar="N", help="camera index (default 0)")
     src.add_argument("--source", metavar="FILE|URL", help="read a video file or stream instead")
     src.add_argument("--no-pace", action="store_true",
-                     help="read --source as fast as possible (tests, benchmarks)")
+                     help="read --source as fast as it is anonymized (every frame is; tests, benchmarks)")
     src.add_argument("--loop", action="store_true",
                      help="play --source again at its end, until stopped (soak runs)")
     eng = ap.add_argument_group("engine")

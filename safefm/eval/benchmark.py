@@ -11,8 +11,12 @@ Two measurements per (runtime, steps):
   ``live_seconds``, as a camera would feed it:
 
   - pacing ``on``: frames captured at the clip's native fps, output ticking at that fps;
-  - pacing ``off``: frames decoded as fast as the source can, output ticking at 240 Hz
-    (the throughput ceiling; decoding competes with processing for the CPU).
+  - pacing ``off``: each frame decoded as soon as the last was taken (an unpaced file is
+    read on demand: no frame is decoded only to be dropped), output at up to 240 Hz: the
+    throughput ceiling. Its latency counts from the decode, and a decoded frame waits in the
+    slot for about one engine period, so it is not a camera's latency (use pacing ``on``);
+    before session 13 frames were decoded flat out and most dropped, so the two runs' figures
+    do not compare.
 
   End-to-end FPS = fresh anonymized frames handed to the sink per second; added latency =
   sink time - capture timestamp of those frames (median, p95). The first ``live_warmup``

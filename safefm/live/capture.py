@@ -139,7 +139,12 @@ def _valid(frame) -> bool:
 
 
 class CaptureWorker:
-    """Reads a source in a thread into a one-slot mailbox, reconnecting on faults."""
+    """Reads a source in a thread into a one-slot mailbox, reconnecting on faults.
+
+    A camera is read as fast as it delivers (the newest frame wins); a file is read at its
+    own fps when ``pace``, else one frame at a time, each once the last has been taken: a file
+    played unpaced is decoded on demand, every frame anonymized, no work spent on frames that
+    would be dropped (decoding them took a core's worth of CPU from the engine)."""
 
     FAILS_BEFORE_REOPEN = 5   # consecutive empty reads before the source is reopened
 
@@ -192,6 +197,10 @@ class CaptureWorker:
                 if self._pace and not self._src.info.live:
                     pacer = pacer or Pacer(self._src.info.fps)
                     pacer.wait(stop)
+                elif not self._src.info.live and not self._out.wait_taken(0.1):
+                    if self._out.closed:
+                        break
+                    continue   # an unpaced file: the next frame is read once the last was taken
                 why = "no frames"
                 try:
                     frame, media_t = self._src.read()

@@ -2,8 +2,9 @@
 
 - capture (:class:`~safefm.live.capture.CaptureWorker`) keeps only the newest camera frame;
 - process runs the engine on the newest frame (or passes it through, badged, when paused);
-- output paces frames to the sinks at the output fps, repeating the last result while
-  processing lags and sending status cards while starting, on faults and on unsafe results.
+- output sends frames to the sinks at the output fps: each result as soon as it arrives (one
+  per frame period), repeating the last result while processing lags and sending status
+  cards while starting, on faults and on unsafe results.
 
 Pipelined (``LiveConfig.pipelined``, an engine with ``prepare`` / ``generate`` / ``finish``
 stages such as :class:`safefm.engine.Engine`): process is three threads, so consecutive frames
@@ -33,7 +34,7 @@ from ..errors import ConfigError, SafeFMError, first_line
 from ..results import ANONYMIZED, STATUSES
 from .capture import CaptureWorker, FrameSource, Packet
 from .identities import list_identities, next_identity
-from .mailbox import Mailbox, Pacer
+from .mailbox import Mailbox
 from .stats import Stats
 
 log = logging.getLogger("safefm.live")
@@ -57,7 +58,7 @@ class LiveConfig:
     width: int                     # output frame size
     height: int
     fps: float                     # output frame rate
-    pace: bool = True              # pace finite sources (files) at their native fps
+    pace: bool = True              # pace finite sources (files) at their native fps; off: read on demand
     paused_badge: bool = True      # draw "NOT ANONYMIZED" on frames sent while paused
     backoff_min: float = 0.25      # first reconnect delay after a capture fault (s)
     backoff_max: float = 4.0       # longest reconnect delay (s)
@@ -500,30 +501,47 @@ class Pipeline:
         return OutFrame(self._fit(cur.image), fid, OUT_ANONYMIZED, fresh, cur.t_capture)
 
     def _output_loop(self) -> None:
-        pacer, cur, last_stats = Pacer(self.cfg.fps), None, time.monotonic()
-        first_sent = False
+        """One frame per output period ("slot"): a result is sent the moment it arrives unless
+        its slot has already sent one (then it waits in its one-slot box for the next slot); a
+        slot that saw no result ends with the last frame (or a card) repeated. So the sinks get
+        ``fps`` frames a second (a recording keeps its timing), results are not held back to a
+        fixed tick (the old way added up to a period of latency), and a result is replaced
+        unsent only when two more arrive within one period."""
+        period, cur, last_stats = 1.0 / self.cfg.fps, None, time.monotonic()
+        first_sent, sent_in_slot = False, False
+        slot_end = time.monotonic()            # the first slot: a card (or result) at once
         try:
             while not self._stop.is_set():
-                r = self._results.take_nowait()
-                fresh = r is not None and (cur is None or r.frame_id >= cur.frame_id)
-                if fresh:
-                    cur = r
-                elif r is None and self._results.closed:
+                r = None
+                if sent_in_slot:
+                    self._stop.wait(max(0.0, slot_end - time.monotonic()))
+                else:
+                    r = self._results.take(max(0.0, slot_end - time.monotonic()))
+                if r is None and self._results.closed and not self._results.pending:
                     break                       # the source ended and every result was sent
-                out = self._compose(cur, fresh)
-                for sink in self._sinks:
-                    sink.send(out)
                 now = time.monotonic()
-                if not first_sent and out.kind == OUT_ANONYMIZED:
-                    first_sent = True
-                    log.info("first anonymized frame sent %.2f s after the pipeline started", now - self._t_start)
-                self.stats.sent(fresh=out.fresh, placeholder=out.kind not in
-                                (OUT_ANONYMIZED, OUT_PAUSED),
-                                latency=now - out.t_capture if out.t_capture else None)
-                if self._on_stats and now - last_stats >= self.cfg.stats_interval:
-                    last_stats = now
-                    self._on_stats(self.stats.snapshot(self.dropped()))
-                pacer.wait(self._stop)
+                if r is not None or (now >= slot_end and not sent_in_slot):
+                    fresh = r is not None and (cur is None or r.frame_id >= cur.frame_id)
+                    if fresh:
+                        cur = r
+                    out = self._compose(cur, fresh)
+                    for sink in self._sinks:
+                        sink.send(out)
+                    sent_in_slot = True
+                    now = time.monotonic()
+                    if not first_sent and out.kind == OUT_ANONYMIZED:
+                        first_sent = True
+                        log.info("first anonymized frame sent %.2f s after the pipeline started",
+                                 now - self._t_start)
+                    self.stats.sent(fresh=out.fresh, placeholder=out.kind not in
+                                    (OUT_ANONYMIZED, OUT_PAUSED),
+                                    latency=now - out.t_capture if out.t_capture else None)
+                    if self._on_stats and now - last_stats >= self.cfg.stats_interval:
+                        last_stats = now
+                        self._on_stats(self.stats.snapshot(self.dropped()))
+                if now >= slot_end:             # the next slot; more than a period late: from now
+                    slot_end = now + period if now - slot_end >= period else slot_end + period
+                    sent_in_slot = False
             if self._on_stats:                  # the last (partial) interval
                 self._on_stats(self.stats.snapshot(self.dropped()))
         except Exception as exc:
