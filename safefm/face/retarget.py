@@ -130,8 +130,9 @@ def close_gaps(shape: np.ndarray) -> np.ndarray:
 
 
 def eye_openings(shape: np.ndarray) -> np.ndarray:
-    """(2,) mean vertical gap between the upper and lower eyelid of each eye (right-of-image
-    first, as :data:`EYE_PAIRS` lists them) of a canonical (478, 3) shape (crop units)."""
+    """(2,) mean vertical gap between the upper and lower eyelid of each eye (in the order
+    :data:`EYE_PAIRS` lists them: its first seven pairs, then the other seven) of a canonical
+    (478, 3) shape (crop units)."""
     up, lo = np.array(EYE_PAIRS).T
     gap = np.asarray(shape, np.float64)[lo, 1] - np.asarray(shape, np.float64)[up, 1]
     return gap.reshape(2, -1).mean(axis=1)
