@@ -26,7 +26,8 @@ from safefm.errors import DeviceError, SafeFMError
 from safefm.live.capture import EndOfStream, SourceInfo, open_source
 from safefm.live.pipeline import (CARD_TEXT, OUT_ANONYMIZED, OUT_CAMERA_LOST, OUT_PAUSED,
                                   OUT_STARTING, OUT_WITHHELD, LiveConfig, Pipeline, UnsafeResult,
-                                  check_result)
+                                  OUTPUT_BURST, OUTPUT_FORGIVE, _Result, check_result,
+                                  output_credit)
 from safefm.live.vcam import VirtualCamSink
 from safefm.paths import shared_data_dir
 from safefm.results import ANONYMIZED, FaceResult, FrameResult
@@ -353,6 +354,44 @@ def test_a_result_is_sent_when_it_is_ready_not_at_the_next_output_tick(clip):
     assert np.median(fresh) < 0.08                          # ~the engine's 10 ms, not up to a 200 ms tick
     per_second = len(meta.frames) / (meta.frames[-1][4] - meta.frames[0][4])
     assert per_second < 5.0 * 1.25                          # still one frame per output period
+
+
+def test_output_credit_accrues_a_frame_a_period_caps_and_forgives_a_debt():
+    assert output_credit(0.0, 0.05, 0.1) == pytest.approx(0.5)
+    assert output_credit(1.5, 1.0, 0.1) == OUTPUT_BURST                # full: a repeat is due
+    assert output_credit(-1.0, 0.0, 0.1) == -1.0
+    debt = -1.0 * np.exp(-0.5 / OUTPUT_FORGIVE)                        # ahead of the rate: forgiven
+    assert output_credit(-1.0, 0.5, 1e9) == pytest.approx(debt)        # (period ~inf: no accrual)
+    assert output_credit(-1.0, 0.5, 1.0) == pytest.approx(debt + 0.5)
+
+
+def test_output_keeps_sending_results_when_ready_after_a_burst_of_early_ones():
+    """Results as a pipelined engine delivers them when it starts: four within 15 ms (its
+    stages filling), then one a period, each 5 ms later in the period than the output's own
+    ticks. The output must send every later result when it arrives, at its rate: neither
+    fixed ticks (which made each wait for the next tick) nor a plain rate credit (left in
+    debt by the burst, it held every later result back the same way) may lag behind."""
+    fps = 20.0                                              # 50 ms periods
+    meta = MetaSink()
+    p = Pipeline(FakeEngine((0, 0, 1, 1)), lambda: None, [meta], LiveConfig(width=64, height=48, fps=fps))
+    p.started = True                                        # as after the first anonymized face
+    out = threading.Thread(target=p._output_loop, daemon=True)
+    img = np.zeros((48, 64, 3), np.uint8)
+    times = [0.105 + 0.005 * i for i in range(4)] + [0.155 + 0.05 * i for i in range(50)]
+    t0 = time.monotonic()
+    out.start()
+    for i, t in enumerate(times):
+        time.sleep(max(0.0, t0 + t - time.monotonic()))
+        p._results.put(_Result(i, time.monotonic(), OUT_ANONYMIZED, img))
+    time.sleep(0.03)
+    p._results.close()
+    out.join(5)
+    assert not out.is_alive()
+    sent = {fid: ts - tc for k, fid, f, tc, ts in meta.frames if f and k == OUT_ANONYMIZED}
+    late = [sent.get(i, 1.0) for i in range(20, len(times))]   # after the first second
+    assert np.median(late) < 0.01 and max(late) < 0.03      # sent as they came (ticks: up to 45 ms)
+    span = meta.frames[-1][4] - meta.frames[0][4]
+    assert (len(meta.frames) - 1) / span < fps * 1.15       # still the output's rate
 
 
 @needs_video

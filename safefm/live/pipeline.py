@@ -20,6 +20,7 @@ Nothing the sinks receive is ever a raw camera frame unless the user paused anon
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -107,6 +108,17 @@ class _Work:
 
 
 STAGE_METHODS = ("prepare", "generate", "finish")
+OUTPUT_BURST = 2.0     # the output's credit of frames (periods): full = repeat the last frame
+OUTPUT_FORGIVE = 1.0   # seconds over which an output ahead of its rate (credit < 0) is forgiven
+
+
+def output_credit(credit: float, dt: float, period: float) -> float:
+    """The output's frame credit ``dt`` seconds on: one frame a ``period``, at most
+    :data:`OUTPUT_BURST`; a negative credit also relaxes towards 0 over
+    :data:`OUTPUT_FORGIVE` seconds (exponentially)."""
+    if credit < 0.0:
+        credit *= math.exp(-dt / OUTPUT_FORGIVE)
+    return min(OUTPUT_BURST, credit + dt / period)
 
 
 def _ema(old: float, new: float) -> float:
@@ -501,47 +513,55 @@ class Pipeline:
         return OutFrame(self._fit(cur.image), fid, OUT_ANONYMIZED, fresh, cur.t_capture)
 
     def _output_loop(self) -> None:
-        """One frame per output period ("slot"): a result is sent the moment it arrives unless
-        its slot has already sent one (then it waits in its one-slot box for the next slot); a
-        slot that saw no result ends with the last frame (or a card) repeated. So the sinks get
-        ``fps`` frames a second (a recording keeps its timing), results are not held back to a
-        fixed tick (the old way added up to a period of latency), and a result is replaced
-        unsent only when two more arrive within one period."""
+        """Frames go out at ``fps`` on average, each result the moment it arrives.
+
+        The output keeps a credit of frames (:func:`output_credit`): one accrues every period,
+        up to :data:`OUTPUT_BURST`, and a frame sent spends one. A result is sent at once
+        while the credit is above -1 (else it waits in its one-slot box, and a newer result
+        replaces it); when no result has come by the time the credit is full, the last frame
+        (or a card) is repeated. So the sinks get ``fps`` frames a second (a recording keeps
+        its timing; a stall is covered by repeats, one a period) and never more than three
+        early, while a result arriving a little early or late against the output's own clock
+        is not held back. Being ahead (credit below 0) is forgiven over
+        :data:`OUTPUT_FORGIVE` seconds: the latency falls in the first second as the stages
+        warm up, so results arrive faster than ``fps`` for a while, and without it the
+        output stayed behind them by that much for good (fixed ticks before session 14 locked
+        the same way after jitter: measured 10-20 ms of the median latency)."""
         period, cur, last_stats = 1.0 / self.cfg.fps, None, time.monotonic()
-        first_sent, sent_in_slot = False, False
-        slot_end = time.monotonic()            # the first slot: a card (or result) at once
+        first_sent = False
+        credit, t_credit = OUTPUT_BURST, time.monotonic()   # the first frame (a card) at once
         try:
             while not self._stop.is_set():
-                r = None
-                if sent_in_slot:
-                    self._stop.wait(max(0.0, slot_end - time.monotonic()))
-                else:
-                    r = self._results.take(max(0.0, slot_end - time.monotonic()))
+                now = time.monotonic()
+                credit, t_credit = output_credit(credit, now - t_credit, period), now
+                if credit <= -1.0:              # three frames went out early: let the credit grow back
+                    self._stop.wait(0.25 * period)
+                    continue
+                r = self._results.take((OUTPUT_BURST - credit) * period)
                 if r is None and self._results.closed and not self._results.pending:
                     break                       # the source ended and every result was sent
                 now = time.monotonic()
-                if r is not None or (now >= slot_end and not sent_in_slot):
-                    fresh = r is not None and (cur is None or r.frame_id >= cur.frame_id)
-                    if fresh:
-                        cur = r
-                    out = self._compose(cur, fresh)
-                    for sink in self._sinks:
-                        sink.send(out)
-                    sent_in_slot = True
-                    now = time.monotonic()
-                    if not first_sent and out.kind == OUT_ANONYMIZED:
-                        first_sent = True
-                        log.info("first anonymized frame sent %.2f s after the pipeline started",
-                                 now - self._t_start)
-                    self.stats.sent(fresh=out.fresh, placeholder=out.kind not in
-                                    (OUT_ANONYMIZED, OUT_PAUSED),
-                                    latency=now - out.t_capture if out.t_capture else None)
-                    if self._on_stats and now - last_stats >= self.cfg.stats_interval:
-                        last_stats = now
-                        self._on_stats(self.stats.snapshot(self.dropped()))
-                if now >= slot_end:             # the next slot; more than a period late: from now
-                    slot_end = now + period if now - slot_end >= period else slot_end + period
-                    sent_in_slot = False
+                credit, t_credit = output_credit(credit, now - t_credit, period), now
+                if r is None and credit < OUTPUT_BURST - 1e-3:
+                    continue                    # woken early (nothing to send yet)
+                fresh = r is not None and (cur is None or r.frame_id >= cur.frame_id)
+                if fresh:
+                    cur = r
+                out = self._compose(cur, fresh)
+                for sink in self._sinks:
+                    sink.send(out)
+                credit -= 1.0
+                now = time.monotonic()
+                if not first_sent and out.kind == OUT_ANONYMIZED:
+                    first_sent = True
+                    log.info("first anonymized frame sent %.2f s after the pipeline started",
+                             now - self._t_start)
+                self.stats.sent(fresh=out.fresh, placeholder=out.kind not in
+                                (OUT_ANONYMIZED, OUT_PAUSED),
+                                latency=now - out.t_capture if out.t_capture else None)
+                if self._on_stats and now - last_stats >= self.cfg.stats_interval:
+                    last_stats = now
+                    self._on_stats(self.stats.snapshot(self.dropped()))
             if self._on_stats:                  # the last (partial) interval
                 self._on_stats(self.stats.snapshot(self.dropped()))
         except Exception as exc:
