@@ -2,9 +2,10 @@
 
 - capture (:class:`~safefm.live.capture.CaptureWorker`) keeps only the newest camera frame;
 - process runs the engine on the newest frame (or passes it through, badged, when paused);
-- output sends frames to the sinks at the output fps: each result as soon as it arrives (one
-  per frame period), repeating the last result while processing lags and sending status
-  cards while starting, on faults and on unsafe results.
+- output sends frames to the sinks at the output fps on average: each result as soon as it
+  arrives (a frame credit keeps the rate, :meth:`Pipeline._output_loop`), repeating the last
+  result while processing lags and sending status cards while starting, on faults and on
+  unsafe results.
 
 Pipelined (``LiveConfig.pipelined``, an engine with ``prepare`` / ``generate`` / ``finish``
 stages such as :class:`safefm.engine.Engine`): process is three threads, so consecutive frames
