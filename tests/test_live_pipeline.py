@@ -356,6 +356,36 @@ def test_a_result_is_sent_when_it_is_ready_not_at_the_next_output_tick(clip):
     assert per_second < 5.0 * 1.25                          # still one frame per output period
 
 
+def _feed_output(fps, times, tail=0.03):
+    """Run a pipeline's output loop alone, handing it a result at each of ``times`` (s from
+    the start); returns the MetaSink's frames."""
+    meta = MetaSink()
+    p = Pipeline(FakeEngine((0, 0, 1, 1)), lambda: None, [meta], LiveConfig(width=64, height=48, fps=fps))
+    p.started = True                                        # as after the first anonymized face
+    out = threading.Thread(target=p._output_loop, daemon=True)
+    img = np.zeros((48, 64, 3), np.uint8)
+    t0 = time.monotonic()
+    out.start()
+    for i, t in enumerate(times):
+        time.sleep(max(0.0, t0 + t - time.monotonic()))
+        p._results.put(_Result(i, time.monotonic(), OUT_ANONYMIZED, img))
+    time.sleep(tail)
+    p._results.close()
+    out.join(5)
+    assert not out.is_alive()
+    return meta.frames
+
+
+def test_results_faster_than_the_output_rate_are_sent_at_that_rate_exactly():
+    """A 40 fps source into a 20 fps output (``--fps 20`` on a faster file): a recording's
+    frame count, and so its timing, must follow the output rate, not drift above it."""
+    frames = _feed_output(20.0, [0.1 + 0.025 * i for i in range(160)])
+    sent = [ts for k, _, f, tc, ts in frames]
+    t0 = sent[0]
+    window = [t for t in sent if t0 + 1.0 <= t < t0 + 4.0]
+    assert 58 <= len(window) <= 61                          # 20 a second (forgiving the debt: ~63)
+
+
 def test_output_credit_accrues_a_frame_a_period_caps_and_forgives_a_debt():
     assert output_credit(0.0, 0.05, 0.1) == pytest.approx(0.5)
     assert output_credit(1.5, 1.0, 0.1) == OUTPUT_BURST                # full: a repeat is due
@@ -363,6 +393,7 @@ def test_output_credit_accrues_a_frame_a_period_caps_and_forgives_a_debt():
     debt = -1.0 * np.exp(-0.5 / OUTPUT_FORGIVE)                        # ahead of the rate: forgiven
     assert output_credit(-1.0, 0.5, 1e9) == pytest.approx(debt)        # (period ~inf: no accrual)
     assert output_credit(-1.0, 0.5, 1.0) == pytest.approx(debt + 0.5)
+    assert output_credit(-1.0, 0.5, 1.0, forgive=False) == pytest.approx(-0.5)   # results being dropped
 
 
 def test_output_keeps_sending_results_when_ready_after_a_burst_of_early_ones():
@@ -372,26 +403,13 @@ def test_output_keeps_sending_results_when_ready_after_a_burst_of_early_ones():
     fixed ticks (which made each wait for the next tick) nor a plain rate credit (left in
     debt by the burst, it held every later result back the same way) may lag behind."""
     fps = 20.0                                              # 50 ms periods
-    meta = MetaSink()
-    p = Pipeline(FakeEngine((0, 0, 1, 1)), lambda: None, [meta], LiveConfig(width=64, height=48, fps=fps))
-    p.started = True                                        # as after the first anonymized face
-    out = threading.Thread(target=p._output_loop, daemon=True)
-    img = np.zeros((48, 64, 3), np.uint8)
     times = [0.105 + 0.005 * i for i in range(4)] + [0.155 + 0.05 * i for i in range(50)]
-    t0 = time.monotonic()
-    out.start()
-    for i, t in enumerate(times):
-        time.sleep(max(0.0, t0 + t - time.monotonic()))
-        p._results.put(_Result(i, time.monotonic(), OUT_ANONYMIZED, img))
-    time.sleep(0.03)
-    p._results.close()
-    out.join(5)
-    assert not out.is_alive()
-    sent = {fid: ts - tc for k, fid, f, tc, ts in meta.frames if f and k == OUT_ANONYMIZED}
+    frames = _feed_output(fps, times)
+    sent = {fid: ts - tc for k, fid, f, tc, ts in frames if f and k == OUT_ANONYMIZED}
     late = [sent.get(i, 1.0) for i in range(20, len(times))]   # after the first second
     assert np.median(late) < 0.01 and max(late) < 0.03      # sent as they came (ticks: up to 45 ms)
-    span = meta.frames[-1][4] - meta.frames[0][4]
-    assert (len(meta.frames) - 1) / span < fps * 1.15       # still the output's rate
+    span = frames[-1][4] - frames[0][4]
+    assert (len(frames) - 1) / span < fps * 1.15            # still the output's rate
 
 
 @needs_video

@@ -113,11 +113,11 @@ OUTPUT_BURST = 2.0     # the output's credit of frames (periods): full = repeat 
 OUTPUT_FORGIVE = 1.0   # seconds over which an output ahead of its rate (credit < 0) is forgiven
 
 
-def output_credit(credit: float, dt: float, period: float) -> float:
+def output_credit(credit: float, dt: float, period: float, forgive: bool = True) -> float:
     """The output's frame credit ``dt`` seconds on: one frame a ``period``, at most
-    :data:`OUTPUT_BURST`; a negative credit also relaxes towards 0 over
+    :data:`OUTPUT_BURST`; with ``forgive``, a negative credit also relaxes towards 0 over
     :data:`OUTPUT_FORGIVE` seconds (exponentially)."""
-    if credit < 0.0:
+    if credit < 0.0 and forgive:
         credit *= math.exp(-dt / OUTPUT_FORGIVE)
     return min(OUTPUT_BURST, credit + dt / period)
 
@@ -524,17 +524,24 @@ class Pipeline:
         its timing; a stall is covered by repeats, one a period) and never more than three
         early, while a result arriving a little early or late against the output's own clock
         is not held back. Being ahead (credit below 0) is forgiven over
-        :data:`OUTPUT_FORGIVE` seconds: the latency falls in the first second as the stages
-        warm up, so results arrive faster than ``fps`` for a while, and without it the
-        output stayed behind them by that much for good (fixed ticks before session 14 locked
-        the same way after jitter: measured 10-20 ms of the median latency)."""
+        :data:`OUTPUT_FORGIVE` seconds unless a result was replaced unsent within as long: the latency
+        falls in the first second as the stages warm up, so results arrive faster than ``fps``
+        for a while, and without it the output stayed behind them by that much for good (fixed
+        ticks before session 14 locked the same way after jitter: measured 10-20 ms of the
+        median latency); results that keep coming faster than ``fps`` (a source faster than
+        the output) replace each other in the box, and then nothing is forgiven, so the rate
+        stays exact."""
         period, cur, last_stats = 1.0 / self.cfg.fps, None, time.monotonic()
         first_sent = False
         credit, t_credit = OUTPUT_BURST, time.monotonic()   # the first frame (a card) at once
+        replaced, t_replaced = self._results.dropped, -math.inf   # results replaced unsent: count, last seen
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                credit, t_credit = output_credit(credit, now - t_credit, period), now
+                if self._results.dropped != replaced:
+                    replaced, t_replaced = self._results.dropped, now
+                forgive = now - t_replaced > OUTPUT_FORGIVE
+                credit, t_credit = output_credit(credit, now - t_credit, period, forgive), now
                 if credit <= -1.0:              # three frames went out early: let the credit grow back
                     self._stop.wait(0.25 * period)
                     continue
@@ -542,7 +549,10 @@ class Pipeline:
                 if r is None and self._results.closed and not self._results.pending:
                     break                       # the source ended and every result was sent
                 now = time.monotonic()
-                credit, t_credit = output_credit(credit, now - t_credit, period), now
+                if self._results.dropped != replaced:
+                    replaced, t_replaced = self._results.dropped, now
+                forgive = now - t_replaced > OUTPUT_FORGIVE
+                credit, t_credit = output_credit(credit, now - t_credit, period, forgive), now
                 if r is None and credit < OUTPUT_BURST - 1e-3:
                     continue                    # woken early (nothing to send yet)
                 fresh = r is not None and (cur is None or r.frame_id >= cur.frame_id)
