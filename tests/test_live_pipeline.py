@@ -26,7 +26,8 @@ from safefm.errors import DeviceError, SafeFMError
 from safefm.live.capture import EndOfStream, SourceInfo, open_source
 from safefm.live.pipeline import (CARD_TEXT, OUT_ANONYMIZED, OUT_CAMERA_LOST, OUT_PAUSED,
                                   OUT_STARTING, OUT_WITHHELD, LiveConfig, Pipeline, UnsafeResult,
-                                  OUTPUT_BURST, OUTPUT_FORGIVE, _Result, check_result,
+                                  OUTPUT_BURST, OUTPUT_FORGIVE, OUTPUT_GRACE, OUTPUT_GRACE_RATE, _Result,
+                                  check_result,
                                   output_credit)
 from safefm.live.vcam import VirtualCamSink
 from safefm.paths import shared_data_dir
@@ -386,14 +387,24 @@ def test_results_faster_than_the_output_rate_are_sent_at_that_rate_exactly():
     assert 58 <= len(window) <= 61                          # 20 a second (forgiving the debt: ~63)
 
 
-def test_output_credit_accrues_a_frame_a_period_caps_and_forgives_a_debt():
-    assert output_credit(0.0, 0.05, 0.1) == pytest.approx(0.5)
-    assert output_credit(1.5, 1.0, 0.1) == OUTPUT_BURST                # full: a repeat is due
-    assert output_credit(-1.0, 0.0, 0.1) == -1.0
-    debt = -1.0 * np.exp(-0.5 / OUTPUT_FORGIVE)                        # ahead of the rate: forgiven
-    assert output_credit(-1.0, 0.5, 1e9) == pytest.approx(debt)        # (period ~inf: no accrual)
-    assert output_credit(-1.0, 0.5, 1.0) == pytest.approx(debt + 0.5)
-    assert output_credit(-1.0, 0.5, 1.0, forgive=False) == pytest.approx(-0.5)   # results being dropped
+def test_results_slower_than_the_output_rate_are_topped_up_with_repeats_to_that_rate():
+    """A 10 fps engine behind a 20 fps output: repeats fill in, so a recording keeps its timing."""
+    frames = _feed_output(20.0, [0.1 + 0.1 * i for i in range(45)])
+    sent = [ts for k, _, f, tc, ts in frames]
+    window = [t for t in sent if sent[0] + 1.0 <= t < sent[0] + 4.0]
+    assert 58 <= len(window) <= 61
+    assert sum(f for _, _, f, _, _ in frames) >= 40          # every result went out
+
+
+def test_output_credit_accrues_a_frame_a_period_caps_and_forgives_a_debt_from_its_grace():
+    c, g = output_credit(0.0, 0.0, 0.05, 0.1)
+    assert c == pytest.approx(0.5) and g == pytest.approx(0.05 * OUTPUT_GRACE_RATE)
+    assert output_credit(1.5, 0.0, 10.0, 0.1)[0] == OUTPUT_BURST + 1      # capped, a late wake-up kept
+    assert output_credit(-1.0, 0.0, 0.0, 0.1) == (-1.0, 0.0)
+    c, g = output_credit(-1.0, OUTPUT_GRACE, 0.5, 1e9)                    # (period ~inf: no accrual)
+    assert c == pytest.approx(-np.exp(-0.5 / OUTPUT_FORGIVE)) and g < OUTPUT_GRACE
+    assert output_credit(-1.0, 0.1, 0.5, 1e9)[0] == pytest.approx(-1.0 + 0.1 + 0.5 * OUTPUT_GRACE_RATE)
+    assert output_credit(-1.0, 3.0, 0.5, 1.0, forgive=False) == (pytest.approx(-0.5), 3.0)   # results dropped
 
 
 def test_output_keeps_sending_results_when_ready_after_a_burst_of_early_ones():
@@ -407,7 +418,8 @@ def test_output_keeps_sending_results_when_ready_after_a_burst_of_early_ones():
     frames = _feed_output(fps, times)
     sent = {fid: ts - tc for k, fid, f, tc, ts in frames if f and k == OUT_ANONYMIZED}
     late = [sent.get(i, 1.0) for i in range(20, len(times))]   # after the first second
-    assert np.median(late) < 0.01 and max(late) < 0.03      # sent as they came (ticks: up to 45 ms)
+    assert np.median(late) < 0.01                           # sent as they came (ticks: ~45 ms each)
+    assert sum(x > 0.03 for x in late) <= 3                 # (a loaded machine may delay a few)
     span = frames[-1][4] - frames[0][4]
     assert (len(frames) - 1) / span < fps * 1.15            # still the output's rate
 

@@ -109,17 +109,25 @@ class _Work:
 
 
 STAGE_METHODS = ("prepare", "generate", "finish")
-OUTPUT_BURST = 2.0     # the output's credit of frames (periods): full = repeat the last frame
-OUTPUT_FORGIVE = 1.0   # seconds over which an output ahead of its rate (credit < 0) is forgiven
+OUTPUT_BURST = 2.0        # the output's credit (frames) at which the last frame is repeated
+OUTPUT_FORGIVE = 1.0      # seconds over which being ahead of the rate (credit < 0) relaxes to 0
+OUTPUT_GRACE = 3.0        # most frames of being ahead that can be forgiven at once ...
+OUTPUT_GRACE_RATE = 0.1   # ... refilled at this many a second: the most the output runs over its rate
 
 
-def output_credit(credit: float, dt: float, period: float, forgive: bool = True) -> float:
-    """The output's frame credit ``dt`` seconds on: one frame a ``period``, at most
-    :data:`OUTPUT_BURST`; with ``forgive``, a negative credit also relaxes towards 0 over
-    :data:`OUTPUT_FORGIVE` seconds (exponentially)."""
+def output_credit(credit: float, grace: float, dt: float, period: float,
+                  forgive: bool = True) -> tuple[float, float]:
+    """The output's (frame credit, grace) ``dt`` seconds on. The credit accrues one frame a
+    ``period``, kept at most ``OUTPUT_BURST + 1`` (a repeat is due at :data:`OUTPUT_BURST`; the
+    extra frame keeps a late wake-up's time, so repeats keep the rate). The grace, frames of
+    being ahead that may still be forgiven, refills at :data:`OUTPUT_GRACE_RATE` a second up to
+    :data:`OUTPUT_GRACE`. With ``forgive``, a negative credit relaxes towards 0 over
+    :data:`OUTPUT_FORGIVE` seconds (exponentially), by at most the grace, which it spends."""
+    grace = min(OUTPUT_GRACE, grace + dt * OUTPUT_GRACE_RATE)
     if credit < 0.0 and forgive:
-        credit *= math.exp(-dt / OUTPUT_FORGIVE)
-    return min(OUTPUT_BURST, credit + dt / period)
+        relief = min(-credit * (1.0 - math.exp(-dt / OUTPUT_FORGIVE)), grace)
+        credit, grace = credit + relief, grace - relief
+    return min(OUTPUT_BURST + 1.0, credit + dt / period), grace
 
 
 def _ema(old: float, new: float) -> float:
@@ -516,43 +524,44 @@ class Pipeline:
     def _output_loop(self) -> None:
         """Frames go out at ``fps`` on average, each result the moment it arrives.
 
-        The output keeps a credit of frames (:func:`output_credit`): one accrues every period,
-        up to :data:`OUTPUT_BURST`, and a frame sent spends one. A result is sent at once
-        while the credit is above -1 (else it waits in its one-slot box, and a newer result
-        replaces it); when no result has come by the time the credit is full, the last frame
-        (or a card) is repeated. So the sinks get ``fps`` frames a second (a recording keeps
-        its timing; a stall is covered by repeats, one a period) and never more than three
-        early, while a result arriving a little early or late against the output's own clock
-        is not held back. Being ahead (credit below 0) is forgiven over
-        :data:`OUTPUT_FORGIVE` seconds unless a result was replaced unsent within as long: the latency
-        falls in the first second as the stages warm up, so results arrive faster than ``fps``
-        for a while, and without it the output stayed behind them by that much for good (fixed
-        ticks before session 14 locked the same way after jitter: measured 10-20 ms of the
-        median latency); results that keep coming faster than ``fps`` (a source faster than
-        the output) replace each other in the box, and then nothing is forgiven, so the rate
-        stays exact."""
+        The output keeps a credit of frames (:func:`output_credit`): one accrues every period
+        and a frame sent spends one. A result is sent at once while the credit is above -1
+        (else it waits in its one-slot box, and a newer result replaces it); when no result
+        has come by the time the credit reaches :data:`OUTPUT_BURST`, the last frame (or a
+        card) is repeated, so a stall is covered by repeats, one a period. A result arriving
+        a little early or late against the output's own clock is not held back. Being ahead
+        (credit below 0) is forgiven over :data:`OUTPUT_FORGIVE` seconds, from a grace of at
+        most :data:`OUTPUT_GRACE` frames refilled at :data:`OUTPUT_GRACE_RATE` a second, and not
+        while results are being replaced unsent (a source faster than the output: its rate
+        then holds exactly). Why forgive: the latency falls in the first second as the stages
+        warm up (and after a stall), so results arrive faster than ``fps`` for a while, and
+        without it the output stayed behind them by that much for good (fixed ticks before
+        session 14 locked the same way after jitter: measured 10-20 ms of the median latency).
+        So over any stretch the sinks get ``fps`` frames a second, at most a few frames and
+        ``OUTPUT_GRACE_RATE`` a second more (a recording keeps its timing to within that)."""
         period, cur, last_stats = 1.0 / self.cfg.fps, None, time.monotonic()
         first_sent = False
-        credit, t_credit = OUTPUT_BURST, time.monotonic()   # the first frame (a card) at once
-        replaced, t_replaced = self._results.dropped, -math.inf   # results replaced unsent: count, last seen
+        credit, grace, t_credit = OUTPUT_BURST, OUTPUT_GRACE, time.monotonic()   # the first frame (a card) at once
+        replaced, t_replaced = self._results.dropped, -math.inf   # results replaced unsent: count, when last seen
+
+        def update(now: float) -> None:
+            nonlocal credit, grace, t_credit, replaced, t_replaced
+            if self._results.dropped != replaced:
+                replaced, t_replaced = self._results.dropped, now
+            credit, grace = output_credit(credit, grace, now - t_credit, period,
+                                          forgive=now - t_replaced > OUTPUT_FORGIVE)
+            t_credit = now
+
         try:
             while not self._stop.is_set():
-                now = time.monotonic()
-                if self._results.dropped != replaced:
-                    replaced, t_replaced = self._results.dropped, now
-                forgive = now - t_replaced > OUTPUT_FORGIVE
-                credit, t_credit = output_credit(credit, now - t_credit, period, forgive), now
-                if credit <= -1.0:              # three frames went out early: let the credit grow back
+                update(time.monotonic())
+                if credit <= -1.0:              # frames went out early: let the credit grow back
                     self._stop.wait(0.25 * period)
                     continue
-                r = self._results.take((OUTPUT_BURST - credit) * period)
+                r = self._results.take(max(0.0, (OUTPUT_BURST - credit) * period))
                 if r is None and self._results.closed and not self._results.pending:
                     break                       # the source ended and every result was sent
-                now = time.monotonic()
-                if self._results.dropped != replaced:
-                    replaced, t_replaced = self._results.dropped, now
-                forgive = now - t_replaced > OUTPUT_FORGIVE
-                credit, t_credit = output_credit(credit, now - t_credit, period, forgive), now
+                update(time.monotonic())
                 if r is None and credit < OUTPUT_BURST - 1e-3:
                     continue                    # woken early (nothing to send yet)
                 fresh = r is not None and (cur is None or r.frame_id >= cur.frame_id)
