@@ -54,6 +54,7 @@ MOUTH_PAIRS = ((13, 14), (82, 87), (81, 178), (80, 88), (191, 95),
                (312, 317), (311, 402), (310, 318), (415, 324))
 EYE_PAIRS = ((159, 145), (158, 153), (160, 144), (157, 154), (161, 163), (173, 155), (246, 7),
              (386, 374), (385, 380), (387, 373), (384, 381), (388, 390), (398, 382), (466, 249))
+_EYE_UP, _EYE_LO = np.array(EYE_PAIRS).T   # upper and lower eyelid points of EYE_PAIRS
 NOSE_BASE = 2         # FaceMesh point under the nose (subnasale)
 JAW_WEIGHT = 0.5
 RIGID_WEIGHT = 0.15
@@ -133,8 +134,7 @@ def eye_openings(shape: np.ndarray) -> np.ndarray:
     """(2,) mean vertical gap between the upper and lower eyelid of each eye (in the order
     :data:`EYE_PAIRS` lists them: its first seven pairs, then the other seven) of a canonical
     (478, 3) shape (crop units)."""
-    up, lo = np.array(EYE_PAIRS).T
-    gap = np.asarray(shape, np.float64)[lo, 1] - np.asarray(shape, np.float64)[up, 1]
+    gap = np.asarray(shape, np.float64)[_EYE_LO, 1] - np.asarray(shape, np.float64)[_EYE_UP, 1]
     return gap.reshape(2, -1).mean(axis=1)
 
 
@@ -152,7 +152,7 @@ def with_rest_eyes(identity_shape: np.ndarray, neutral: np.ndarray, keep: float)
     ident, rest = eye_openings(out), eye_openings(neutral)
     ratio = np.exp(keep * np.log(np.maximum(rest, 1e-4) / np.maximum(ident, 1e-4)))
     ratio = np.where((ident > 1e-4) & (rest > 1e-4), np.clip(ratio, 0.25, 4.0), 1.0)
-    up, lo = np.array(EYE_PAIRS).T
+    up, lo = _EYE_UP, _EYE_LO
     r = np.repeat(ratio, len(EYE_PAIRS) // 2)
     mid = 0.5 * (out[up, 1] + out[lo, 1])
     out[up, 1] = mid + r * (out[up, 1] - mid)
