@@ -19,6 +19,7 @@ OBJECTIVES = ("flow", "diffusion")
 FLOW_SOLVERS = ("euler", "heun", "midpoint")     # safefm.sampler
 DIFFUSION_SOLVERS = ("ddim", "dpmpp", "ddpm")     # safefm.diffusion_sampler
 SOLVERS = ("auto",) + FLOW_SOLVERS + DIFFUSION_SOLVERS
+INT8_MODES = ("off", "decoder", "all")   # RuntimeConfig.int8: which onnxruntime graphs run int8 convolutions
 
 
 def resolve_solver(objective: str, solver: str) -> str:
@@ -143,7 +144,7 @@ class RuntimeConfig:
     seamless_paste: bool = True
     detail_min_px: int = 160
     detail_strength: float = 1.0
-    int8: bool = False
+    int8: str = "off"
     identity_guard: float = 0.0
     identity_repel: float = 1.5
     repel_until: float = 1.0
@@ -155,6 +156,10 @@ class RuntimeConfig:
     context_grow: float = 0.1
 
     def __post_init__(self) -> None:
+        if isinstance(self.int8, bool):   # before session 15 a switch: true = every graph that can be
+            object.__setattr__(self, "int8", "all" if self.int8 else "off")
+        if self.int8 not in INT8_MODES:
+            raise ConfigError(f"int8 must be one of {', '.join(INT8_MODES)}, got {self.int8!r}")
         if not 1 <= self.steps <= 50:
             raise ConfigError(f"steps must be in 1..50, got {self.steps}")
         if self.solver not in SOLVERS:
@@ -211,10 +216,11 @@ class RuntimeConfig:
 # doubles the generator's network calls) and no 2x detail stage (+6.5 ms a face on a 2-core CPU;
 # session 12 at 2 steps: clip sharpness 0.11 -> 0.72, but 24 vs 28 FPS unpaced and a p50 latency of
 # 94 vs 44 ms: --detail-min-px 160 turns it on).
-# int8 (onnxruntime's int8 convolutions, safefm.quantize) stays off: it saves ~9 ms a frame here
-# but raised flicker on every clip (1.14 -> 1.37, docs/results.md).
+# int8 = "decoder" (session 15): the image decoder's convolutions in int8 (safefm.quantize: ReLUs
+# folded, first and last convolutions float), ~4 ms a frame less on the generator's stage; the
+# generator's own int8 ("all") raised flicker on every clip (1.14 -> 1.37, docs/results.md).
 # Grain matching costs ~3.5 ms a frame (measuring the frame's noise): files only.
-LIVE_DEFAULTS = {"identity_repel": 0.0, "detail_min_px": 0, "match_grain": False}
+LIVE_DEFAULTS = {"identity_repel": 0.0, "detail_min_px": 0, "match_grain": False, "int8": "decoder"}
 
 
 def _coerce(cls, values: Mapping[str, Any]):

@@ -165,21 +165,23 @@ class OnnxBackend:
         if not fell_back and self.providers[0] != wanted[0]:   # onnxruntime dropped it quietly
             log.warning("onnxruntime %s did not start; running on %s", wanted[0], self.providers[0])
 
-    def use_int8(self, feeds_fn) -> None:
-        """Run the velocity and decoder graphs with int8 convolutions
-        (:mod:`safefm.quantize`; made once from ``feeds_fn()`` and cached beside the float ones)."""
+    def use_int8(self, feeds_fn, names=("velocity", "decoder")) -> None:
+        """Run the graphs ``names`` (of velocity, decoder) with int8 convolutions
+        (:mod:`safefm.quantize`; made once from ``feeds_fn()`` and cached beside the float ones).
+        The detail stage stays float: int8 left a dot pattern in its residual."""
         import onnxruntime as ort
 
         from .quantize import ensure_int8
 
-        names = ["velocity", "decoder"]   # the detail stage stays float: int8 left a dot pattern in its residual
+        names = [n for n in ("velocity", "decoder") if n in names]
         paths = ensure_int8(self._folder, names, feeds_fn)
         try:
             sessions = open_sessions(ort, paths, self._opts, self.providers)
         except Exception as exc:
             raise WeightsError(f"onnxruntime could not load the int8 model in {self._folder} ({exc}); "
-                               "delete its *.int8.onnx files or run without int8") from None
-        self._velocity, self._decoder = sessions["velocity"], sessions["decoder"]
+                               "delete its *.int8v2.onnx files or run without int8") from None
+        self._velocity = sessions.get("velocity") or self._velocity
+        self._decoder = sessions.get("decoder") or self._decoder
 
     def embed(self, heat: torch.Tensor) -> torch.Tensor:
         """Heatmaps (B, Ch, H, H) -> the ControlNet's conditioning (B, C0, h, w)."""
@@ -340,9 +342,11 @@ class Generator:
         self.identity_net.to(self.device)   # identity tokens run in torch with either backend
         self.providers = self.backend.providers
         self._null_tokens: torch.Tensor | None = None
-        self.int8 = cfg.int8 and self.runtime == "onnx"
-        if cfg.int8 and not self.int8:
+        self.int8 = cfg.int8 != "off" and self.runtime == "onnx" and self.providers[0] == CPU_PROVIDER
+        if cfg.int8 != "off" and self.runtime != "onnx":
             log.warning("int8 needs onnxruntime (runtime %s): running in float32", self.runtime)
+        elif cfg.int8 != "off" and not self.int8:   # QDQ graphs are a CPU speed-up; a GPU runs them no faster
+            log.info("int8 is for the CPU: %s runs the float graphs", self.providers[0])
         if self.int8:
             from .paths import identities_dir
             from .identity import load_identity
@@ -352,7 +356,7 @@ class Generator:
                 shipped = [load_identity(p, self.model_cfg.identity_dim)
                            for p in sorted(identities_dir().glob("*.pt"))]
                 return calibration_feeds(self, shipped or [_random_identity(self.model_cfg.identity_dim)])
-            self.backend.use_int8(feeds)
+            self.backend.use_int8(feeds, ("decoder",) if cfg.int8 == "decoder" else ("velocity", "decoder"))
 
     def _build(self, model: SafeFMModel, digest: str | None) -> None:
         """Prepare the torch model for inference and open its backend (exporting for onnx)."""

@@ -137,11 +137,14 @@ def test_face_inner_out_of_range_is_one_line():
         RuntimeConfig(face_inner=0.5)
 
 
-def test_int8_is_a_camera_option_off_by_default():
+def test_int8_decoder_is_the_cameras_default_and_files_stay_float():
     from safefm.cli.cam import _engine_factory, build_parser
 
     seen = []
-    for argv in ([], ["--int8"]):
+    for argv in ([], ["--int8"], ["--int8", "off"], ["--no-int8"], ["--int8", "decoder"]):
         _engine_factory(build_parser().parse_args(argv), lambda cfg, **kw: seen.append(cfg.int8))()
-    assert seen == [False, True]
-    assert load_runtime_config().int8 is False
+    assert seen == ["decoder", "all", "off", "off", "decoder"]
+    assert load_runtime_config().int8 == "off"
+    assert load_runtime_config(int8=True).int8 == "all"       # a TOML of before session 15
+    with pytest.raises(ConfigError, match="int8 must be one of off, decoder, all"):
+        load_runtime_config(int8="fast")

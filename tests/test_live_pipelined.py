@@ -319,6 +319,24 @@ def test_gpu_providers_are_asked_for_and_fall_back_to_the_cpu_in_one_line(tmp_pa
     assert z.shape == (1, *mc.latent_shape) and torch.isfinite(z).all()
 
 
+def test_int8_is_for_the_cpu_a_gpu_runs_the_float_graphs(tmp_path, monkeypatch, caplog):
+    """The camera's default int8 decoder is a CPU speed-up: on a GPU provider no int8 graph is
+    made or opened (a one-line note says so)."""
+    import onnxruntime as ort
+
+    from safefm.config import load_runtime_config
+    from safefm.tiny import tiny_generator
+
+    monkeypatch.setenv("SAFEFM_CACHE", str(tmp_path))
+    _fake_gpu_onnxruntime(monkeypatch, fail=False)
+    monkeypatch.setattr(ort.InferenceSession, "get_providers", lambda self: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with caplog.at_level("INFO", logger="safefm"):
+        gen = tiny_generator(load_runtime_config(runtime="onnx", device="auto", int8="decoder"))
+    assert gen.providers[0] == "CUDAExecutionProvider" and not gen.int8
+    assert not list(tmp_path.rglob("*.int8v2.onnx"))
+    assert any("int8 is for the CPU" in r.getMessage() for r in caplog.records)
+
+
 def test_cpu_device_never_asks_for_a_gpu(tmp_path, monkeypatch, caplog):
     from safefm.config import load_runtime_config
     from safefm.tiny import tiny_generator

@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--identity", type=Path, default=None, help="identity file (default: the shipped one)")
     ap.add_argument("--steps", type=int_list, default=(1, 2, 3, 4, 5), help="comma list (default 1,2,3,4,5)")
     ap.add_argument("--runtimes", type=name_list, default=None,
-                    help="comma list of torch-cpu,onnx-cpu,torch-cuda,onnx-cuda,onnx-tensorrt "
-                         "(default: every one present)")
+                    help="comma list of torch-cpu, onnx-cpu (int8 as the path's runtime defaults: the camera's "
+                         "decoder int8), onnx-cpu-float (no int8), onnx-cpu-int8 (int8 all), torch-cuda, onnx-cuda, "
+                         "onnx-tensorrt (default: every one present)")
     ap.add_argument("--pacing", type=name_list, default=("on", "off"), help="on,off (default both)")
     ap.add_argument("--frames", type=int, default=30, help="frames timed per configuration (default 30)")
     ap.add_argument("--warmup", type=int, default=8, help="engine warm-up frames, not timed (default 8)")

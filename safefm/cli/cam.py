@@ -37,7 +37,7 @@ from ..live.stats import StatsLog, format_stats
 from ..live.tray import make_tray
 from ..live.vcam import NullSink, RecorderSink, VirtualCamSink, vcam_candidates
 from ..paths import default_identity_path, identities_dir
-from .common import EXIT_OK, add_logging_args, cli_main, runtime_config_from_args
+from .common import EXIT_OK, add_int8_args, add_logging_args, cli_main, runtime_config_from_args
 
 EngineFactory = Callable[..., Any]
 
@@ -70,9 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "on a 2-core CPU); off live (0) unless set here or in --config, e.g. 160")
     eng.add_argument("--seed", type=int, metavar="S", help="noise seed")
     eng.add_argument("--runtime", choices=["auto", "torch", "onnx"], help="inference runtime")
-    eng.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
-                     help="onnxruntime's int8 convolutions: faster, but more flicker (measured); calibrated "
-                          "once per model on first use, a few seconds (default from the runtime config: off)")
+    add_int8_args(eng, "the camera's default: decoder")
     eng.add_argument("--compute", choices=["auto", "cpu", "cuda"], help="compute device (auto: a GPU "
                      "when the runtime has one; --device names the virtual camera here)")
     eng.add_argument("--config", metavar="FILE", help="runtime TOML (default: configs/runtime_default.toml)")

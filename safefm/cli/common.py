@@ -15,7 +15,7 @@ import logging
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
-from ..config import RuntimeConfig, load_runtime_config
+from ..config import INT8_MODES, RuntimeConfig, load_runtime_config
 from ..errors import SafeFMError, first_line
 
 EXIT_OK = 0
@@ -50,12 +50,19 @@ def add_runtime_args(parser: argparse.ArgumentParser, identity: bool = True, ide
                    help="compute device (auto, the default: a GPU when the runtime has one)")
     g.add_argument("--runtime", choices=("auto", "torch", "onnx"), default=None,
                    help="inference runtime (auto: onnxruntime when installed)")
-    g.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
-                   help="onnxruntime with int8 convolutions (calibrated once per model, cached; default "
-                        "from the runtime config)")
+    add_int8_args(g, "default from the runtime config: off")
     g.add_argument("--config", metavar="FILE", default=None,
                    help="runtime TOML (default: configs/runtime_default.toml)")
     return g
+
+
+def add_int8_args(group, default_note: str) -> None:
+    """``--int8 [off|decoder|all]`` (alone: all) and ``--no-int8`` (off), into ``args.int8``."""
+    group.add_argument("--int8", nargs="?", const="all", choices=INT8_MODES, default=None, metavar="off|decoder|all",
+                       help="onnxruntime's int8 convolutions on the CPU: 'decoder' (the image decoder only: half "
+                            "its time, the face moves by well under a grey level), 'all' (the generator's too: more "
+                            f"flicker, measured), 'off'; calibrated once per model on first use, cached ({default_note})")
+    group.add_argument("--no-int8", dest="int8", action="store_const", const="off", help="same as --int8 off")
 
 
 def runtime_config_from_args(args: argparse.Namespace, defaults: Mapping[str, Any] | None = None,

@@ -76,7 +76,8 @@ def available_runtimes() -> list[dict]:
         import onnxruntime as ort
 
         out.append({"name": "onnx-cpu", "runtime": "onnx", "device": "cpu"})
-        out.append({"name": "onnx-cpu-int8", "runtime": "onnx", "device": "cpu", "int8": True})
+        out.append({"name": "onnx-cpu-float", "runtime": "onnx", "device": "cpu", "int8": "off"})
+        out.append({"name": "onnx-cpu-int8", "runtime": "onnx", "device": "cpu", "int8": "all"})
         eps = set(ort.get_available_providers())
     except ImportError:
         eps = set()
@@ -308,7 +309,7 @@ def run(opts: BenchOptions, engine_factory: EngineFactory | None = None) -> dict
         for steps in opts.steps:
             cfg = load_runtime_config(defaults=LIVE_DEFAULTS if opts.path == "live" else None,
                                       runtime=rt["runtime"], device=rt["device"], steps=steps,
-                                      threads=opts.threads, int8=rt.get("int8", False), solver=opts.solver)
+                                      threads=opts.threads, int8=rt.get("int8"), solver=opts.solver)
             t0 = time.perf_counter()
             engine = factory(cfg)
             build_s = time.perf_counter() - t0
