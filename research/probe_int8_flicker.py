@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python research/probe_int8_flicker.py liveportrait_d19 120
 
-Needs the int8 graphs cached (run anything with --int8 once). Session 10: d19, 120 frames:
+Needs the int8 graphs cached (run anything with --int8 all once; since session 15 they are
+*.int8v2.onnx: ReLUs folded, the decoder's latent and pixel convolutions float). Session 10: d19, 120 frames:
 float 2.75, decoder-only int8 3.39, velocity-only int8 4.93 (docs/results.md).
 """
 import sys, numpy as np
@@ -24,7 +25,7 @@ def run(int8, names=None):
         be = eng.gen.backend
         import onnxruntime as ort
         for n in names:
-            s = ort.InferenceSession(str(be._folder / f"{n}.int8.onnx"), be._opts, providers=be._providers)
+            s = ort.InferenceSession(str(be._folder / f"{n}.int8v2.onnx"), be._opts, providers=be._providers)
             setattr(be, "_" + n, s)
     outs=[]; boxes=[]
     for f,t in frames:

@@ -343,8 +343,9 @@ class Generator:
         self.providers = self.backend.providers
         self._null_tokens: torch.Tensor | None = None
         self.int8 = cfg.int8 != "off" and self.runtime == "onnx" and self.providers[0] == CPU_PROVIDER
-        if cfg.int8 != "off" and self.runtime != "onnx":
-            log.warning("int8 needs onnxruntime (runtime %s): running in float32", self.runtime)
+        if cfg.int8 != "off" and self.runtime != "onnx":   # "all" is asked for; "decoder" is the camera's default
+            (log.warning if cfg.int8 == "all" else log.info)("int8 needs onnxruntime (runtime %s): running in float32",
+                                                              self.runtime)
         elif cfg.int8 != "off" and not self.int8:   # QDQ graphs are a CPU speed-up; a GPU runs them no faster
             log.info("int8 is for the CPU: %s runs the float graphs", self.providers[0])
         if self.int8:

@@ -145,6 +145,8 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], float_edges: tuple[s
 
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         keep = edge_convs(onnx.load(str(pre)).graph, float_edges)
+        if float_edges and not keep:
+            log.warning("int8: no convolution next to %s in %s; every one is quantized", ", ".join(float_edges), src.name)
         quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                         op_types_to_quantize=list(OPS), nodes_to_exclude=keep,

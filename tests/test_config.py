@@ -141,10 +141,13 @@ def test_int8_decoder_is_the_cameras_default_and_files_stay_float():
     from safefm.cli.cam import _engine_factory, build_parser
 
     seen = []
-    for argv in ([], ["--int8"], ["--int8", "off"], ["--no-int8"], ["--int8", "decoder"]):
+    for argv in ([], ["--int8", "all"], ["--int8", "off"], ["--no-int8"], ["--int8", "decoder"]):
         _engine_factory(build_parser().parse_args(argv), lambda cfg, **kw: seen.append(cfg.int8))()
     assert seen == ["decoder", "all", "off", "off", "decoder"]
     assert load_runtime_config().int8 == "off"
+    from safefm.cli.anonymize import build_parser as files_parser
+    args = files_parser().parse_args(["--int8", "decoder", "photo.jpg", "-o", "out.jpg"])   # never eats the input
+    assert args.int8 == "decoder" and files_parser().parse_args(["photo.jpg", "-o", "o.jpg"]).int8 is None
     assert load_runtime_config(int8=True).int8 == "all"       # a TOML of before session 15
     with pytest.raises(ConfigError, match="int8 must be one of off, decoder, all"):
         load_runtime_config(int8="fast")

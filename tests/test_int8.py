@@ -97,3 +97,13 @@ def test_int8_without_onnxruntime_runs_float_and_says_so(tmp_path, monkeypatch, 
         gen = _gen(tmp_path, monkeypatch, True, runtime=runtime)
     assert gen.runtime == "torch" and not gen.int8
     assert "int8 needs onnxruntime" in caplog.text
+
+
+def test_the_cameras_int8_decoder_default_is_quiet_on_torch(tmp_path, monkeypatch, caplog):
+    """``int8 = "decoder"`` is the camera's default, not a request: with the torch runtime the
+    camera runs float without a warning on every start."""
+    with caplog.at_level(logging.WARNING):
+        gen = _gen(tmp_path, monkeypatch, "decoder", runtime="torch")
+    assert gen.runtime == "torch" and not gen.int8
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+

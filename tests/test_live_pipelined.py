@@ -207,6 +207,32 @@ def test_engine_without_stages_runs_sequentially_when_pipelined():
     assert_safe_and_ordered(sink)
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_overlapped_stages_give_the_frames_process_gives(clip_frames, steps):
+    """The camera overlaps consecutive frames (prepare n+2, generate n+1 and finish n at once);
+    when no frame is dropped its output is exactly what ``process()`` (files, ``--no-pipeline``,
+    the evaluation) gives, so the quality measured on ``process()`` is the camera's."""
+    from safefm.config import load_runtime_config
+    from safefm.tiny import tiny_engine
+
+    frames = [cv2.resize(f, (192, 192), interpolation=cv2.INTER_AREA) for f in clip_frames[:10]]
+    cfg = load_runtime_config(runtime="torch", identity_repel=0.0, steps=steps)
+    seq = tiny_engine(cfg, seed=0)
+    expected = [seq.process(f, i / 30).image for i, f in enumerate(frames)]
+    eng = tiny_engine(cfg, seed=0)
+    planned, generated, got = {}, {}, {}
+    for tick in range(len(frames) + 2):     # the most overlap three stages can have
+        if tick < len(frames):
+            planned[tick] = eng.prepare(frames[tick], tick / 30)
+        if 0 <= tick - 1 < len(frames):
+            generated[tick - 1] = eng.generate(planned.pop(tick - 1))
+        if 0 <= tick - 2 < len(frames):
+            got[tick - 2] = eng.finish(generated.pop(tick - 2)).image
+    assert sum(not np.array_equal(a, f) for a, f in zip(expected, frames)) >= 8   # faces were replaced
+    for i, img in enumerate(expected):
+        np.testing.assert_array_equal(got[i], img, err_msg=f"frame {i}")
+
+
 @pytest.mark.slow
 def test_real_engine_pipelined_fails_closed_on_generator_faults(clip_frames):
     """The tiny Engine, pipelined: frames whose generator raises or returns NaN are covered by

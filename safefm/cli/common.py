@@ -57,8 +57,9 @@ def add_runtime_args(parser: argparse.ArgumentParser, identity: bool = True, ide
 
 
 def add_int8_args(group, default_note: str) -> None:
-    """``--int8 [off|decoder|all]`` (alone: all) and ``--no-int8`` (off), into ``args.int8``."""
-    group.add_argument("--int8", nargs="?", const="all", choices=INT8_MODES, default=None, metavar="off|decoder|all",
+    """``--int8 off|decoder|all`` and ``--no-int8`` (off), into ``args.int8``. The mode is required:
+    an optional one would swallow a command's next word (``--int8 photo.jpg``)."""
+    group.add_argument("--int8", choices=INT8_MODES, default=None, metavar="off|decoder|all",
                        help="onnxruntime's int8 convolutions on the CPU: 'decoder' (the image decoder only: half "
                             "its time, the face moves by well under a grey level), 'all' (the generator's too: more "
                             f"flicker, measured), 'off'; calibrated once per model on first use, cached ({default_note})")

@@ -318,7 +318,7 @@ def run(opts: BenchOptions, engine_factory: EngineFactory | None = None) -> dict
                 if ident is not None:
                     result["identity"], result["seed"] = str(ident.name), int(ident.seed)
                 gen = getattr(engine, "gen", None)
-                entry = {"runtime": rt["name"], "steps": steps, "build_seconds": build_s,
+                entry = {"runtime": rt["name"], "steps": steps, "int8": cfg.int8, "build_seconds": build_s,
                          "engine_runtime": getattr(gen, "runtime", None),
                          "providers": getattr(gen, "providers", None)}
                 entry["stages"] = bench_stages(engine, frames, fps, opts.warmup)
