@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from clip_runs import read_clip, run_clip
+
 VARIANTS = {"every": 0, "all_but_last": 1, "first_and_last_float": 2, "first_two_and_last_float": 3}
 
 
@@ -42,8 +44,7 @@ def main() -> None:
     from safefm.engine import build_engine
     from safefm.eval.metrics import flicker
     from safefm.identity import load_identity
-    from safefm.media import VideoReader
-    from safefm.paths import identities_dir, shared_data_dir
+    from safefm.paths import identities_dir
 
     eng = build_engine(load_runtime_config(runtime="onnx", threads=1), video=True)
     gen = eng.gen
@@ -89,27 +90,13 @@ def main() -> None:
     times = {"float": ms(gen.backend._decoder), **{n: ms(s) for n, s in sessions.items()}}
     eng.close()
 
-    frames = []
-    with VideoReader(shared_data_dir() / "videos" / f"{args.clip}.mp4") as r:
-        for i, ft in enumerate(r):
-            if i >= args.frames:
-                break
-            frames.append(ft)
+    frames = read_clip(args.clip, args.frames)
     cfg = load_runtime_config(runtime="onnx")
     if args.path == "camera":
         cfg = replace(cfg, identity_repel=0.0, detail_min_px=0, match_grain=False)
 
     def run(sess=None):
-        e = build_engine(cfg, video=True)
-        if sess is not None:
-            e.gen.backend._decoder = sess
-        outs, boxes = [], []
-        for f, t in frames:
-            res = e.process(f, timestamp=t)
-            outs.append(res.image)
-            boxes.append(res.faces[0].box if res.faces else None)   # None: flicker skips the pair
-        e.close()
-        return outs, boxes
+        return run_clip(cfg, frames, sess)
 
     inputs = [f for f, _ in frames]
     base, boxes = run()

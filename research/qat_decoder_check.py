@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from clip_runs import read_clip, run_clip  # noqa: E402
 from qat_decoder import make_inputs  # noqa: E402
 
 
@@ -110,30 +111,14 @@ def flicker_table(args, sessions: dict) -> None:
     from dataclasses import replace
 
     from safefm.config import load_runtime_config
-    from safefm.engine import build_engine
     from safefm.eval.metrics import flicker
-    from safefm.media import VideoReader
-    from safefm.paths import shared_data_dir
 
     cfg = replace(load_runtime_config(runtime="onnx"), identity_repel=0.0, detail_min_px=0, match_grain=False)
     for clip in args.clips.split(","):
-        frames = []
-        with VideoReader(shared_data_dir() / "videos" / f"{clip}.mp4") as r:
-            for i, ft in enumerate(r):
-                if i >= args.frames:
-                    break
-                frames.append(ft)
+        frames = read_clip(clip, args.frames)
         base = None
         for name, sess in sessions.items():
-            e = build_engine(cfg, video=True)
-            if sess is not None:
-                e.gen.backend._decoder = sess
-            outs, boxes = [], []
-            for f, t in frames:
-                res = e.process(f, timestamp=t)
-                outs.append(res.image)
-                boxes.append(res.faces[0].box if res.faces else None)
-            e.close()
+            outs, boxes = run_clip(cfg, frames, sess)
             if base is None:
                 base = outs
             diff = float(np.mean([np.abs(a.astype(float) - b.astype(float)).mean() for a, b in zip(outs, base)]))
