@@ -750,6 +750,44 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+def test_signal_handlers_return_at_once_and_the_loop_carries_them_out():
+    """A signal handler runs in the main thread, maybe while it holds a lock (inside
+    ``Event.wait``): Ctrl+C once hung the camera because the handler set the quit Event itself.
+    Now a handler returns at once even while that Event's lock is held, and the main loop quits
+    or pauses within a loop turn."""
+    from safefm.cli import cam
+
+    signals: list = []
+    old = cam._install_signals(signals)
+    try:
+        quit_ev = threading.Event()
+        held = threading.Event()
+
+        def hold():                              # what the main thread's Event.wait does
+            with quit_ev._cond:
+                held.set()
+                time.sleep(1.0)
+        t = threading.Thread(target=hold)
+        t.start()
+        held.wait(2)
+        t0 = time.monotonic()
+        signal.getsignal(signal.SIGUSR1)(signal.SIGUSR1, None)
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        assert time.monotonic() - t0 < 0.2 and not quit_ev.is_set()
+        t.join()
+
+        class Pipe:
+            done, paused = threading.Event(), 0
+
+            def toggle_pause(self):
+                self.paused += 1
+        pipe = Pipe()
+        cam._main_loop(quit_ev, threading.Event(), None, pipe, signals)   # returns: quit was asked
+        assert quit_ev.is_set() and pipe.paused == 1 and signals == []
+    finally:
+        cam._restore_signals(old)
+
+
 @needs_video
 @pytest.mark.parametrize("quit_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_cli_ctrl_c_and_sigusr1_leave_a_finished_recording(tmp_path, quit_signal):

@@ -208,7 +208,8 @@ def run(args, engine_factory: EngineFactory | None = None) -> int:
     window = PreviewWindow(preview_sink, toggle_pause=pipe.toggle_pause,
                            next_identity=lambda: pipe.next_identity(identities_dir()),
                            quit=quit_ev.set) if preview_sink is not None else None
-    old = _install_signals(quit_ev, pipe)
+    signals: list[str] = []             # "quit" / "pause" from the signal handlers, served by the loops
+    old = _install_signals(signals)
     timer = threading.Timer(args.seconds, quit_ev.set) if args.seconds else None
     if timer is not None:
         timer.daemon = True
@@ -233,10 +234,10 @@ def run(args, engine_factory: EngineFactory | None = None) -> int:
             print(f"safefm-cam: running, {cfg.width}x{cfg.height} @ {cfg.fps:g} fps -> {to}; "
                   "Ctrl+C to quit", file=sys.stderr, flush=True)
         if mac_tray:
-            threading.Thread(target=_stop_tray_when, args=(tray, quit_ev, pipe), daemon=True).start()
+            threading.Thread(target=_stop_tray_when, args=(tray, quit_ev, pipe, signals), daemon=True).start()
             tray.run()
         else:
-            _main_loop(quit_ev, want_preview, window, pipe)
+            _main_loop(quit_ev, want_preview, window, pipe, signals)
     except KeyboardInterrupt:
         pass
     finally:
@@ -265,8 +266,20 @@ def _describe(sink) -> str:
     return type(sink).__name__
 
 
-def _main_loop(quit_ev: threading.Event, want_preview: threading.Event, window, pipe) -> None:
+def _serve_signals(signals: list, quit_ev: threading.Event, pipe) -> None:
+    """Carry out what the signal handlers asked for (:func:`_install_signals`), in this thread."""
+    while signals:
+        if signals.pop(0) == "quit":
+            quit_ev.set()
+        else:
+            pipe.toggle_pause()
+
+
+def _main_loop(quit_ev: threading.Event, want_preview: threading.Event, window, pipe, signals: list) -> None:
     while not quit_ev.is_set() and not pipe.done.is_set():
+        _serve_signals(signals, quit_ev, pipe)
+        if quit_ev.is_set():
+            break
         if window is not None and want_preview.is_set():
             want_preview.clear()
             window.show()
@@ -276,28 +289,26 @@ def _main_loop(quit_ev: threading.Event, want_preview: threading.Event, window, 
             quit_ev.wait(0.05)
 
 
-def _stop_tray_when(tray, quit_ev: threading.Event, pipe) -> None:
+def _stop_tray_when(tray, quit_ev: threading.Event, pipe, signals: list) -> None:
     while not quit_ev.wait(0.1) and not pipe.done.is_set():
-        pass
+        _serve_signals(signals, quit_ev, pipe)
     tray.stop()
 
 
-def _install_signals(quit_ev: threading.Event, pipe: Pipeline) -> dict:
+def _install_signals(signals: list) -> dict:
+    """SIGINT / SIGTERM append "quit", SIGUSR1 "pause" to ``signals``; the main loop carries them
+    out within 50 ms. A handler runs in the main thread between two bytecodes, maybe while that
+    thread holds a lock (inside ``Event.wait``, or pausing from the preview window): setting an
+    Event or pausing right in the handler could wait for that lock forever (seen: Ctrl+C once
+    left the camera running), so a handler only appends to a list."""
     if threading.current_thread() is not threading.main_thread():
         return {}
     old = {}
-
-    def on_quit(signum, frame):
-        quit_ev.set()
-
-    def on_usr1(signum, frame):
-        pipe.toggle_pause()
-
-    handlers = {signal.SIGINT: on_quit, signal.SIGTERM: on_quit}
+    handlers = {signal.SIGINT: "quit", signal.SIGTERM: "quit"}
     if hasattr(signal, "SIGUSR1"):
-        handlers[signal.SIGUSR1] = on_usr1
-    for sig, fn in handlers.items():
-        old[sig] = signal.signal(sig, fn)
+        handlers[signal.SIGUSR1] = "pause"
+    for sig, what in handlers.items():
+        old[sig] = signal.signal(sig, lambda signum, frame, what=what: signals.append(what))
     return old
 
 
