@@ -217,7 +217,7 @@ class RuntimeConfig:
 # session 12 at 2 steps: clip sharpness 0.11 -> 0.72, but 24 vs 28 FPS unpaced and a p50 latency of
 # 94 vs 44 ms: --detail-min-px 160 turns it on).
 # int8 = "decoder" (session 15): the image decoder's convolutions in int8 (safefm.quantize: ReLUs
-# folded, first and last convolutions float), ~4 ms a frame less on the generator's stage; the
+# folded, the convolutions reading the latent and writing the pixels float), ~4 ms a frame less on the generator's stage; the
 # generator's own int8 ("all") raised flicker on every clip (1.14 -> 1.37, docs/results.md).
 # Grain matching costs ~3.5 ms a frame (measuring the frame's noise): files only.
 LIVE_DEFAULTS = {"identity_repel": 0.0, "detail_min_px": 0, "match_grain": False, "int8": "decoder"}

@@ -4,7 +4,7 @@ The convolutions of the decoder graph (``all``: and of the velocity graph) are q
 int8 weights per channel, uint8 activations with ranges calibrated once per model); a ReLU
 right after a convolution is folded into that convolution's output quantization (its range
 starts at 0: twice the resolution of the pre-ReLU range, and no ReLU to run); the decoder's
-first and last convolutions stay float (latent in, pixels out). Everything else (attention,
+convolutions next to its latent input and its pixel output stay float (:func:`edge_convs`). Everything else (attention,
 normalisation, other activations, residual sums) stays float32. Calibration needs no data: the model draws the
 shipped identities' own faces (their rest shapes, lightly jittered, from their own noise)
 through the Euler sampler, and the inputs the graphs see on the way are the calibration set
