@@ -142,6 +142,7 @@ class RuntimeConfig:
     match_grain: bool = True
     color_match: bool = True
     seamless_paste: bool = True
+    keep_hair: bool = True
     detail_min_px: int = 160
     detail_strength: float = 1.0
     int8: str = "off"

@@ -400,7 +400,8 @@ class Engine:
         """(N, 128) dlib descriptors of the identities' faces as this track would show them in
         this frame: the person's expression and pose retargeted onto each identity's rest shape,
         generated cold with the track's guidance (its identity repel), pasted into the frame as
-        the output is (:meth:`_paste`), and embedded there as the real face is
+        the output is (:meth:`_paste`; the person's own hair is not kept, so an identity is judged
+        by its own face), and embedded there as the real face is
         (:func:`safefm.guard.embed_real_faces`), so the comparison with the real face and with the
         other people's faces is like for like. M: (2, 3) frame -> crop; lm_crop: (478, 3) the real
         landmarks in the crop; pose and neutral: as :meth:`_geometry` gives them. A NaN row for
@@ -417,7 +418,7 @@ class Engine:
                              guidance=guidance, guidance_until=until, reference=st.repel,
                              context=self._context(frame, M, tr, lm_crop, ret))
             np.copyto(scratch, frame)
-            self._paste(scratch, frame, tr, gen.decode(z, heat)[0], ret, lm_crop, M)
+            self._paste(scratch, frame, tr, gen.decode(z, heat)[0], ret, lm_crop, M, hair=False)
             emb = embed_real_faces(self.recognizer, scratch, [tr.raw])
             if len(emb):
                 out[i] = emb[0]
@@ -536,22 +537,30 @@ class Engine:
         return FaceResult(tr.id, face_box(tr.raw, out.shape), ANONYMIZED, tr.raw)
 
     def _paste(self, out: np.ndarray, frame: np.ndarray, tr: Track, crop: np.ndarray, ret_crop: np.ndarray,
-               lm_crop: np.ndarray, M: np.ndarray, protect=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
+               lm_crop: np.ndarray, M: np.ndarray, protect=None,
+               hair: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
         """Colour-match the generated ``crop`` (S, S, 3) to the real face, run the detail stage for a
         large face, and paste it over track ``tr``'s face in ``out`` (in place). ret_crop, lm_crop:
-        (478, 3) the generated and the real landmarks in the crop; M: (2, 3) frame -> crop.
+        (478, 3) the generated and the real landmarks in the crop; M: (2, 3) frame -> crop; hair:
+        keep the person's hair over the forehead when ``keep_hair`` is on (candidate renders do
+        not: an identity is chosen by its own face, as without it).
         Returns (the pasted crop (S or 2S px), its crop -> frame affine, its face alpha or None,
         seconds spent in the detail stage)."""
         S, cfg = self.mcfg.image_size, self.cfg
         M_inv = alignment.invert_affine(M)
         ret_dist = composite.oval_distance(ret_crop, S)   # once: skin mask and face alpha share it
+        real_crop, lm_dist = None, None
+        hair = hair and cfg.keep_hair
+        if cfg.color_match or hair:
+            real_crop, lm_dist = alignment.crop_face(frame, M, S), composite.oval_distance(lm_crop, S)
         if cfg.color_match:
-            real_crop = alignment.crop_face(frame, M, S)
             crop = composite.color_match(crop, real_crop, composite.skin_mask(ret_crop, S, dist=ret_dist),
-                                         composite.skin_mask(lm_crop, S))
+                                         composite.skin_mask(lm_crop, S, dist=lm_dist))
         ret_frame = alignment.transform_points(ret_crop, M_inv)
         mask = composite.face_mask([tr.raw, tr.landmarks, ret_frame], out.shape[:2],
                                    cfg.mask_dilate, cfg.mask_feather)
+        if hair:
+            composite.uncover(mask, composite.hair_over_face(real_crop, lm_crop, S, dist=lm_dist), M_inv)
         face = (composite.face_alpha(ret_crop, S, inner=cfg.face_inner, image=crop, dist=ret_dist)
                 if cfg.seamless_paste else None)
         t_detail = 0.0

@@ -248,6 +248,52 @@ def test_face_alpha_drops_dark_strands_at_the_edge_but_keeps_dark_features_insid
     assert np.array_equal(alpha[image[..., 0] == 200], plain[image[..., 0] == 200])
 
 
+def _fringe_face(S=128):
+    """A skin face crop with brows at y 50 and a dark fringe from the hair above down to y 35."""
+    lm = synthetic_landmarks(64, 70, 40, 50)
+    lm[list(C._BROWS), 1] = 50.0
+    image = np.full((S, S, 3), (200, 160, 140), np.uint8)       # skin (and a skin-coloured backdrop)
+    image[:35, 20:108] = (45, 35, 30)                            # hair: over the top of the oval and beyond
+    return lm, image
+
+
+def test_hair_over_face_keeps_a_fringe_but_not_the_face_below_the_brows():
+    S = 128
+    lm, image = _fringe_face(S)
+    keep = C.hair_over_face(image, lm, S)
+    assert keep.shape == (S, S) and keep.dtype == np.float32
+    assert keep[30, 64] > 0.9 and keep[28, 40] > 0.9             # the fringe over the forehead
+    assert keep[45:].max() == 0.0                                # brows and everything below: never
+    assert keep[image[..., 0] == 200].max() < 0.5                # skin is not hair (only the 1 px softening)
+    image[95:, :] = (45, 35, 30)                                 # a dark beard below, joining the outside: not kept
+    assert C.hair_over_face(image, lm, S)[45:].max() == 0.0
+
+
+def test_hair_over_face_ignores_dark_spots_inside_the_face_and_light_highlights():
+    S = 128
+    lm, _ = _fringe_face(S)
+    image = np.full((S, S, 3), (200, 160, 140), np.uint8)
+    image[30:36, 60:66] = (40, 30, 25)                           # a mole / shadow inside the forehead
+    image[26:32, 40:50] = (255, 250, 245)                        # a highlight
+    assert C.hair_over_face(image, lm, S).max() < 0.05
+
+
+def test_uncover_lowers_the_mask_only_where_the_crop_keeps_the_frame():
+    lm = synthetic_landmarks()
+    mask = C.face_mask([lm], (H, W), 0.03, 0.04)
+    S = 128
+    keep = np.zeros((S, S), np.float32)
+    keep[40:50, 30:90] = 1.0
+    M_inv = np.array([[2.0, 0.0, 200.0], [0.0, 2.0, 100.0]])    # crop (x, y) -> frame (200 + 2x, 100 + 2y)
+    before = mask.copy()
+    C.uncover(mask, keep, M_inv)
+    assert mask[100 + 2 * 45, 200 + 2 * 60] == 0.0 < before[100 + 2 * 45, 200 + 2 * 60]   # inside the block
+    changed = np.argwhere(mask != before)
+    assert changed[:, 0].min() >= 100 + 2 * 39 and changed[:, 0].max() <= 100 + 2 * 50
+    assert changed[:, 1].min() >= 200 + 2 * 29 and changed[:, 1].max() <= 200 + 2 * 90
+    assert (mask <= before).all()
+
+
 def test_is_grey():
     rng = np.random.default_rng(5)
     grey = np.repeat(rng.integers(0, 256, (40, 40, 1), dtype=np.uint8), 3, axis=2)

@@ -205,3 +205,29 @@ def test_warmup_runs_the_model_without_touching_the_stream(clip_frames):
     assert warm.warmup() > 0 and not warm._states and warm._frame_index == 0
     for i, f in enumerate(clip_frames[:3]):            # same frames out as an engine never warmed
         assert np.array_equal(warm.process(f, i / 25).image, cold.process(f, i / 25).image)
+
+
+@needs_data
+def test_real_hair_over_the_forehead_stays_and_nothing_below_the_brows_does():
+    """keep_hair: a fringe hanging over the face stays the person's own hair (no straight cut of
+    painted forehead across it); the face below the brows is replaced exactly as without it."""
+    from conftest import VIDEOS, read_frames
+    from safefm.face.composite import _BROWS
+
+    frames = read_frames(VIDEOS / "liveportrait_d9.mp4", 3, step=10)    # a man with a fringe down to his brows
+    with FaceMeshDetector(max_faces=1, static_image=True) as det:
+        lm = det.detect(frames[-1])[0]
+    below = np.zeros(frames[-1].shape[:2], bool)
+    below[int(lm[list(_BROWS), 1].max()):] = True
+    outs = {}
+    for keep in (False, True):
+        eng = tiny_engine(dataclasses.replace(load_runtime_config(runtime="torch"), keep_hair=keep), seed=0)
+        for i, f in enumerate(frames):
+            outs[keep] = eng.process(f, i / 25).image
+        eng.close()
+    raw = {k: np.abs(o.astype(int) - frames[-1].astype(int)).max(axis=2) <= 2 for k, o in outs.items()}
+    region = face_mask([lm], frames[-1].shape[:2], 0.05, 0.0) > 0.99
+    above = region & ~below
+    assert (raw[True] & above).sum() > 5 * max((raw[False] & above).sum(), 100)   # the fringe: ~1,000 px
+    # below the brows, raw-looking pixels are chance matches only, as many as without keep_hair
+    assert raw[True][below & region].mean() <= raw[False][below & region].mean() + 0.002 < 0.01

@@ -8,7 +8,9 @@ Work is done on the face's region of interest only, so the per-frame cost is sma
 Fail-closed rules this module guarantees (see ``tests/test_composite.py``):
 
 - :func:`face_mask` is exactly ``1.0`` over the whole dilated face-oval hull; the feather
-  lies *outside* it, so no raw-face pixel is blended into the output.
+  lies *outside* it, so no raw-face pixel is blended into the output. The one exception the
+  engine makes (``keep_hair``): :func:`uncover` lowers it where :func:`hair_over_face` finds
+  the person's hair hanging over the face above the brows, never below them.
 - :func:`paste` never keeps raw content where the mask is set but the warped crop does not
   reach: those pixels get the placeholder colour, or (seamless paste, ``face=``) a smooth fill
   computed from the generated face and the frame where ``mask < 1`` only. Pixels where the
@@ -217,6 +219,83 @@ def face_alpha(landmarks: np.ndarray, size: int, inner: float = 0.08, outer: flo
             near_edge = _smoothstep((dist + edge) / (0.5 * edge))
             alpha *= 1.0 - near_edge * darkness
     return alpha.astype(np.float32)
+
+
+# FaceMesh brow points (upper and lower contour of both brows): the hair kept by
+# :func:`hair_over_face` lies above all of them.
+_BROWS = (46, 52, 53, 55, 63, 65, 66, 70, 105, 107, 276, 282, 283, 285, 293, 295, 296, 300, 334, 336)
+
+
+def hair_over_face(image: np.ndarray, landmarks: np.ndarray, size: int, above: float = 0.04,
+                   far: tuple[float, float] = (3.0, 5.0), dist: np.ndarray | None = None) -> np.ndarray:
+    """The real hair that hangs over the top of a face (a fringe, hair over the temples), which
+    the paste may keep instead of painting a forehead over it.
+
+    ``image``: the real ``(size, size, 3) uint8`` RGB crop; ``landmarks``: its real ``(478,
+    2|3)`` points in crop pixels (upright, as :func:`alignment.crop_face` makes them);
+    ``dist``: their :func:`oval_distance` when the caller has it. A pixel counts as hair when
+    it lies more than ``above`` face widths above the highest brow point, its colour is far
+    from the face's own skin (the robust Lab spread of the inner face; ``far[0]`` to ``far[1]``
+    spreads, smoothstep) and darker than it by 1-2 spreads (a highlight on a forehead is never
+    taken for hair; light blond or grey hair is not kept either) and it belongs to a region that continues outside the face oval
+    (hair grows from beyond the face: a mole, a shadow or a brow inside it is not kept).
+    Returns ``(size, size) float32`` in [0, 1], softened by a 1 px Gaussian; all zeros when
+    the inner face has too few pixels to tell skin from hair.
+    """
+    pts = _checked_points(landmarks)
+    if dist is None:
+        dist = oval_distance(pts, size)
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2Lab).astype(np.float32)
+    skin = lab[dist < -0.15]
+    out = np.zeros((size, size), np.float32)
+    top = float(pts[list(_BROWS), 1].min()) - above * face_width(pts)
+    if len(skin) < 64 or top <= 1:
+        return out
+    rows = min(int(np.ceil(top)), size)                # only the rows above the brows are looked at
+    skin = skin[::max(1, len(skin) // 2048)]           # a robust centre and spread need ~2,000 pixels
+    med = np.median(skin, axis=0)
+    spread = np.maximum(1.4826 * np.median(np.abs(skin - med), axis=0), (6.0, 3.0, 3.0))
+    z = (lab[:rows] - med) / spread
+    darker = _smoothstep(-z[..., 0] - 1.0)            # hair is darker than the skin (1-2 spreads on)
+    z[..., 0] = np.minimum(z[..., 0], 0.0)
+    score = darker * _smoothstep((np.sqrt((z * z).sum(-1)) - far[0]) / max(far[1] - far[0], 1e-6))
+    ramp = max(above * face_width(pts), 1.0)          # fades out towards the brows, no straight cut
+    score *= _smoothstep((top - np.arange(rows, dtype=np.float32)) / ramp)[:, None]
+    hair = (score > 0.5).astype(np.uint8)
+    n, labels = cv2.connectedComponents(hair, connectivity=8)
+    if n <= 1:
+        return out
+    outside = np.unique(labels[(dist[:rows] > 0.02) & (hair > 0)])
+    keep = np.isin(labels, outside[outside > 0])
+    out[:rows][keep] = score[keep]
+    return cv2.GaussianBlur(out, (0, 0), 1.0)
+
+
+def uncover(mask: np.ndarray, keep: np.ndarray, M_inv: np.ndarray) -> np.ndarray:
+    """Lower a compositing ``mask`` (``(H, W) float32``, in place) where the real frame should
+    stay: ``keep`` (``(S, S) float32`` in [0, 1], crop space, e.g. :func:`hair_over_face`) is
+    warped into the frame by ``M_inv`` (``(2, 3)`` crop -> frame) and ``mask *= 1 - keep``.
+    Only the frame box that ``keep > 0`` maps to is touched. Returns ``mask``."""
+    roi = mask_box(keep)
+    if roi is None:
+        return mask
+    kx0, ky0, kx1, ky1 = roi
+    M = np.asarray(M_inv, np.float64).reshape(2, 3)
+    corners = np.array([[kx0 - 1, ky0 - 1], [kx1, ky0 - 1], [kx0 - 1, ky1], [kx1, ky1]], np.float64)
+    fr = corners @ M[:, :2].T + M[:, 2]
+    H, W = mask.shape[:2]
+    x0, y0 = max(int(np.floor(fr[:, 0].min())), 0), max(int(np.floor(fr[:, 1].min())), 0)
+    x1, y1 = min(int(np.ceil(fr[:, 0].max())) + 1, W), min(int(np.ceil(fr[:, 1].max())) + 1, H)
+    if x0 >= x1 or y0 >= y1:
+        return mask
+    M = M.copy()
+    M[0, 2] -= x0
+    M[1, 2] -= y0
+    k = cv2.warpAffine(np.ascontiguousarray(keep, np.float32), M, (x1 - x0, y1 - y0),
+                       flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    sub = mask[y0:y1, x0:x1]
+    sub *= 1.0 - np.clip(k, 0.0, 1.0)
+    return mask
 
 
 def color_match(generated: np.ndarray, reference: np.ndarray, gen_mask: np.ndarray,
