@@ -18,6 +18,7 @@
     python scripts/train.py --stage reflow-export --from default --out weights/safefm_reflow.safetensors
     python scripts/train.py --stage context --from default --max-minutes 30   # adapters read the frame around the face
     python scripts/train.py --stage context-export --from default --out weights/safefm_context.safetensors
+    python scripts/train.py --stage decoder-data --sampled 800  # data_cache/decoder_sampled.npz: the sampler's latents
     python scripts/train.py --stage heat-decoder --from default --max-minutes 40 \
         --out weights/safefm_default.safetensors               # decoder that also reads the heatmaps (eyelids)
 
@@ -44,12 +45,26 @@ from pathlib import Path
 
 STAGES = ("ae", "from-weights", "cache", "decoder", "base", "adapters", "sampler", "export", "preview", "heat-decoder",
           "detail-data", "detail", "detail-export", "reflow", "reflow-export",
-          "context", "context-export")
+          "context", "context-export", "decoder-data")
 
 
 def _overrides(tcfg, a):
     vals = {k: getattr(a, k) for k in ("batch", "lr", "max_steps") if getattr(a, k) is not None}
     return dataclasses.replace(tcfg, **vals)
+
+
+def _field_overrides(tcfg, text: str, flag: str):
+    """``tcfg`` with the ``'name=value,...'`` overrides of ``text`` (a tuple as ``a/b``)."""
+    fields = {f.name: f.type for f in dataclasses.fields(tcfg)}
+    over = {}
+    for kv in (kv for kv in text.split(",") if kv.strip()):
+        k, _, v = kv.partition("=")
+        k = k.strip()
+        if k not in fields:
+            raise SystemExit(f"{flag}: unknown field {k!r} (fields: {', '.join(fields)})")
+        over[k] = tuple(float(x) for x in v.split("/")) if "/" in v else (
+            int(v) if fields[k] == "int" else float(v))
+    return dataclasses.replace(tcfg, **over)
 
 
 def _prepare_run(stage_dir: Path, fresh: bool) -> None:
@@ -135,7 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pack", type=Path, default=None,
                     help="detail-data / detail: the crops + product outputs pack (default data_cache/detail_pack.npz)")
     ap.add_argument("--detail", default="",
-                    help="detail: DetailTrainConfig overrides, e.g. 'width=32,blocks=2,adv=0.05'")
+                    help="detail / heat-decoder: training config overrides, e.g. 'width=32,blocks=2,adv=0.05'")
     ap.add_argument("--pairs", type=int, default=4096, help="reflow: noise -> sample pairs drawn from the model")
     ap.add_argument("--teacher-steps", type=int, default=20, help="reflow: Euler steps that draw each pair")
     ap.add_argument("--real", type=int, default=4000, help="detail-data: real crops in the pack")
@@ -241,6 +256,8 @@ def main(argv=None) -> int:
         preview(root)
     elif a.stage == "heat-decoder":
         stage_heat_decoder(a, sdir)
+    elif a.stage == "decoder-data":
+        stage_decoder_data(a)
     elif a.stage == "detail-data":
         from safefm.train.detail import write_pack
 
@@ -368,20 +385,38 @@ def stage_detail(a, sdir: Path) -> None:
     """The 2x detail stage (safefm.train.detail) on a pack from --stage detail-data."""
     from safefm.train.detail import DetailTrainConfig, read_pack, train_detail
 
-    pairs = [kv.split("=", 1) for kv in a.detail.split(",") if kv.strip()]
-    fields = {f.name: f.type for f in dataclasses.fields(DetailTrainConfig)}
-    over = {}
-    for k, v in pairs:
-        k = k.strip()
-        if k not in fields:
-            raise SystemExit(f"--detail: unknown field {k!r} (fields: {', '.join(fields)})")
-        over[k] = tuple(float(x) for x in v.split("/")) if k == "blur" else (
-            int(v) if fields[k] == "int" else float(v))
-    tcfg = dataclasses.replace(DetailTrainConfig(), **over)
+    tcfg = _field_overrides(DetailTrainConfig(), a.detail, "--detail")
     real, sampled = read_pack(a.pack or _default_pack())
     print(f"detail: {len(real)} real crops, {len(sampled)} product outputs, {tcfg}", flush=True)
     ck = train_detail(real, sampled, tcfg, sdir, device=a.device, max_minutes=a.max_minutes)
     print(json.dumps({"step": ck["step"], **ck["eval"]}, indent=2))
+
+
+def _sampled_pack_path(a) -> Path:
+    from safefm.train.data import cache_root
+
+    return a.pack or (cache_root() / "decoder_sampled.npz")
+
+
+def stage_decoder_data(a) -> None:
+    """The latents the product's sampler draws on training photos (their crops held back from
+    nothing: training data only), for the heat-decoder stage's ``sampled_batch``."""
+    import numpy as np
+
+    from safefm.paths import shared_data_dir
+    from safefm.train.data import finished_shards, load_shards
+    from safefm.train.heat_decoder import sampled_pack
+
+    data = load_shards(finished_shards(), keys=["path"])
+    order = np.random.default_rng(11).permutation(len(data["path"]))
+    photos = [shared_data_dir() / data["path"][i] for i in order]
+    pack = sampled_pack(photos, a.sampled, source=a.source)
+    out = _sampled_pack_path(a)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez(tmp, **pack)
+    tmp.replace(out)
+    print(f"wrote {out}: {len(pack['z'])} sampled latents")
 
 
 def stage_heat_decoder(a, sdir: Path) -> None:
@@ -397,7 +432,15 @@ def stage_heat_decoder(a, sdir: Path) -> None:
     model, meta = load_model(src)
     data = load_shards(keys=("crops", "landmarks"))
     print(f"heat decoder from {src} (sha256 {meta['sha256'][:12]}) on {len(data['crops'])} crops")
-    ck = train_heat_decoder(model, meta["sha256"], _overrides(HeatDecoderTrainConfig(), a), data, run_dir=sdir,
+    tcfg = _field_overrides(_overrides(HeatDecoderTrainConfig(), a), a.detail, "--detail")
+    print(tcfg, flush=True)
+    sampled = None
+    if tcfg.sampled_batch > 0:
+        import numpy as np
+
+        with np.load(_sampled_pack_path(a), allow_pickle=False) as z:
+            sampled = {k: z[k] for k in ("z", "heat", "ref")}
+    ck = train_heat_decoder(model, meta["sha256"], tcfg, data, run_dir=sdir, sampled=sampled,
                             max_minutes=a.max_minutes)
     if a.out:
         out = apply_checkpoint(model, ck)

@@ -103,3 +103,30 @@ def test_generator_feeds_the_heatmaps_to_the_decoder_in_both_runtimes(tmp_path, 
     a, b = g_t.decode(z, heat), g_o.decode(z, heat)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     assert np.abs(a.astype(int) - g_t.decode(z, np.zeros_like(heat)).astype(int)).max() > 2
+
+
+def test_adversarial_fine_tuning_on_sampled_latents_runs_resumes_and_keeps_their_colours(tmp_path):
+    """adv > 0: a patch discriminator joins (saved with the run, resumed with it); latents the
+    sampler drew (no target) are decoded too and kept near the given decoder's colours."""
+    from safefm.train.common import load_checkpoint
+
+    base = with_heat_decoder(tiny_model(0))
+    data = _data(n=24)
+    z = torch.randn(6, *base.cfg.latent_shape)
+    heat = torch.rand(6, 9, 16, 16)
+    with torch.no_grad():
+        ref = ((base.decode(z, heat) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    sampled = {"z": z.numpy(), "heat": heat.numpy().astype(np.float16), "ref": ref.numpy()}
+    tcfg = HeatDecoderTrainConfig(batch=4, lr=1e-3, warmup=1, max_steps=6, ckpt_every=3, eval_every=1000,
+                                  holdout=4, adv=0.1, fm=1.0, gan_warmup=2, sampled_batch=2)
+    ck = train_heat_decoder(base, "abc", tcfg, data, run_dir=tmp_path / "run", max_minutes=0,
+                            log=lambda *_: None, sampled=sampled)
+    assert ck["step"] == 6 and ck["disc"] and ck["d_opt"]["state"]
+    hist = ck["history"]
+    assert len(hist["loss_d"]) == 6 and np.isfinite(hist["loss_d"]).all()
+    assert max(hist["sampled_color"]) < 0.2             # 8x-pooled colours stay the given decoder's (images in [-1, 1])
+    more = train_heat_decoder(base, "abc", HeatDecoderTrainConfig(**{**tcfg.__dict__, "max_steps": 6}), data,
+                              run_dir=tmp_path / "run", max_minutes=0, log=lambda *_: None, sampled=sampled)
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert all(torch.equal(saved["disc"][k], ck["disc"][k]) for k in ck["disc"])   # resumed, not re-initialised
+    assert more["step"] == 6

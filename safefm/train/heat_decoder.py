@@ -15,6 +15,21 @@ ControlNet, LoRA) is the given weights file's, unchanged. One step::
     loss = recon_terms(y, x) + eye_weight * |y - x| inside the eye boxes
 
 The new branch starts at zero, so step 0 decodes exactly as the given weights.
+
+**Adversarial fine-tuning** (``adv > 0``; issue 14, item 2): the L1-type losses alone make the
+decoder draw the mean of every face the latent could be, so skin, lids and lips come out soft.
+A patch discriminator trained from scratch (:class:`safefm.train.detail.PatchDiscriminator`,
+hinge loss) then judges decoded crops against the real crops, and the decoder also gets its
+hinge loss (weight ramped up over ``gan_warmup`` steps) and feature matching (``fm``). The
+reconstruction terms stay, so colours and layout keep following the latent. Run from a decoder
+that already reads the heatmaps, the fine-tune keeps its architecture: the per-frame cost is
+unchanged.
+
+**What the sampler draws** (``sampled_batch`` > 0, a pack from :func:`sampled_pack`): the
+decoder is run on the latents the few-step sampler produces, not only on the encoder's. They
+have no real target (another identity is drawn), so their loss is the discriminator's verdict
+plus ``color_weight`` x L1 of their 8x-average-pooled images against the given decoder's
+output for the same latent: colours and layout stay, detail may come.
 """
 
 from __future__ import annotations
@@ -26,12 +41,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from ..face import heatmaps
 from .data import AugmentConfig, augment, to_tensor_image
 from ..models import SafeFMModel
 from ..face.retarget import EYELIDS
 from .autoencoder import recon_terms
+from .detail import PatchDiscriminator, feature_matching, laplacian_energy
 from .common import (Deadline, History, load_checkpoint, restore_run, run_payload, save_checkpoint,
                      set_warmup_lr)
 
@@ -50,6 +67,12 @@ class HeatDecoderTrainConfig:
     eval_every: int = 200
     holdout: int = 256           # the last rows of the data, never trained on
     seed: int = 0
+    adv: float = 0.0             # > 0: weight of the decoder's hinge loss against a patch discriminator
+    fm: float = 0.0              # weight of discriminator feature matching (with adv > 0)
+    d_lr: float = 2e-4           # the discriminator's learning rate (Adam, betas 0.5 / 0.9)
+    d_width: int = 32            # the discriminator's first width
+    gan_warmup: int = 200        # steps over which the adversarial weights ramp up from 0
+    sampled_batch: int = 0       # with adv > 0 and a sampled pack: latents the product's sampler drew, per step
 
 
 def with_heat_decoder(model: SafeFMModel) -> SafeFMModel:
@@ -128,14 +151,67 @@ def _eval(model, data, rows, image_size, heat_size) -> dict:
             mse = ((y - x) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
             out[f"psnr{name}"] = float((10 * torch.log10(1 / mse)).mean())
             out[f"eye_l1{name}"] = float(((y - x).abs() * m).sum() / (3 * m.sum()))
+        # Laplacian energy of the decoded crops over the real ones' (1 = as sharp; a 1 px blur first)
+        out["energy"] = float((laplacian_energy(model.decode(z, heat)) / laplacian_energy(x)).log().mean().exp())
     return out
 
 
+def sampled_pack(photos: list, n: int, source: str = "default", seed: int = 5) -> dict[str, np.ndarray]:
+    """What the product decodes, for ``n`` of ``photos`` (paths): each photo worn by a shipped
+    identity or one drawn from the identity sampler (alternately), with identity repel on for
+    every other photo (files) and off (the camera). -> {``z`` (n', C, s, s) float32 latents,
+    ``heat`` (n', Ch, H, H) float16 heatmaps, ``ref`` (n', S, S, 3) uint8 the given decoder's
+    output}; n' <= n (photos without a face are skipped)."""
+    from ..config import RuntimeConfig
+    from ..engine import build_engine
+    from ..identity import Identity, load_identity
+    from ..identity_sampler import IdentitySampler
+    from ..media import read_image
+    from ..paths import REPO_ROOT, resolve_model_path
+
+    rng = np.random.default_rng(seed)
+    weights = REPO_ROOT / "weights"
+    engines = [build_engine(RuntimeConfig(identity_repel=r, runtime="torch"), resolve_model_path(source), video=False)
+               for r in (0.0, 1.5)]
+    idents = [load_identity(p, engines[0].mcfg.identity_dim) for p in sorted((weights / "identities").glob("*.pt"))]
+    sampler = IdentitySampler.load(weights / "identity_sampler.safetensors")
+    out: dict[str, list] = {"z": [], "heat": [], "ref": []}
+    for j, path in enumerate(photos):
+        if len(out["z"]) >= n:
+            break
+        engine = engines[j % 2]
+        got = []
+        decode = engine.gen.decode
+
+        def grab(z, heat=None, _decode=decode, _got=got):
+            y = _decode(z, heat)
+            _got.append((z.detach().cpu().numpy().copy(), np.asarray(heat, np.float32).copy(), y[0].copy()))
+            return y
+
+        base = idents[(j // 2) % len(idents)]
+        emb = sampler.sample(rng) if (j // 2) % 2 else base.embedding
+        engine.set_identity(Identity(np.asarray(emb, np.float32), base.shape, int(rng.integers(1 << 30))))
+        engine.reset()
+        engine.gen.decode = grab
+        try:
+            engine.process(read_image(path))
+        finally:
+            engine.gen.decode = decode
+        if len(got) == 1:
+            z, heat, y = got[0]
+            out["z"].append(z[0])
+            out["heat"].append(heat.reshape(heat.shape[-3:]).astype(np.float16))
+            out["ref"].append(y)
+    return {k: np.stack(v) for k, v in out.items()}
+
+
 def train_heat_decoder(model: SafeFMModel, weights_sha: str, tcfg: HeatDecoderTrainConfig, data: dict, *,
-                       run_dir: Path, max_minutes: float = 20, resume: bool = True, log=print) -> dict:
+                       run_dir: Path, max_minutes: float = 20, resume: bool = True, log=print,
+                       sampled: dict | None = None) -> dict:
     """Fine-tune ``model``'s decoder (converted by :func:`with_heat_decoder`) on ``data``
     (``crops`` (N, S, S, 3) uint8, ``landmarks`` (N, 478, 3) crop pixels); checkpoint
-    ``run_dir/last.pt`` (decoder weights, optimiser, history, the source weights' sha256)."""
+    ``run_dir/last.pt`` (decoder weights, optimiser, history, the source weights' sha256).
+    ``sampled``: a :func:`sampled_pack` (used when ``tcfg.sampled_batch`` > 0 and ``adv`` > 0)."""
     from tqdm import tqdm
 
     model = with_heat_decoder(model)
@@ -147,6 +223,11 @@ def train_heat_decoder(model: SafeFMModel, weights_sha: str, tcfg: HeatDecoderTr
     for p in dec.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(dec.parameters(), lr=tcfg.lr, weight_decay=0.0)
+    disc = d_opt = None
+    if tcfg.adv > 0:
+        torch.manual_seed(tcfg.seed)
+        disc = PatchDiscriminator(tcfg.d_width)
+        d_opt = torch.optim.Adam(disc.parameters(), lr=tcfg.d_lr, betas=(0.5, 0.9))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "last.pt"
@@ -156,6 +237,9 @@ def train_heat_decoder(model: SafeFMModel, weights_sha: str, tcfg: HeatDecoderTr
         if ck["metrics"].get("weights_sha256") != weights_sha:
             raise ValueError(f"{ckpt_path} was trained from other weights; use --fresh")
         tcfg, step, history, metrics = restore_run(ck, HeatDecoderTrainConfig, tcfg, model, opt)
+        if disc is not None and ck.get("disc") is not None:
+            disc.load_state_dict(ck["disc"])
+            d_opt.load_state_dict(ck["d_opt"])
         log(f"resumed {ckpt_path} at step {step}")
     n = len(data["crops"])
     ho, tr = np.arange(n - tcfg.holdout, n), np.arange(n - tcfg.holdout)
@@ -166,11 +250,16 @@ def train_heat_decoder(model: SafeFMModel, weights_sha: str, tcfg: HeatDecoderTr
         f"({sum(p.numel() for p in dec.heat.parameters())} new), {len(tr)} training crops")
     rng = np.random.default_rng(tcfg.seed + 7919 * step)
     aug = AugmentConfig()
+    use_sampled = disc is not None and tcfg.sampled_batch > 0 and sampled is not None and len(sampled["z"]) > 0
+    if use_sampled:
+        log(f"+ {tcfg.sampled_batch} of {len(sampled['z'])} sampled latents a step")
     deadline = Deadline(max_minutes)
 
     def save():
         state = {k: v for k, v in model.state_dict().items() if k.startswith("autoencoder.decoder.")}
-        save_checkpoint(ckpt_path, run_payload("heat_decoder", cfg, tcfg, step, state, opt, history, metrics))
+        extra = {} if disc is None else {"disc": disc.state_dict(), "d_opt": d_opt.state_dict()}
+        save_checkpoint(ckpt_path, run_payload("heat_decoder", cfg, tcfg, step, state, opt, history, metrics,
+                                               **extra))
         history.plot(run_dir / "loss.png", ("loss", "eye"), f"heat decoder (step {step})")
 
     dec.train()
@@ -189,6 +278,31 @@ def train_heat_decoder(model: SafeFMModel, weights_sha: str, tcfg: HeatDecoderTr
         m = eye_mask(boxes, S)
         eye = ((y - x).abs() * m).sum() / (3 * m.sum().clamp_min(1.0))
         loss = loss + tcfg.eye_weight * eye
+        if disc is not None:   # discriminator step (real crops vs decoded), then the decoder's terms
+            fake = y
+            if use_sampled:   # the sampler's latents: no target but the given decoder's colours
+                rows = rng.integers(0, len(sampled["z"]), tcfg.sampled_batch)
+                ys = model.decode(torch.from_numpy(sampled["z"][rows]),
+                                  torch.from_numpy(sampled["heat"][rows].astype(np.float32)))
+                ref = torch.from_numpy(sampled["ref"][rows]).permute(0, 3, 1, 2).float() / 127.5 - 1
+                keep = (F.avg_pool2d(ys, 8) - F.avg_pool2d(ref, 8)).abs().mean()
+                loss = loss + tcfg.color_weight * keep
+                logs["sampled_color"] = keep.item()
+                fake = torch.cat([y, ys])
+            d_real, _ = disc(x)
+            d_fake, _ = disc(fake.detach())
+            loss_d = torch.relu(1 - d_real).mean() + torch.relu(1 + d_fake).mean()
+            d_opt.zero_grad(set_to_none=True)
+            loss_d.backward()
+            d_opt.step()
+            ramp = min(1.0, (step + 1) / max(1, tcfg.gan_warmup))
+            lf, ff = disc(fake)
+            with torch.no_grad():
+                _, fr = disc(x)
+            loss_adv = -lf.mean()
+            fm = feature_matching([f[:len(x)] for f in ff], fr)   # real targets exist for the first len(x) only
+            loss = loss + ramp * (tcfg.adv * loss_adv + tcfg.fm * fm)
+            logs.update(loss_d=loss_d.item(), adv=loss_adv.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
