@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from safefm.face import composite as C
+from safefm.face.retarget import BROWS
 
 H, W = 480, 640
 CROP_RGB = np.array([200, 30, 220], np.uint8)
@@ -251,7 +252,7 @@ def test_face_alpha_drops_dark_strands_at_the_edge_but_keeps_dark_features_insid
 def _fringe_face(S=128):
     """A skin face crop with brows at y 50 and a dark fringe from the hair above down to y 35."""
     lm = synthetic_landmarks(64, 70, 40, 50)
-    lm[list(C._BROWS), 1] = 50.0
+    lm[list(BROWS), 1] = 50.0
     image = np.full((S, S, 3), (200, 160, 140), np.uint8)       # skin (and a skin-coloured backdrop)
     image[:35, 20:108] = (45, 35, 30)                            # hair: over the top of the oval and beyond
     return lm, image

@@ -212,13 +212,13 @@ def test_real_hair_over_the_forehead_stays_and_nothing_below_the_brows_does():
     """keep_hair: a fringe hanging over the face stays the person's own hair (no straight cut of
     painted forehead across it); the face below the brows is replaced exactly as without it."""
     from conftest import VIDEOS, read_frames
-    from safefm.face.composite import _BROWS
+    from safefm.face.retarget import BROWS
 
     frames = read_frames(VIDEOS / "liveportrait_d9.mp4", 3, step=10)    # a man with a fringe down to his brows
     with FaceMeshDetector(max_faces=1, static_image=True) as det:
         lm = det.detect(frames[-1])[0]
     below = np.zeros(frames[-1].shape[:2], bool)
-    below[int(lm[list(_BROWS), 1].max()):] = True
+    below[int(lm[list(BROWS), 1].max()):] = True
     outs = {}
     for keep in (False, True):
         eng = tiny_engine(dataclasses.replace(load_runtime_config(runtime="torch"), keep_hair=keep), seed=0)

@@ -32,6 +32,8 @@ import functools
 import cv2
 import numpy as np
 
+from .retarget import BROWS
+
 PLACEHOLDER_RGB = (128, 128, 128)   # flat mid-grey fill of the placeholder
 ICON_RGB = (168, 168, 168)          # the placeholder's person icon
 TEXT_RGB = (235, 235, 235)
@@ -221,11 +223,6 @@ def face_alpha(landmarks: np.ndarray, size: int, inner: float = 0.08, outer: flo
     return alpha.astype(np.float32)
 
 
-# FaceMesh brow points (upper and lower contour of both brows): the hair kept by
-# :func:`hair_over_face` lies above all of them.
-_BROWS = (46, 52, 53, 55, 63, 65, 66, 70, 105, 107, 276, 282, 283, 285, 293, 295, 296, 300, 334, 336)
-
-
 def hair_over_face(image: np.ndarray, landmarks: np.ndarray, size: int, above: float = 0.04,
                    far: tuple[float, float] = (3.0, 5.0), dist: np.ndarray | None = None) -> np.ndarray:
     """The real hair that hangs over the top of a face (a fringe, hair over the temples), which
@@ -248,7 +245,7 @@ def hair_over_face(image: np.ndarray, landmarks: np.ndarray, size: int, above: f
     lab = cv2.cvtColor(image, cv2.COLOR_RGB2Lab).astype(np.float32)
     skin = lab[dist < -0.15]
     out = np.zeros((size, size), np.float32)
-    top = float(pts[list(_BROWS), 1].min()) - above * face_width(pts)
+    top = float(pts[list(BROWS), 1].min()) - above * face_width(pts)   # the hair kept lies above every brow point
     if len(skin) < 64 or top <= 1:
         return out
     rows = min(int(np.ceil(top)), size)                # only the rows above the brows are looked at
