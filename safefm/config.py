@@ -221,7 +221,10 @@ class RuntimeConfig:
 # folded, the convolutions reading the latent and writing the pixels float), ~4 ms a frame less on the generator's stage; the
 # generator's own int8 ("all") raised flicker on every clip (1.14 -> 1.37, docs/results.md).
 # Grain matching costs ~3.5 ms a frame (measuring the frame's noise): files only.
-LIVE_DEFAULTS = {"identity_repel": 0.0, "detail_min_px": 0, "match_grain": False, "int8": "decoder"}
+# keep_hair off (session 16): without identity repel, keeping the person's hair over the forehead
+# let 3 more of 1,356 clip frames match the real person (leak 1.7 -> 1.9 %); files kept 0.2 %.
+LIVE_DEFAULTS = {"identity_repel": 0.0, "detail_min_px": 0, "match_grain": False, "int8": "decoder",
+                 "keep_hair": False}
 
 
 def _coerce(cls, values: Mapping[str, Any]):

@@ -151,3 +151,11 @@ def test_int8_decoder_is_the_cameras_default_and_files_stay_float():
     assert load_runtime_config(int8=True).int8 == "all"       # a TOML of before session 15
     with pytest.raises(ConfigError, match="int8 must be one of off, decoder, all"):
         load_runtime_config(int8="fast")
+
+
+def test_the_camera_paints_over_the_hair_and_files_keep_it():
+    from safefm.cli.cam import _engine_factory, build_parser
+
+    seen = []
+    _engine_factory(build_parser().parse_args([]), lambda cfg, **kw: seen.append(cfg.keep_hair))()
+    assert seen == [False] and load_runtime_config().keep_hair is True
