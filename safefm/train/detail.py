@@ -142,6 +142,18 @@ class PatchDiscriminator(nn.Module):
         return self.out(x), feats
 
 
+def discriminator_step(d: nn.Module, opt: torch.optim.Optimizer, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """One hinge-loss step of patch discriminator ``d`` (with its optimiser ``opt``): ``real``
+    (B, 3, H, W) images against ``fake`` (B', 3, H, W; detached here). Returns the loss."""
+    lr_, _ = d(real)
+    lf_, _ = d(fake.detach())
+    loss = F.relu(1 - lr_).mean() + F.relu(1 + lf_).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def feature_matching(fake: list[torch.Tensor], real: list[torch.Tensor]) -> torch.Tensor:
     """Mean L1 between matching discriminator features (real ones detached)."""
     return sum(F.l1_loss(f, r.detach()) for f, r in zip(fake, real)) / len(fake)
@@ -247,12 +259,7 @@ def train_detail(real: np.ndarray, sampled: np.ndarray | None, tcfg: DetailTrain
         if gan:   # discriminator: real crops against outputs (hinge)
             real_idx = torch.randint(len(x_train), (tcfg.batch,), generator=gen, device=device)
             xr = x if not use_sampled else augment(x_train[real_idx], gen)[:, :, 2 * oy:2 * (oy + p), 2 * ox:2 * (ox + p)]
-            lr_, _ = d(xr)
-            lf_, _ = d(y.detach())
-            loss_d = F.relu(1 - lr_).mean() + F.relu(1 + lf_).mean()
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
+            loss_d = discriminator_step(d, opt_d, xr, y)
         if use_sampled:
             loss_rec = tcfg.consistency * F.l1_loss(blur(downscale2(y), sigma), inp)
         else:

@@ -48,7 +48,7 @@ from .data import AugmentConfig, augment, to_tensor_image
 from ..models import SafeFMModel
 from ..face.retarget import EYELIDS
 from .autoencoder import recon_terms
-from .detail import PatchDiscriminator, feature_matching, laplacian_energy
+from .detail import PatchDiscriminator, discriminator_step, feature_matching, laplacian_energy
 from .common import (Deadline, History, load_checkpoint, restore_run, run_payload, save_checkpoint,
                      set_warmup_lr)
 
@@ -289,12 +289,7 @@ def train_heat_decoder(model: SafeFMModel, weights_sha: str, tcfg: HeatDecoderTr
                 loss = loss + tcfg.color_weight * keep
                 logs["sampled_color"] = keep.item()
                 fake = torch.cat([y, ys])
-            d_real, _ = disc(x)
-            d_fake, _ = disc(fake.detach())
-            loss_d = torch.relu(1 - d_real).mean() + torch.relu(1 + d_fake).mean()
-            d_opt.zero_grad(set_to_none=True)
-            loss_d.backward()
-            d_opt.step()
+            loss_d = discriminator_step(disc, d_opt, x, fake)
             ramp = min(1.0, (step + 1) / max(1, tcfg.gan_warmup))
             lf, ff = disc(fake)
             with torch.no_grad():
