@@ -234,8 +234,9 @@ def hair_over_face(image: np.ndarray, landmarks: np.ndarray, size: int, above: f
     it lies more than ``above`` face widths above the highest brow point, its colour is far
     from the face's own skin (the robust Lab spread of the inner face; ``far[0]`` to ``far[1]``
     spreads, smoothstep) and darker than it by 1-2 spreads (a highlight on a forehead is never
-    taken for hair; light blond or grey hair is not kept either) and it belongs to a region that continues outside the face oval
-    (hair grows from beyond the face: a mole, a shadow or a brow inside it is not kept).
+    taken for hair; light blond or grey hair is not kept either), and it belongs to a region
+    that continues outside the face oval (hair grows from beyond the face: a mole, a shadow or
+    a brow inside it is not kept).
     Returns ``(size, size) float32`` in [0, 1], softened by a 1 px Gaussian; all zeros when
     the inner face has too few pixels to tell skin from hair.
     """
@@ -245,7 +246,9 @@ def hair_over_face(image: np.ndarray, landmarks: np.ndarray, size: int, above: f
     lab = cv2.cvtColor(image, cv2.COLOR_RGB2Lab).astype(np.float32)
     skin = lab[dist < -0.15]
     out = np.zeros((size, size), np.float32)
-    top = float(pts[list(BROWS), 1].min()) - above * face_width(pts)   # the hair kept lies above every brow point
+    margin = above * face_width(pts)                  # pixels
+    top = float(pts[list(BROWS), 1].min()) - margin   # the hair kept lies above every brow point
+    ramp = max(margin, 1.0)                           # and fades out over this many pixels
     if len(skin) < 64 or top <= 1:
         return out
     rows = min(int(np.ceil(top)), size)                # only the rows above the brows are looked at
@@ -256,8 +259,7 @@ def hair_over_face(image: np.ndarray, landmarks: np.ndarray, size: int, above: f
     darker = _smoothstep(-z[..., 0] - 1.0)            # hair is darker than the skin (1-2 spreads on)
     z[..., 0] = np.minimum(z[..., 0], 0.0)
     score = darker * _smoothstep((np.sqrt((z * z).sum(-1)) - far[0]) / max(far[1] - far[0], 1e-6))
-    ramp = max(above * face_width(pts), 1.0)          # fades out towards the brows, no straight cut
-    score *= _smoothstep((top - np.arange(rows, dtype=np.float32)) / ramp)[:, None]
+    score *= _smoothstep((top - np.arange(rows, dtype=np.float32)) / ramp)[:, None]   # no straight cut
     hair = (score > 0.5).astype(np.uint8)
     n, labels = cv2.connectedComponents(hair, connectivity=8)
     if n <= 1:

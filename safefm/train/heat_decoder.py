@@ -48,7 +48,7 @@ from .data import AugmentConfig, augment, to_tensor_image
 from ..models import SafeFMModel
 from ..face.retarget import EYELIDS
 from .autoencoder import recon_terms
-from .detail import PatchDiscriminator, discriminator_step, feature_matching, laplacian_energy
+from .detail import PatchDiscriminator, discriminator_step, feature_matching, laplacian_energy, to_tensor
 from .common import (Deadline, History, load_checkpoint, restore_run, run_payload, save_checkpoint,
                      set_warmup_lr)
 
@@ -148,11 +148,13 @@ def _eval(model, data, rows, image_size, heat_size) -> dict:
         zs = swap_eye_cells(z, boxes, image_size, np.ones(len(z), bool), np.roll(np.arange(len(z)), 1))
         for name, zz in (("", z), ("_swapped", zs)):
             y = model.decode(zz, heat)
+            if not name:
+                y_true = y
             mse = ((y - x) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
             out[f"psnr{name}"] = float((10 * torch.log10(1 / mse)).mean())
             out[f"eye_l1{name}"] = float(((y - x).abs() * m).sum() / (3 * m.sum()))
         # Laplacian energy of the decoded crops over the real ones' (1 = as sharp; a 1 px blur first)
-        out["energy"] = float((laplacian_energy(model.decode(z, heat)) / laplacian_energy(x)).log().mean().exp())
+        out["energy"] = float((laplacian_energy(y_true) / laplacian_energy(x)).log().mean().exp())
     return out
 
 
@@ -284,7 +286,7 @@ def train_heat_decoder(model: SafeFMModel, weights_sha: str, tcfg: HeatDecoderTr
                 rows = rng.integers(0, len(sampled["z"]), tcfg.sampled_batch)
                 ys = model.decode(torch.from_numpy(sampled["z"][rows]),
                                   torch.from_numpy(sampled["heat"][rows].astype(np.float32)))
-                ref = torch.from_numpy(sampled["ref"][rows]).permute(0, 3, 1, 2).float() / 127.5 - 1
+                ref = to_tensor(sampled["ref"][rows], "cpu")
                 keep = (F.avg_pool2d(ys, 8) - F.avg_pool2d(ref, 8)).abs().mean()
                 loss = loss + tcfg.color_weight * keep
                 logs["sampled_color"] = keep.item()
