@@ -148,7 +148,7 @@ class RuntimeConfig:
     int8: str = "off"
     identity_guard: float = 0.0
     identity_repel: float = 1.5
-    repel_until: float = 1.0
+    repel_until: float = 0.5
     identity_per_track: bool = False
     identity_match: tuple[str, ...] = ("gender", "age")
     identity_seed: int = -1

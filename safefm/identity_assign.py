@@ -14,8 +14,10 @@ distribution, a seeded rest shape and noise seed), never derived from the person
   confident gender and an age group within one, then (a person alone) the most typical-looking
   render or (with others) the farthest. People who
   appear in the same frame are chosen together (every pair of their candidates), not the second
-  against the first's fixed choice; when no choice is FAR apart, :data:`MORE` batches of
-  candidates are drawn. The model draws identities much closer together than their embeddings
+  against the first's fixed choice; when no choice is far enough (FAR from the others, OWN from
+  the person's own: alone too), :data:`MORE` batches of candidates are drawn, and if still none
+  is, the choice farthest from every face is worn (never the most typical of the near ones:
+  on one evaluation clip that choice matched the person in 40 % of the frames). The model draws identities much closer together than their embeddings
   are (rendered pairs: median dlib distance ~0.64 against ~0.95 between the embeddings), so
   choosing by the rendered face in context is what keeps two people in one frame apart; it
   doubles as a per-person identity guard. Guiding the sampling away from the other people's
@@ -52,11 +54,11 @@ log = logging.getLogger(__name__)
 
 DISTINCT = 0.8     # min dlib distance between two worn identities' embeddings (bank pairs: median ~1.0)
 CANDIDATES = 32    # identities drawn and rendered in context for a new person among others (~0.2 s each on a 2-core CPU)
-ALONE = 16         # ... for a person alone (no one else worn or remembered): only gender, age and their own face to fit
+ALONE = 32         # ... for a person alone (no one else worn or remembered): only gender, age and their own face to fit (16 before session 17: at OWN 0.8 too few far ones left, dlib mouth r 0.82 -> 0.75 on the clips)
 ROUNDS = 3         # revisions of the choices of people who appear together
 MORE = 1           # extra batches of CANDIDATES drawn when no choice is FAR apart
 FAR = 0.9          # wanted dlib distance between a new person's rendered face and the other people's (first frame; over the clip it dips 0.1-0.3 below: 0.85 left one draw in ten under 0.6 in 4 % of frames)
-OWN = 0.7          # wanted dlib distance between a new person's rendered face and their own real face
+OWN = 0.8          # wanted dlib distance between a new person's rendered face and their own real face (first frame; 0.7 left a clip matching its person in 8 % of its frames, session 17)
 SURE = 0.8         # classifier probability of the kept gender that counts as a confident reading
 KEPT = 2.0         # a fit (IdentityAssigner._fit) at least this reads as the kept gender
 MATCH_KEYS = ("gender", "age")
@@ -178,7 +180,7 @@ class IdentityAssigner:
             if f is not None:
                 faces[n], missing = f, []   # the worn identities are rendered once
         pick, far = self._choose(*self._inputs(faces, draws, people))
-        for _ in range(MORE if not alone else 0):   # not far enough apart: more candidates, once more
+        for _ in range(MORE):   # not far enough apart (or from the person's own): more candidates, once more
             if far or not faces:
                 break
             for n in faces:
@@ -279,7 +281,8 @@ class IdentityAssigner:
         and smudges, and the distance to their own face is secured by the rule before) and the
         smallest of those distances; with other people, the gender fit, then the smallest
         distance between the people's faces (two people must stay apart all clip long: the first
-        frame over-states it by ~0.05-0.12), then the age fit, then the most typical. One or two people: every combination;
+        frame over-states it by ~0.05-0.12), then the age fit, then the most typical. A choice
+        that is not far enough is ranked by that smallest distance alone. One or two people: every combination;
         more: each person's choice revised in turn given the others' (:data:`ROUNDS`)."""
         people = list(faces)
         if not people:
@@ -317,10 +320,12 @@ class IdentityAssigner:
             typ = sum(float(typical[n][sel[n]]) for n in people)
             g_fit = sum(float(fit[n][sel[n]]) for n in people)
             a_fit = sum(float(age_fit[n][sel[n]]) for n in people)
+            if not is_far:   # no choice is far enough: the farthest from every face, nothing else
+                return (good, gender, False, dist)
             if alone:
-                return (good, gender, is_far, g_fit + a_fit, typ, dist)
+                return (good, gender, True, g_fit + a_fit, typ, dist)
             # together: the gender first, then how far apart the people are, then the age group
-            return (good, gender, is_far, g_fit, sep, a_fit, typ)
+            return (good, gender, True, g_fit, sep, a_fit, typ)
 
         if len(people) <= 2:
             grids = np.meshgrid(*[np.arange(len(faces[n])) for n in people], indexing="ij")

@@ -216,3 +216,25 @@ def test_the_candidate_read_as_the_persons_gender_is_worn_even_if_another_is_far
         else:   # all far enough from her: the most typical render, not the oddest (farthest) one
             assert k != 9 and CANDIDATES // 4 <= k < 3 * CANDIDATES // 4, how
         assert (f"read as female 0.95 / adult (1 of {CANDIDATES} candidates read as female)" in how) == bool(match)
+
+
+def test_when_no_candidate_is_far_from_the_persons_own_face_the_farthest_is_worn():
+    """Every render near the person (under OWN): a second batch is drawn, and the choice is the
+    farthest from their own face, not the most typical render (which sits among the near ones)."""
+    from safefm.identity_assign import ALONE, OWN
+
+    assert OWN > 0.6   # every render below is nearer the person than OWN
+    real = np.zeros(128, np.float32)
+    batches = []
+
+    def render(ids):
+        k = len(batches)
+        faces = np.zeros((len(ids), 128), np.float32)
+        faces[:, 3] = np.linspace(0.1, 0.5 + 0.1 * k, len(ids))   # the 2nd batch reaches farther
+        batches.append((list(ids), faces))
+        return faces
+
+    asg = IdentityAssigner(load_default_sampler(), match=(), seed=0)
+    (ident, how), = asg.assign_all([(real, render)], 0, [])
+    assert len(batches) == 2 and all(len(ids) == ALONE for ids, _ in batches)
+    assert ident is batches[1][0][-1], how
