@@ -145,7 +145,7 @@ class Engine:
         self._repel_on = cfg.identity_repel > 0
         # identity_per_track: each track wears its own identity from the sampler (safefm.identity_assign);
         # ``identity`` is then only the warm-up face. Else every face wears ``identity``.
-        self.assigner = (assigner or IdentityAssigner.shipped(cfg, self.mcfg.identity_dim)) \
+        self.assigner = (assigner or IdentityAssigner.shipped(cfg, self.mcfg.identity_dim, video)) \
             if cfg.identity_per_track else None
         self._embed_on = self._repel_on or self.assigner is not None   # each track's real face embedded once
         self.set_identity(identity)

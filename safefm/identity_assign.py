@@ -5,7 +5,7 @@ Each new face track gets its own identity, drawn from the identity sampler
 distribution, a seeded rest shape and noise seed), never derived from the person:
 
 - **Distinct**: :data:`CANDIDATES` identities are drawn for each new person (:data:`ALONE`
-  for a person with no one else around), each at least :data:`DISTINCT` (dlib descriptor
+  for a person with no one else around in a video, :data:`ALONE_PHOTO` in a still image), each at least :data:`DISTINCT` (dlib descriptor
   distance) from every identity worn by another track or remembered. Each is rendered *in the
   person's own frame* (the engine's ``render``: their expression and pose on the candidate's
   rest shape, the identity repel, colour match, detail stage and paste, embedded as the real
@@ -15,9 +15,10 @@ distribution, a seeded rest shape and noise seed), never derived from the person
   render or (with others) the farthest. People who
   appear in the same frame are chosen together (every pair of their candidates), not the second
   against the first's fixed choice; when no choice is far enough (FAR from the others, OWN from
-  the person's own: alone too), :data:`MORE` batches of candidates are drawn, and if still none
-  is, the choice farthest from every face is worn (never the most typical of the near ones:
-  on one evaluation clip that choice matched the person in 40 % of the frames). The model draws identities much closer together than their embeddings
+  the person's own; a person alone too, except in a still image), :data:`MORE` batches of
+  candidates are drawn, and if still none is, the choice farthest from every face is worn (never
+  the best fit or most typical of the near ones: on one evaluation clip that choice matched the
+  person in 40 % of the frames). The model draws identities much closer together than their embeddings
   are (rendered pairs: median dlib distance ~0.64 against ~0.95 between the embeddings), so
   choosing by the rendered face in context is what keeps two people in one frame apart; it
   doubles as a per-person identity guard. Guiding the sampling away from the other people's
@@ -54,7 +55,8 @@ log = logging.getLogger(__name__)
 
 DISTINCT = 0.8     # min dlib distance between two worn identities' embeddings (bank pairs: median ~1.0)
 CANDIDATES = 32    # identities drawn and rendered in context for a new person among others (~0.2 s each on a 2-core CPU)
-ALONE = 32         # ... for a person alone (no one else worn or remembered): only gender, age and their own face to fit (16 before session 17: at OWN 0.8 too few far ones left, dlib mouth r 0.82 -> 0.75 on the clips)
+ALONE = 32         # ... for a person alone (no one else worn or remembered) in a video: only gender, age and their own face to fit (16 before session 17: at OWN 0.8 too few far ones left, dlib mouth r 0.82 -> 0.75 on the clips)
+ALONE_PHOTO = 16   # ... for a person alone in a still image, with no second batch: one output is worth fewer renders than a whole track (~0.2 s each)
 ROUNDS = 3         # revisions of the choices of people who appear together
 MORE = 1           # extra batches of CANDIDATES drawn when no choice is FAR apart
 FAR = 0.9          # wanted dlib distance between a new person's rendered face and the other people's (first frame; over the clip it dips 0.1-0.3 below: 0.85 left one draw in ten under 0.6 in 4 % of frames)
@@ -98,19 +100,20 @@ class IdentityAssigner:
     ``memory``: frames a forgotten track's identity is kept for its person's return."""
 
     def __init__(self, sampler, classifier=None, *, match: tuple[str, ...] = MATCH_KEYS, seed: int = -1,
-                 memory: int = 150):
+                 memory: int = 150, video: bool = True):
         if match and classifier is None:
             raise ValueError("attribute matching needs an attribute classifier")
         self.sampler, self.classifier, self.match = sampler, classifier, tuple(match)
-        self.seed, self.memory = seed, int(memory)
+        self.seed, self.memory, self.video = seed, int(memory), bool(video)
         self._rng = np.random.default_rng(None if seed < 0 else seed)
         self._retired: list[_Memory] = []
         self._refs: dict[int, tuple[Identity, np.ndarray]] = {}   # id(identity) -> its rendered face's descriptor
 
     @classmethod
-    def shipped(cls, cfg, embedding_dim: int) -> "IdentityAssigner":
-        """The assigner of ``cfg`` with the shipped sampler and (when matching) classifier;
-        a one-line SafeFMError when a file is missing or does not fit the model."""
+    def shipped(cls, cfg, embedding_dim: int, video: bool = True) -> "IdentityAssigner":
+        """The assigner of ``cfg`` with the shipped sampler and (when matching) classifier, for
+        a video or (``video`` False) still images; a one-line SafeFMError when a file is missing
+        or does not fit the model."""
         from .attributes import load_attributes
         from .errors import ConfigError
         from .identity_sampler import load_default_sampler
@@ -121,7 +124,8 @@ class IdentityAssigner:
             raise ConfigError(f"identity_per_track: the identity sampler draws {dim}-d identities; "
                               f"this model needs {embedding_dim}")
         clf = load_attributes() if cfg.identity_match else None
-        return cls(sampler, clf, match=cfg.identity_match, seed=cfg.identity_seed, memory=cfg.identity_memory)
+        return cls(sampler, clf, match=cfg.identity_match, seed=cfg.identity_seed, memory=cfg.identity_memory,
+                   video=video)
 
     def reset(self) -> None:
         """Forget the retired identities (between unrelated files); the draws go on."""
@@ -170,7 +174,7 @@ class IdentityAssigner:
                 worn.append(back)
         new = [n for n in range(len(people)) if out[n] is None]
         alone = len(new) == 1 and not (worn or lost or self._retired)
-        count = ALONE if alone else CANDIDATES
+        count = (ALONE if self.video else ALONE_PHOTO) if alone else CANDIDATES
         draws = {n: self._candidates(people[n][0], worn, lost, count if people[n][1] is not None else 1)
                  for n in new}   # n -> (candidates, attributes, how)
         missing = [i for i in [*worn, *(i for i, _ in lost)] if id(i) not in self._refs]
@@ -180,7 +184,7 @@ class IdentityAssigner:
             if f is not None:
                 faces[n], missing = f, []   # the worn identities are rendered once
         pick, far = self._choose(*self._inputs(faces, draws, people))
-        for _ in range(MORE):   # not far enough apart (or from the person's own): more candidates, once more
+        for _ in range(MORE if self.video or not alone else 0):   # not far enough apart (or from the person's own): more candidates
             if far or not faces:
                 break
             for n in faces:

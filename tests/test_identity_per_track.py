@@ -221,7 +221,7 @@ def test_the_candidate_read_as_the_persons_gender_is_worn_even_if_another_is_far
 def test_when_no_candidate_is_far_from_the_persons_own_face_the_farthest_is_worn():
     """Every render near the person (under OWN): a second batch is drawn, and the choice is the
     farthest from their own face, not the most typical render (which sits among the near ones)."""
-    from safefm.identity_assign import ALONE, OWN
+    from safefm.identity_assign import ALONE, ALONE_PHOTO, OWN
 
     assert OWN > 0.6   # every render below is nearer the person than OWN
     real = np.zeros(128, np.float32)
@@ -238,3 +238,8 @@ def test_when_no_candidate_is_far_from_the_persons_own_face_the_farthest_is_worn
     (ident, how), = asg.assign_all([(real, render)], 0, [])
     assert len(batches) == 2 and all(len(ids) == ALONE for ids, _ in batches)
     assert ident is batches[1][0][-1], how
+    batches.clear()          # a still image: fewer candidates, one batch, still the farthest
+    photo = IdentityAssigner(load_default_sampler(), match=(), seed=0, video=False)
+    (ident, how), = photo.assign_all([(real, render)], 0, [])
+    assert len(batches) == 1 and len(batches[0][0]) == ALONE_PHOTO < ALONE
+    assert ident is batches[0][0][-1], how
