@@ -213,8 +213,7 @@ class RuntimeConfig:
 
 
 # The camera's own runtime defaults (safefm-cam, and what safefm-bench times by default), above the
-# built-in ones and below --config and the flags: real time first, so no identity repel (it
-# doubles the generator's network calls) and no 2x detail stage (+6.5 ms a face on a 2-core CPU;
+# built-in ones and below --config and the flags: real time first, so no 2x detail stage (+6.5 ms a face on a 2-core CPU;
 # session 12 at 2 steps: clip sharpness 0.11 -> 0.72, but 24 vs 28 FPS unpaced and a p50 latency of
 # 94 vs 44 ms: --detail-min-px 160 turns it on).
 # int8 = "decoder" (session 15): the image decoder's convolutions in int8 (safefm.quantize: ReLUs
@@ -223,8 +222,10 @@ class RuntimeConfig:
 # Grain matching costs ~3.5 ms a frame (measuring the frame's noise): files only.
 # keep_hair off (session 16): without identity repel, keeping the person's hair over the forehead
 # let 3 more of 1,356 clip frames match the real person (leak 1.7 -> 1.9 %); files kept 0.2 %.
-LIVE_DEFAULTS = {"identity_repel": 0.0, "detail_min_px": 0, "match_grain": False, "int8": "decoder",
-                 "keep_hair": False}
+# Identity repel on, as for files (session 17; off before): since it pushes on the first Euler step
+# only (repel_until 0.5) it costs one network call a frame (generator 8.5 -> 11.3 ms here, 30 FPS
+# held) and took the camera's clip leak from 23 to 13 of 1,356 frames (dlib mouth r 0.80 -> 0.78).
+LIVE_DEFAULTS = {"detail_min_px": 0, "match_grain": False, "int8": "decoder", "keep_hair": False}
 
 
 def _coerce(cls, values: Mapping[str, Any]):
@@ -281,7 +282,7 @@ def load_runtime_config(path: str | Path | None = None, *, defaults: Mapping[str
     """The runtime configuration, built in one order (each layer overrides the one before):
 
     1. the built-in defaults (``configs/runtime_default.toml``, equal to :class:`RuntimeConfig`'s);
-    2. ``defaults``: a command's own defaults (``safefm-cam`` keeps identity repel off);
+    2. ``defaults``: a command's own defaults (``safefm-cam`` skips the detail stage);
     3. the user's file ``path`` (``--config``): it must exist, or a one-line ConfigError names it;
     4. ``overrides``: command-line flags; ``None`` means the flag was not given.
     """

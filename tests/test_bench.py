@@ -142,9 +142,9 @@ def test_cli_tiny_model_prints_json(capsys, tmp_path):
             assert {"e2e_fps", "latency_ms", "fresh_frames", "dropped", "pacing"} <= set(v)
 
 
-@pytest.mark.parametrize("path, repel, detail", [("live", 0.0, 0), ("files", 1.5, 160)])
-def test_bench_times_the_camera_configuration_unless_told_files(tiny_video, path, repel, detail):
-    """What safefm-bench times is what safefm-cam runs (no identity repel, no detail stage), or
+@pytest.mark.parametrize("path, grain, detail", [("live", False, 0), ("files", True, 160)])
+def test_bench_times_the_camera_configuration_unless_told_files(tiny_video, path, grain, detail):
+    """What safefm-bench times is what safefm-cam runs (no grain matching, no detail stage), or
     with --path files what safefm-anonymize runs; onnx-cpu takes the path's int8 setting,
     onnx-cpu-float and onnx-cpu-int8 force it."""
     seen = []
@@ -156,7 +156,7 @@ def test_bench_times_the_camera_configuration_unless_told_files(tiny_video, path
     res = B.run(B.BenchOptions(source=tiny_video, steps=(2,), runtimes=("onnx-cpu", "onnx-cpu-float", "onnx-cpu-int8"),
                                pacing=(), frames=2, warmup=1, path=path), factory)
     own = "decoder" if path == "live" else "off"
-    assert [(c.identity_repel, c.detail_min_px, c.int8) for c in seen] == [(repel, detail, own),
-                                                                          (repel, detail, "off"),
-                                                                          (repel, detail, "all")]
+    assert [(c.match_grain, c.detail_min_px, c.int8) for c in seen] == [(grain, detail, own),
+                                                                       (grain, detail, "off"),
+                                                                       (grain, detail, "all")]
     assert res["path"]["name"] == path

@@ -103,7 +103,7 @@ def test_the_commands_refuse_a_missing_config_with_one_line(command, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]   # nothing written
 
 
-def test_the_live_camera_keeps_repel_off_unless_the_file_or_a_flag_sets_it(tmp_path):
+def test_the_live_camera_repels_as_files_do_unless_the_file_or_a_flag_says_otherwise(tmp_path):
     from safefm.cli.cam import _engine_factory, build_parser
 
     seen = []
@@ -117,7 +117,7 @@ def test_the_live_camera_keeps_repel_off_unless_the_file_or_a_flag_sets_it(tmp_p
     on.write_text("[runtime]\nidentity_repel = 1.0\n")
     for argv in ([], ["--config", str(f)], ["--config", str(on)], ["--config", str(on), "--identity-repel", "0"]):
         _engine_factory(build_parser().parse_args(argv), factory)()
-    assert seen == [0.0, 0.0, 1.0, 0.0]
+    assert seen == [1.5, 1.5, 1.0, 0.0]
 
 
 def test_the_live_camera_keeps_the_detail_stage_off_unless_asked(tmp_path):

@@ -43,7 +43,7 @@ def setup():
     return cfg, tiny_generator(cfg), tiny_identity(1, name="a")
 
 
-def test_files_repel_by_default_and_the_live_camera_does_not():
+def test_files_and_the_live_camera_repel_by_default_on_the_first_step():
     from safefm.cli.cam import _engine_factory, build_parser
 
     assert load_runtime_config().identity_repel == 1.5
@@ -53,9 +53,9 @@ def test_files_repel_by_default_and_the_live_camera_does_not():
         seen["cfg"] = cfg
 
     _engine_factory(build_parser().parse_args([]), factory)()
-    assert seen["cfg"].identity_repel == 0.0              # real time first
-    _engine_factory(build_parser().parse_args(["--identity-repel", "1.5"]), factory)()
-    assert seen["cfg"].identity_repel == 1.5
+    assert (seen["cfg"].identity_repel, seen["cfg"].repel_until) == (1.5, 0.5)   # one call a frame more
+    _engine_factory(build_parser().parse_args(["--identity-repel", "0"]), factory)()
+    assert seen["cfg"].identity_repel == 0.0
 
 
 def _run(engine, frames):

@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--model", metavar="FILE", help="weights file, or a shipped model by name: default, large (weights/safefm_NAME.safetensors)")
     eng.add_argument("--steps", type=int, metavar="N", help="Euler steps per frame (default from the runtime config)")
     eng.add_argument("--identity-repel", type=float, metavar="R",
-                     help="guide the face away from your own (dlib, once per face, in memory only), e.g. 1. "
-                          "Off live unless set here or in --config: it doubles the generator's cost")
+                     help="guide the face away from your own (dlib, once per face, in memory only) on the "
+                          "first Euler step (repel_until); default 1.5 as for files, 0 = off (one network "
+                          "call a frame fewer)")
     eng.add_argument("--detail-min-px", type=int, metavar="PX",
                      help="faces spanning at least PX pixels get the 2x detail stage (sharper, ~6 ms a face "
                           "on a 2-core CPU); off live (0) unless set here or in --config, e.g. 160")

@@ -41,7 +41,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, identity: bool = True, ide
                             "of the chosen one, e.g. 0.75 (default from the runtime config: 0 = off)")
     g.add_argument("--identity-repel", type=float, default=None, metavar="R",
                    help="guide the face away from the real person's own (their dlib embedding, taken once "
-                        "per face, in memory only; a second network call per step), e.g. 1; 0 = off "
+                        "per face, in memory only; a second network call on each pushed step), e.g. 1; 0 = off "
                         "(default from the runtime config: 1.5)")
     g.add_argument("--steps", type=int, default=None, metavar="N",
                    help="Euler steps per frame (default from the runtime config: 2)")

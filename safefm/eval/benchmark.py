@@ -301,7 +301,7 @@ def run(opts: BenchOptions, engine_factory: EngineFactory | None = None) -> dict
         "runtimes_present": names, "runtimes_missing": missing,
         "machine": machine_info(),
         "path": {"name": opts.path, "runtime_defaults": dict(LIVE_DEFAULTS) if opts.path == "live" else {},
-                 "note": "live: safefm-cam's runtime defaults (no identity repel, no detail stage); "
+                 "note": "live: safefm-cam's runtime defaults (identity repel on the first step, no detail stage); "
                          "files: safefm-anonymize's (built-in defaults)"},
         "results": [],
     }
