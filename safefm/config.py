@@ -213,9 +213,9 @@ class RuntimeConfig:
 
 
 # The camera's own runtime defaults (safefm-cam, and what safefm-bench times by default), above the
-# built-in ones and below --config and the flags: real time first, so no 2x detail stage (+6.5 ms a face on a 2-core CPU;
-# session 12 at 2 steps: clip sharpness 0.11 -> 0.72, but 24 vs 28 FPS unpaced and a p50 latency of
-# 94 vs 44 ms: --detail-min-px 160 turns it on).
+# built-in ones and below --config and the flags: real time first, so no 2x detail stage (+6.5 ms
+# a face on a 2-core CPU; session 12 at 2 steps: clip sharpness 0.11 -> 0.72, but 24 vs 28 FPS
+# unpaced and a p50 latency of 94 vs 44 ms: --detail-min-px 160 turns it on).
 # int8 = "decoder" (session 15): the image decoder's convolutions in int8 (safefm.quantize: ReLUs
 # folded, the convolutions reading the latent and writing the pixels float), ~4 ms a frame less on the generator's stage; the
 # generator's own int8 ("all") raised flicker on every clip (1.14 -> 1.37, docs/results.md).

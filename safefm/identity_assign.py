@@ -5,8 +5,9 @@ Each new face track gets its own identity, drawn from the identity sampler
 distribution, a seeded rest shape and noise seed), never derived from the person:
 
 - **Distinct**: :data:`CANDIDATES` identities are drawn for each new person (:data:`ALONE`
-  for a person with no one else around in a video, :data:`ALONE_PHOTO` in a still image), each at least :data:`DISTINCT` (dlib descriptor
-  distance) from every identity worn by another track or remembered. Each is rendered *in the
+  for a person with no one else around in a video, :data:`ALONE_PHOTO` in a still image), each
+  at least :data:`DISTINCT` (dlib descriptor distance) from every identity worn by another track
+  or remembered. Each is rendered *in the
   person's own frame* (the engine's ``render``: their expression and pose on the candidate's
   rest shape, the identity repel, colour match, detail stage and paste, embedded as the real
   face is) and the choice is by those faces: read as the person's gender (when matched), then
@@ -18,8 +19,8 @@ distribution, a seeded rest shape and noise seed), never derived from the person
   the person's own; a person alone too, except in a still image), :data:`MORE` batches of
   candidates are drawn, and if still none is, the choice farthest from every face is worn (never
   the best fit or most typical of the near ones: on one evaluation clip that choice matched the
-  person in 40 % of the frames). The model draws identities much closer together than their embeddings
-  are (rendered pairs: median dlib distance ~0.64 against ~0.95 between the embeddings), so
+  person in 40 % of the frames). The model draws identities much closer together than their
+  embeddings are (rendered pairs: median dlib distance ~0.64 against ~0.95 between the embeddings), so
   choosing by the rendered face in context is what keeps two people in one frame apart; it
   doubles as a per-person identity guard. Guiding the sampling away from the other people's
   identity tokens was measured and does not help (it moved faces *closer*: 0.79 -> 0.75).
@@ -58,7 +59,7 @@ CANDIDATES = 32    # identities drawn and rendered in context for a new person a
 ALONE = 32         # ... for a person alone (no one else worn or remembered) in a video: only gender, age and their own face to fit (16 before session 17: at OWN 0.8 too few far ones left, dlib mouth r 0.82 -> 0.75 on the clips)
 ALONE_PHOTO = 16   # ... for a person alone in a still image, with no second batch: one output is worth fewer renders than a whole track (~0.2 s each)
 ROUNDS = 3         # revisions of the choices of people who appear together
-MORE = 1           # extra batches of CANDIDATES drawn when no choice is FAR apart
+MORE = 1           # extra batches of candidates drawn when no choice is far enough (FAR apart, OWN from the person's own)
 FAR = 0.9          # wanted dlib distance between a new person's rendered face and the other people's (first frame; over the clip it dips 0.1-0.3 below: 0.85 left one draw in ten under 0.6 in 4 % of frames)
 OWN = 0.8          # wanted dlib distance between a new person's rendered face and their own real face (first frame; 0.7 left a clip matching its person in 8 % of its frames, session 17)
 SURE = 0.8         # classifier probability of the kept gender that counts as a confident reading
@@ -97,7 +98,8 @@ class IdentityAssigner:
     ``sampler``: :class:`safefm.identity_sampler.IdentitySampler`; ``classifier``:
     :class:`safefm.attributes.AttributeClassifier` (needed when ``match`` is not empty);
     ``match``: the attributes kept; ``seed``: -1 draws differently on every run, >= 0 repeats;
-    ``memory``: frames a forgotten track's identity is kept for its person's return."""
+    ``memory``: frames a forgotten track's identity is kept for its person's return; ``video``:
+    False for still images (:data:`ALONE_PHOTO` candidates for a person alone, no second batch)."""
 
     def __init__(self, sampler, classifier=None, *, match: tuple[str, ...] = MATCH_KEYS, seed: int = -1,
                  memory: int = 150, video: bool = True):
