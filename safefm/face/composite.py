@@ -16,12 +16,12 @@ Fail-closed rules this module guarantees (see ``tests/test_composite.py``):
   computed from the generated face and the frame where ``mask < 1`` only. Pixels where the
   mask is ``1.0`` never depend on the frame's pixels there.
 - :func:`cover_placeholder` replaces every pixel of its region (flat fill + an icon, no blur).
-- :func:`color_match` only transfers per-channel mean/std, never texture.
+- :func:`color_match` only transfers one gain per channel (light and white balance), never texture.
 
-Seamless paste (what the engine does): :func:`color_match` moves the generated face's Lab
-mean/std onto the real face's (over the inner skin of each, :func:`skin_mask`; a grey-scale
-frame gives a grey face), :func:`face_alpha` keeps the generated face and drops the hair and
-background the generator paints around it, and :func:`paste` fills the band between the face
+Seamless paste (what the engine does): :func:`color_match` re-lights the generated face with
+the real face's light and white balance (a gain per channel in linear light, from the inner
+skin of each, :func:`skin_mask`; a grey-scale frame gives a grey face), :func:`face_alpha`
+keeps the generated face and drops the hair and background the generator paints around it, and :func:`paste` fills the band between the face
 and the real surroundings smoothly from both sides, so no dark band or colour jump shows.
 """
 
@@ -297,38 +297,87 @@ def uncover(mask: np.ndarray, keep: np.ndarray, M_inv: np.ndarray) -> np.ndarray
     return mask
 
 
+def _srgb_to_linear_lut() -> np.ndarray:
+    """``(256,) float32``: an 8-bit sRGB level's linear light (IEC 61966-2-1), 0..1."""
+    v = np.arange(256, dtype=np.float64) / 255.0
+    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4).astype(np.float32)
+
+
+_TO_LINEAR = _srgb_to_linear_lut()
+
+
+def _linear_to_srgb8(y: np.ndarray) -> np.ndarray:
+    """Linear light (any shape, clipped to 0..1) -> rounded 8-bit sRGB levels (``uint8``)."""
+    y = np.clip(np.asarray(y, np.float64), 0.0, 1.0)
+    v = np.where(y <= 0.0031308, 12.92 * y, 1.055 * y ** (1 / 2.4) - 0.055)
+    return np.round(v * 255.0).astype(np.uint8)
+
+
+def light_gain(generated: np.ndarray, reference: np.ndarray, gen_mask: np.ndarray,
+               ref_mask: np.ndarray, max_gain: float = 16.0) -> np.ndarray | None:
+    """The light :func:`color_match` puts on a generated face: ``(3,) float64`` gains, one per
+    RGB channel in linear light (the median of ``reference`` over ``ref_mask``, skipping
+    near-black and blown-out pixels, over the median of ``generated`` over ``gen_mask``,
+    clamped to ``[1 / max_gain, max_gain]``), or None when a region has fewer than 16 usable
+    pixels. Arguments as :func:`color_match`'s."""
+    g_in = np.asarray(gen_mask) > 0.5
+    lab_r = cv2.cvtColor(reference.astype(np.float32) * (1 / 255), cv2.COLOR_RGB2Lab)
+    usable = cv2.inRange(lab_r, (8.0, -128.0, -128.0), (97.0, 128.0, 128.0))  # not black/blown
+    r_in = (usable > 0) & (np.asarray(ref_mask) > 0.5)
+    if int(g_in.sum()) < 16 or int(r_in.sum()) < 16:
+        return None
+    med_g = np.median(_TO_LINEAR[generated[g_in]], axis=0)                  # (3,) linear light
+    med_r = np.median(_TO_LINEAR[reference[r_in]], axis=0)
+    return np.clip(med_r / np.maximum(med_g, 1e-4), 1.0 / max_gain, max_gain)
+
+
+def _restore_contrast(out: np.ndarray, before: np.ndarray, where: np.ndarray, share: float) -> np.ndarray:
+    """``out`` (``(h, w, 3) uint8`` RGB) with ``share`` of the lightness spread it lost against
+    ``before`` (L* standard deviation over the boolean ``where``) given back around its mean
+    lightness there; ``out`` itself when it lost none."""
+    lab = cv2.cvtColor(out.astype(np.float32) * (1 / 255), cv2.COLOR_RGB2Lab)
+    L = lab[..., 0]
+    sd_out = float(L[where].std())
+    sd_before = float(cv2.cvtColor(before.astype(np.float32) * (1 / 255), cv2.COLOR_RGB2Lab)[..., 0][where].std())
+    c = 1.0 + share * (max(sd_before / max(sd_out, 1e-3), 1.0) - 1.0)
+    if c <= 1.001:
+        return out
+    mu = float(L[where].mean())
+    lab[..., 0] = mu + (L - mu) * c
+    return cv2.convertScaleAbs(cv2.max(cv2.cvtColor(lab, cv2.COLOR_Lab2RGB), 0.0), alpha=255.0)
+
+
 def color_match(generated: np.ndarray, reference: np.ndarray, gen_mask: np.ndarray,
-                ref_mask: np.ndarray, max_gain: float = 1.25) -> np.ndarray:
-    """Shift the generated face's colours into the real frame's light and colour cast.
+                ref_mask: np.ndarray, max_gain: float = 16.0, keep_contrast: float = 1.0) -> np.ndarray:
+    """Re-light the generated face with the real frame's light and white balance.
 
     ``generated``, ``reference``: ``(h, w, 3) uint8`` RGB on the same pixel grid (the generated
     crop and the real frame warped into crop space); ``gen_mask``, ``ref_mask``: ``(h, w)``
     regions (``> 0.5``) to compare, e.g. the inner skin of each face (:func:`skin_mask`).
-    Per Lab channel, the mean/std of ``generated`` over ``gen_mask`` are matched to those of
-    ``reference`` over ``ref_mask`` (skipping near-black and blown-out pixels); the lightness
-    gain is clamped to ``[1, max_gain]`` (the synthetic face is blurry enough: its contrast is
-    never lowered), the a*/b* gains to ``[0, max_gain]``, so a grey-scale reference gives a
-    grey face. Only these 6 numbers come from the reference: no
-    texture. Returns a new ``(h, w, 3) uint8``; ``generated`` unchanged if a region has fewer
-    than 16 usable pixels.
+    Each channel of ``generated`` is multiplied, in linear light, by one gain
+    (:func:`light_gain`: the real skin's median over the generated skin's). That is how a
+    change of exposure and light colour acts on a real face: shading and skin keep their
+    ratios, so a face made darker keeps its shadows in proportion instead of sinking them into
+    brown (an additive Lab shift with a spread match, used before session 18, painted dark
+    brown blotches and orange patches). Darkening also flattens the face's lightness spread
+    (L*); ``keep_contrast`` of what it loses is given back around the face's mean lightness (1,
+    the default: all of it, the face keeps its own spread as it did before; 0: none, which
+    measured a sharpness of 0.73 of the input's on the clips instead of 0.84, docs/results.md
+    session 18); a face made brighter keeps its own. A
+    grey-scale reference gives a grey face (its lightness only). Only these 3 numbers come
+    from the reference: no texture. Returns a new ``(h, w, 3) uint8``; ``generated``
+    unchanged if a region has fewer than 16 usable pixels.
     """
-    g_in = (np.asarray(gen_mask) > 0.5).astype(np.uint8)
-    lab_r = cv2.cvtColor(reference.astype(np.float32) * (1 / 255), cv2.COLOR_RGB2Lab)
-    usable = cv2.inRange(lab_r, (8.0, -128.0, -128.0), (97.0, 128.0, 128.0))  # not black/blown
-    r_in = cv2.bitwise_and(usable, (np.asarray(ref_mask) > 0.5).view(np.uint8) * np.uint8(255))
-    if int(cv2.countNonZero(g_in)) < 16 or int(cv2.countNonZero(r_in)) < 16:
+    gain = light_gain(generated, reference, gen_mask, ref_mask, max_gain)
+    if gain is None:
         return generated.copy()
-    lab_g = cv2.cvtColor(generated.astype(np.float32) * (1 / 255), cv2.COLOR_RGB2Lab)
-    mu_g, sd_g = (v.ravel() for v in cv2.meanStdDev(lab_g, mask=g_in))
-    mu_r, sd_r = (v.ravel() for v in cv2.meanStdDev(lab_r, mask=r_in))
-    gain = sd_r / np.maximum(sd_g, 1e-3)
-    gain[0] = np.clip(gain[0], 1.0, max_gain)
-    gain[1:] = np.clip(gain[1:], 0.0, max_gain)
-    affine = np.zeros((3, 4), np.float32)      # lab -> (lab - mu_g) * gain + mu_r, per channel
-    affine[:, :3] = np.diag(gain)
-    affine[:, 3] = mu_r - gain * mu_g
-    rgb = cv2.cvtColor(cv2.transform(lab_g, affine), cv2.COLOR_Lab2RGB)
-    return cv2.convertScaleAbs(cv2.max(rgb, 0.0), alpha=255.0)
+    lut = _linear_to_srgb8(_TO_LINEAR[:, None] * gain[None, :])             # (256, 3) per channel
+    out = cv2.LUT(generated, lut.reshape(1, 256, 3))
+    if keep_contrast > 0:
+        out = _restore_contrast(out, generated, np.asarray(gen_mask) > 0.5, keep_contrast)
+    if is_grey(reference, (np.asarray(ref_mask) > 0.5).view(np.uint8)):
+        out = cv2.cvtColor(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    return out
 
 
 def is_grey(image: np.ndarray, mask: np.ndarray | None = None, tol: float = 1.5) -> bool:
