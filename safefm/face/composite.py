@@ -21,8 +21,9 @@ Fail-closed rules this module guarantees (see ``tests/test_composite.py``):
 Seamless paste (what the engine does): :func:`color_match` re-lights the generated face with
 the real face's light and white balance (a gain per channel in linear light, from the inner
 skin of each, :func:`skin_mask`; a grey-scale frame gives a grey face), :func:`face_alpha`
-keeps the generated face and drops the hair and background the generator paints around it, and :func:`paste` fills the band between the face
-and the real surroundings smoothly from both sides, so no dark band or colour jump shows.
+keeps the generated face and drops the hair and background the generator paints around it, and
+:func:`paste` fills the band between the face and the real surroundings smoothly from both
+sides, so no dark band or colour jump shows.
 """
 
 from __future__ import annotations
