@@ -153,6 +153,7 @@ class RuntimeConfig:
     identity_match: tuple[str, ...] = ("gender", "age")
     identity_seed: int = -1
     identity_memory: int = 150
+    identity_watch: int = 12
     context: bool = True
     context_grow: float = 0.1
 
@@ -207,9 +208,9 @@ class RuntimeConfig:
                               f"got {list(self.identity_match)}")
         if not 0.0 <= self.context_grow <= 0.5:
             raise ConfigError(f"context_grow must be in [0, 0.5] face widths, got {self.context_grow}")
-        if self.identity_seed < -1 or self.identity_memory < 0:
-            raise ConfigError(f"identity_seed must be >= -1 (-1 = random) and identity_memory >= 0 frames, "
-                              f"got {self.identity_seed} and {self.identity_memory}")
+        if self.identity_seed < -1 or self.identity_memory < 0 or self.identity_watch < 0:
+            raise ConfigError(f"identity_seed must be >= -1 (-1 = random), identity_memory and identity_watch "
+                              f">= 0 frames, got {self.identity_seed}, {self.identity_memory} and {self.identity_watch}")
 
 
 # The camera's own runtime defaults (safefm-cam, and what safefm-bench times by default), above the

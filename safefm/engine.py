@@ -38,19 +38,22 @@ import cv2
 import numpy as np
 import torch
 
-from .face import alignment, composite, heatmaps, retarget
+from .face import alignment, composite, heatmaps, retarget, skin
 from .face.context import face_context
 from .config import RuntimeConfig
 from .generator import Generator
 from .sampler import first_step
-from .guard import default_guard, embed_real_faces
+from .guard import default_guard, embed_real_faces, read_real_faces
 from .identity import Identity, load_identity
-from .identity_assign import IdentityAssigner
+from .identity_assign import IdentityAssigner, Renders
 from .face.landmarks import FaceMeshDetector, FaceTracker, Track, face_box
 from .recognition import MATCH_THRESHOLD, FaceRecognizer
 from .results import ANONYMIZED, HELD, PLACEHOLDER, FaceResult, FrameResult
 
 log = logging.getLogger(__name__)
+
+WATCH_NEAR = 0.1        # identity watch: a comparison within this of dlib's match threshold ...
+WATCH_NEAR_EVERY = 3    # ... brings the next one this many frames on (else identity_watch frames)
 
 
 @dataclass
@@ -69,6 +72,8 @@ class _TrackState:
     real: np.ndarray | None = field(default=None, repr=False)     # (128,) the real face's dlib descriptor (memory only)
     real_tried: bool = False                      # the real face was embedded (once per track, again after a cut)
     identity: Identity | None = None              # identity_per_track: this track's own identity
+    too_near: bool = False                        # its output matched the person's own face (identity_watch): draw anew
+    watch_at: int = 0                             # good_frames at which its output is next compared with the person
     tokens: torch.Tensor | None = field(default=None, repr=False)   # its generator tokens
     noise: torch.Tensor | None = field(default=None, repr=False)    # its fixed noise
 
@@ -311,6 +316,10 @@ class Engine:
                 if job.error is not None:
                     raise job.error
                 results.append(self._paste_face(out, frame, job, timings, protect))
+                if self._watched(st):
+                    t_w = time.perf_counter()
+                    self._watch(out, tr, st)
+                    timings["guard"] += time.perf_counter() - t_w
             except Exception as exc:  # fail closed: whatever broke, the raw face does not leave
                 log.warning("face %d not anonymized: %s", tr.id, exc)
                 results.append(self._cover(out, tr, st, reason=f"{type(exc).__name__}: {exc}",
@@ -319,6 +328,34 @@ class Engine:
             results.append(self._cover(out, tr, st, reason="landmarks lost", landmarks=None,
                                        missing=tr.missing, protect=protect))
         return FrameResult(image=out, faces=results, timings=timings)
+
+    def _watched(self, st: _TrackState) -> bool:
+        """Whether this track's output face is to be compared with the person's own now: per-track
+        identities in a video, every ``identity_watch`` frames the track was anonymized (every
+        :data:`WATCH_NEAR_EVERY` while the last comparison was within :data:`WATCH_NEAR` of a match)."""
+        return (self.assigner is not None and self.video and self.cfg.identity_watch > 0
+                and st.identity is not None and st.real is not None and not st.too_near
+                and st.good_frames >= st.watch_at)
+
+    def _watch(self, out: np.ndarray, tr: Track, st: _TrackState) -> None:
+        """The identity watch: a track whose output face (embedded in ``out`` at its landmarks'
+        box, :func:`safefm.guard.embed_real_faces`, ~30 ms) comes within dlib's match threshold
+        of the person's own descriptor draws a new identity on its next frame (logged). The
+        first frame's choice over-states how far a face stays from its person over a clip."""
+        try:
+            emb = embed_real_faces(self.recognizer, out, [tr.raw], detect=False)
+        except Exception as exc:   # e.g. dlib missing: the choice stands
+            log.warning("identity watch unavailable (%s)", exc)
+            st.real = None
+            return
+        d = float(np.linalg.norm(emb[0] - st.real)) if len(emb) else np.inf
+        near = d < MATCH_THRESHOLD + WATCH_NEAR
+        st.watch_at = st.good_frames + (min(WATCH_NEAR_EVERY, self.cfg.identity_watch) if near
+                                        else self.cfg.identity_watch)
+        if d < MATCH_THRESHOLD:
+            log.warning("face %d: the output came within %.2f of the person's own face (match < %.2f); "
+                        "drawing another identity than %s", tr.id, d, MATCH_THRESHOLD, st.identity.name)
+            st.too_near, st.real_tried = True, False
 
     def _check_identity(self, frame: np.ndarray, matched: list[Track]) -> None:
         """The identity guard's decision for this video (or this image), before any output."""
@@ -369,11 +406,12 @@ class Engine:
             if self.assigner is None:
                 st.real = None   # not needed beyond the repel's tokens
                 continue
-            if st.identity is not None and (st.real is None or was is None
-                                            or float(np.linalg.norm(st.real - was)) < MATCH_THRESHOLD):
+            if st.identity is not None and not st.too_near and (
+                    st.real is None or was is None or float(np.linalg.norm(st.real - was)) < MATCH_THRESHOLD):
                 continue         # the same person (or no way to tell): the track keeps its identity
-            if st.identity is not None:   # a scene cut put another person on this track
+            if st.identity is not None and not st.too_near:   # a scene cut put another person on this track
                 self.assigner.retire(st.identity, was, self._frame_index)
+            st.too_near, st.watch_at = False, 0   # one that came too near its person is not remembered for them
             draw.append(tr)
         if not draw:
             return
@@ -396,20 +434,25 @@ class Engine:
             log.info("face %d: identity %s (%s)", tr.id, ident.name, how)
 
     def _render_in_context(self, identities: list[Identity], frame: np.ndarray, tr: Track, st: _TrackState,
-                           M: np.ndarray, lm_crop: np.ndarray, pose, neutral: np.ndarray) -> np.ndarray:
-        """(N, 128) dlib descriptors of the identities' faces as this track would show them in
-        this frame: the person's expression and pose retargeted onto each identity's rest shape,
-        generated cold with the track's guidance (its identity repel), pasted into the frame as
-        the output is (:meth:`_paste`; the person's own hair is not kept, so an identity is judged
-        by its own face), and embedded there as the real face is
-        (:func:`safefm.guard.embed_real_faces`), so the comparison with the real face and with the
-        other people's faces is like for like. M: (2, 3) frame -> crop; lm_crop: (478, 3) the real
-        landmarks in the crop; pose and neutral: as :meth:`_geometry` gives them. A NaN row for
-        a face dlib cannot embed. ~0.2 s an identity on a 2-core CPU."""
+                           M: np.ndarray, lm_crop: np.ndarray, pose, neutral: np.ndarray) -> Renders:
+        """The identities' faces (:class:`safefm.identity_assign.Renders`) as this track would
+        show them in this frame: the person's expression and pose retargeted onto each
+        identity's rest shape, generated cold with the track's guidance (its identity repel),
+        pasted into the frame as the output is (:meth:`_paste`; the person's own hair is not
+        kept, so an identity is judged by its own face), and read there as the real face is
+        (:func:`safefm.guard.read_real_faces`), so the comparison with the real face and with the
+        other people's faces is like for like. The mouth reading is the render's dlib-68 mouth
+        opening less the real face's in this frame (a mouth that reads open on a closed one, or
+        shut on an open one, does not follow the person); the blotches are the generated crop's
+        (:func:`safefm.face.skin.dark_blotches`). M: (2, 3) frame -> crop; lm_crop:
+        (478, 3) the real landmarks in the crop; pose and neutral: as :meth:`_geometry` gives
+        them. NaN for a face dlib cannot read. ~0.2 s an identity on a 2-core CPU."""
         S, cfg, gen = self.mcfg.image_size, self.cfg, self.gen
         guidance, until = self._guidance(st.repel)
         scratch = np.empty_like(frame)
         out = np.full((len(identities), 128), np.nan, np.float32)
+        mouth, blotches = np.full(len(identities), np.nan), np.full(len(identities), np.nan)
+        _, real_mouth = read_real_faces(self.recognizer, frame, [tr.raw])
         for i, ident in enumerate(identities):
             ret = retarget.retarget(lm_crop, neutral, ident.shape, cfg.expression_gain, pose=pose,
                                     eye_gain=cfg.eye_gain, eye_rest=cfg.eye_rest)
@@ -417,12 +460,16 @@ class Engine:
             z = gen.generate(heat, gen.identity_tokens(ident.embedding), self._noise(ident), steps=cfg.steps,
                              guidance=guidance, guidance_until=until, reference=st.repel,
                              context=self._context(frame, M, tr, lm_crop, ret))
+            crop = gen.decode(z, heat)[0]
+            blotches[i] = skin.dark_blotches(crop, ret)
             np.copyto(scratch, frame)
-            self._paste(scratch, frame, tr, gen.decode(z, heat)[0], ret, lm_crop, M, hair=False)
-            emb = embed_real_faces(self.recognizer, scratch, [tr.raw])
+            self._paste(scratch, frame, tr, crop, ret, lm_crop, M, hair=False)
+            emb, opening = read_real_faces(self.recognizer, scratch, [tr.raw])
             if len(emb):
                 out[i] = emb[0]
-        return out
+                if len(real_mouth):
+                    mouth[i] = opening[0] - real_mouth[0]
+        return Renders(out, mouth, blotches)
 
     def _wear_track(self, st: _TrackState, identity: Identity) -> None:
         """This track wears ``identity`` from now on (its own tokens and noise; no warm start)."""

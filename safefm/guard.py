@@ -107,23 +107,41 @@ def embed_crop(recognizer, crop: np.ndarray, points: np.ndarray) -> np.ndarray:
     return np.asarray(recognizer.embed(padded, face_box(points[:, :2] + _PAD)), np.float32)
 
 
-def embed_real_faces(recognizer, frame: np.ndarray, faces: list[np.ndarray]) -> np.ndarray:
+def embed_real_faces(recognizer, frame: np.ndarray, faces: list[np.ndarray], detect: bool = True) -> np.ndarray:
     """(F, D) recogniser embeddings of the real faces given as (478, 3) frame landmarks; (0, D)
-    when none can be embedded. ``recognizer``: ``detect(rgb) -> [box]``, ``embed(rgb, box)``."""
-    out = []
+    when none can be embedded. ``recognizer``: ``detect(rgb) -> [box]``, ``embed(rgb, box)``.
+    ``detect`` False: at the landmarks' box without looking for dlib's own (half the cost)."""
+    out = [recognizer.embed(region, box) for region, box in _face_regions(recognizer, frame, faces, detect)]
+    return np.asarray(out, np.float32).reshape(len(out), -1)
+
+
+def read_real_faces(recognizer, frame: np.ndarray, faces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`embed_real_faces` and, at the same boxes, each face's mouth opening as dlib's
+    68-point predictor reads it (``recognizer.mouth_opening(rgb, box)``: a reader that shares
+    nothing with the mesh the generator follows). Returns ((F, D), (F,))."""
+    out, mouth = [], []
+    for region, box in _face_regions(recognizer, frame, faces):
+        out.append(recognizer.embed(region, box))
+        mouth.append(recognizer.mouth_opening(region, box))
+    return np.asarray(out, np.float32).reshape(len(out), -1), np.asarray(mouth, np.float64)
+
+
+def _face_regions(recognizer, frame: np.ndarray, faces: list[np.ndarray], detect: bool = True):
+    """Yields (region (h, w, 3) around a face, its face box in the region) for each face
+    (478, 3) frame landmarks big enough to read: dlib's detection there (``detect``), else the
+    landmarks' box less the forehead (a profile or small face the detector misses)."""
     for lm in faces:
         x0, y0, x1, y1 = face_box(lm, frame.shape, margin=0.35)
         if x1 - x0 < 8 or y1 - y0 < 8:
             continue
         region = np.ascontiguousarray(frame[y0:y1, x0:x1])
-        hits = recognizer.detect(region)
+        hits = recognizer.detect(region) if detect else []
         if hits:
             box = hits[0]
-        else:   # the detector missed it (profile, small): the landmarks' box less the forehead
+        else:
             bx0, by0, bx1, by1 = face_box(lm[:, :2] - (x0, y0))
             box = (bx0, by0 + (by1 - by0) // 5, bx1, by1)
-        out.append(recognizer.embed(region, box))
-    return np.asarray(out, np.float32).reshape(len(out), -1)
+        yield region, box
 
 
 def same_face(a: Identity, b: Identity) -> bool:

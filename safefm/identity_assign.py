@@ -12,15 +12,19 @@ distribution, a seeded rest shape and noise seed), never derived from the person
   rest shape, the identity repel, colour match, detail stage and paste, embedded as the real
   face is) and the choice is by those faces: read as the person's gender (when matched), then
   at least :data:`FAR` from the other people's and :data:`OWN` from the person's own, then a
-  confident gender and an age group within one, then (a person alone) the most typical-looking
-  render or (with others) the farthest. People who
+  mouth that reads as open as the person's in that frame (dlib's 68-point predictor, within
+  :data:`MOUTH`: some identities draw parted, dark lips that read open all clip long), then a
+  confident gender and an age group within one, then skin among the cleaner half of the
+  candidates' (:func:`safefm.face.skin.dark_blotches`: no marbled dark patches), then (a
+  person alone) the most typical-looking render or (with others) the farthest. People who
   appear in the same frame are chosen together (every pair of their candidates), not the second
   against the first's fixed choice; when no choice is far enough (FAR from the others, OWN from
   the person's own; a person alone too, except in a still image), :data:`MORE` batches of
-  candidates are drawn, and if still none is, the choice farthest from every face is worn (never
-  the best fit or most typical of the near ones: on one evaluation clip that choice matched the
-  person in 40 % of the frames). The model draws identities much closer together than their
-  embeddings are (rendered pairs: median dlib distance ~0.64 against ~0.95 between the embeddings), so
+  candidates are drawn, and if still none is, the choice whose mouth follows that is farthest
+  from every face is worn, or one within :data:`SLACK` of it whose skin is cleaner (never the
+  best fit or most typical of the near ones: on one evaluation clip that choice matched the
+  person in 40 % of the frames). The model draws identities much closer together than their embeddings
+  are (rendered pairs: median dlib distance ~0.64 against ~0.95 between the embeddings), so
   choosing by the rendered face in context is what keeps two people in one frame apart; it
   doubles as a per-person identity guard. Guiding the sampling away from the other people's
   identity tokens was measured and does not help (it moved faces *closer*: 0.79 -> 0.75).
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -63,6 +68,8 @@ MORE = 1           # extra batches of candidates drawn when no choice is far eno
 FAR = 0.9          # wanted dlib distance between a new person's rendered face and the other people's (first frame; over the clip it dips 0.1-0.3 below: 0.85 left one draw in ten under 0.6 in 4 % of frames)
 OWN = 0.8          # wanted dlib distance between a new person's rendered face and their own real face (first frame; 0.7 left a clip matching its person in 8 % of its frames, session 17)
 SURE = 0.8         # classifier probability of the kept gender that counts as a confident reading
+MOUTH = 0.06       # most a render's dlib-68 mouth opening (inner-lip gap / inter-ocular) may differ from the person's in the same frame: some identities draw parted, dark lips that read open all clip long (dlib mouth r 0.24 and 0.36 on two clips, session 18), ~1 candidate in 10
+SLACK = 0.03       # when no choice is far enough, those this close to the farthest (dlib distance) may be worn for cleaner skin (the ~10 most distant of 64 renders span ~0.05)
 KEPT = 2.0         # a fit (IdentityAssigner._fit) at least this reads as the kept gender
 MATCH_KEYS = ("gender", "age")
 
@@ -82,6 +89,13 @@ def parse_match(text: str | None) -> tuple[str, ...]:
         why = f"unknown attribute {bad[0]!r}" if bad else ("nothing given" if not names else "an attribute twice")
         raise ConfigError(f"--match: {why}; use a comma list of {', '.join(MATCH_KEYS)}, or none")
     return tuple(n for n in MATCH_KEYS if n in names)
+
+
+class Renders(NamedTuple):
+    """What a renderer tells of K candidates' faces as the engine would show them for a person."""
+    faces: np.ndarray     # (K, 128) dlib descriptors of the rendered faces (NaN rows: not embeddable)
+    mouth: np.ndarray     # (K,) each render's dlib-68 mouth opening less the person's own now (NaN: unknown)
+    blotches: np.ndarray  # (K,) the generated skin's dark blotches (safefm.face.skin.dark_blotches; NaN: unknown)
 
 
 @dataclass
@@ -156,8 +170,8 @@ class IdentityAssigner:
         """The identities of the new tracks of one frame, chosen together.
 
         people: one (real, render) per new track: real, (128,) the person's dlib descriptor or
-        None; render, ``render(identities) -> (N, 128)`` descriptors of the identities' faces as
-        the engine would show them for this person now (NaN rows: not embeddable; None: choose
+        None; render, ``render(identities) -> Renders`` of the identities' faces as the engine
+        would show them for this person now (or just their (N, 128) descriptors; None: choose
         by embedding only). worn: identities of the tracks seen this frame (never shared); lost:
         (identity, descriptor) of tracks not seen this frame. A person back as a new track gets
         their identity back; the others each get one of :data:`CANDIDATES` drawn identities
@@ -180,12 +194,12 @@ class IdentityAssigner:
         draws = {n: self._candidates(people[n][0], worn, lost, count if people[n][1] is not None else 1)
                  for n in new}   # n -> (candidates, attributes, how)
         missing = [i for i in [*worn, *(i for i, _ in lost)] if id(i) not in self._refs]
-        faces = {}
+        faces, looks = {}, {}   # n -> (K, 128) descriptors; n -> (K, 2) mouth reading, blotches
         for n in new:
             f = self._render(people[n][1], draws[n][0], missing)
             if f is not None:
-                faces[n], missing = f, []   # the worn identities are rendered once
-        pick, far = self._choose(*self._inputs(faces, draws, people))
+                (faces[n], looks[n]), missing = f, []   # the worn identities are rendered once
+        pick, far = self._choose(*self._inputs(faces, draws, people), looks)
         for _ in range(MORE if self.video or not alone else 0):   # not far enough apart (or from the person's own): more candidates
             if far or not faces:
                 break
@@ -194,8 +208,9 @@ class IdentityAssigner:
                 f = self._render(people[n][1], more[0], [])
                 if f is not None:
                     draws[n] = (draws[n][0] + more[0], *draws[n][1:])
-                    faces[n] = np.concatenate([faces[n], f])
-            pick, far = self._choose(*self._inputs(faces, draws, people))
+                    faces[n] = np.concatenate([faces[n], f[0]])
+                    looks[n] = np.concatenate([looks[n], f[1]])
+            pick, far = self._choose(*self._inputs(faces, draws, people), looks)
         pick = {n: pick.get(n, 0) for n in new}
         for n in new:
             cands, _, how = draws[n]
@@ -205,21 +220,29 @@ class IdentityAssigner:
                 others = [r for _, r in self._refs.values()] + [faces[m][pick[m]] for m in faces if m != n]
                 real = people[n][0]
                 how += (f", rendered {_fmt(_nearest(f[None], others)[0])} from the other people's faces, "
-                        f"{_fmt(_nearest(f[None], [] if real is None else [real])[0])} from the person's own"
+                        f"{_fmt(_nearest(f[None], [] if real is None else [real])[0])} from the person's own, "
+                        f"mouth {_fmt(looks[n][pick[n], 0], '+.2f')} from theirs, "
+                        f"blotches {_fmt(looks[n][pick[n], 1])} (candidates' median {_fmt(_median(looks[n][:, 1]))})"
                         + self._reading(f, faces[n], draws[n][1]))
             out[n] = (ident, how)
         for n in faces:
             self._refs[id(out[n][0])] = (out[n][0], faces[n][pick[n]])
         return out
 
-    def _render(self, render, cands: list[Identity], missing: list[Identity]) -> np.ndarray | None:
-        """(K, 128) the candidates' rendered faces (``render(cands + missing)``; the worn
-        identities in ``missing`` join the references), or None (no renderer, it failed, or no
-        face could be embedded: the first candidate is worn)."""
+    def _render(self, render, cands: list[Identity],
+                missing: list[Identity]) -> tuple[np.ndarray, np.ndarray] | None:
+        """((K, 128) the candidates' rendered faces, (K, 2) their mouth readings and blotches,
+        NaN where unknown) (``render(cands + missing)``; the worn identities in ``missing`` join
+        the references), or None (no renderer, it failed, or no face could be embedded: the
+        first candidate is worn)."""
         if render is None:
             return None
         try:
-            refs = np.asarray(render(cands + missing), np.float32)
+            got = render(cands + missing)
+            if not isinstance(got, Renders):
+                got = Renders(got, np.full(len(got), np.nan), np.full(len(got), np.nan))
+            refs = np.asarray(got.faces, np.float32)
+            look = np.stack([np.asarray(got.mouth, np.float64), np.asarray(got.blotches, np.float64)], axis=1)
         except Exception as exc:   # e.g. dlib missing: the first candidate
             log.warning("per-track identities: cannot render candidates (%s); choosing by embedding", exc)
             return None
@@ -227,7 +250,7 @@ class IdentityAssigner:
             if np.isfinite(r).all():
                 self._refs[id(i)] = (i, r)
         faces = refs[:len(cands)]
-        return faces if np.isfinite(faces).all(axis=1).any() else None
+        return (faces, look[:len(cands)]) if np.isfinite(faces).all(axis=1).any() else None
 
     @staticmethod
     def _inputs(faces: dict, draws: dict, people: list) -> tuple[dict, dict, dict, dict]:
@@ -272,31 +295,42 @@ class IdentityAssigner:
                               avoid=np.stack(avoid) if avoid else None, min_distance=DISTINCT) for sd in seeds]
         return cands, attrs, "drawn from " + self.sampler.resolve_group(attrs.get("gender"), attrs.get("age"))
 
-    def _choose(self, faces: dict, cands: dict, reals: dict, attrs: dict) -> tuple[dict[int, int], bool]:
+    def _choose(self, faces: dict, cands: dict, reals: dict, attrs: dict,
+                looks: dict | None = None) -> tuple[dict[int, int], bool]:
         """({person: index of the candidate to wear}, whether that choice is far enough apart) for
         the new people who have rendered faces.
 
         faces[n]: (K, 128) person n's candidates' rendered faces (NaN rows: not embeddable);
         cands[n]: the candidates; reals[n]: the person's descriptor or None; attrs[n]: the kept
-        attributes. A choice for everyone is ranked, in order, by: every face embeddable and no
-        two embeddings within DISTINCT; every face read as the kept gender (:data:`KEPT`); every
-        face at least FAR from the other people's (worn and
-        new) and OWN from the person's own; then, for a person alone, the summed fit of the kept
-        attributes (:meth:`_fit`), the most typical render (nearest the centre of the person's
+        attributes; looks[n]: (K, 2) each render's mouth opening less the person's, and its
+        generated skin's dark blotches (NaN or no ``looks``: unknown). A choice for everyone is
+        ranked, in order, by: every face embeddable and no two embeddings within DISTINCT; every
+        face read as the kept gender (:data:`KEPT`); every face at least FAR from the other
+        people's (worn and new) and OWN from the person's own; every mouth read within
+        :data:`MOUTH` of the person's (unknown counts as within); then, for a person alone, the
+        summed fit of the kept attributes (:meth:`_fit`), every face's skin among the cleaner
+        half of its candidates' (blotches at most their median; unknown counts as clean), the
+        most typical render (nearest the centre of the person's
         candidates' rendered faces: the farthest ones are the oddest-looking faces, caricatures
         and smudges, and the distance to their own face is secured by the rule before) and the
-        smallest of those distances; with other people, the gender fit, then the smallest
+        smallest of those distances; with other people, the gender fit, the clean skin, then the smallest
         distance between the people's faces (two people must stay apart all clip long: the first
         frame over-states it by ~0.05-0.12), then the age fit, then the most typical. A choice
-        that is not far enough is ranked by that smallest distance alone. One or two people: every combination;
-        more: each person's choice revised in turn given the others' (:data:`ROUNDS`)."""
+        that is not far enough is ranked by the mouths, then that smallest distance, except that
+        those within :data:`SLACK` of the farthest are ranked by their skin first. One or two
+        people: every combination; more: each person's choice revised in turn given the others'
+        (:data:`ROUNDS`)."""
         people = list(faces)
         if not people:
             return {}, True
         worn = [r for _, r in self._refs.values()]
         alone = len(people) == 1 and not worn   # no one else to stay apart from
         ok, fit, age_fit, kept, near, apart, far, emb, typical = {}, {}, {}, {}, {}, {}, {}, {}, {}
+        follows, clean = {}, {}
         for n in people:
+            mouth, blotch = (looks[n].T if looks and n in looks else np.full((2, len(faces[n])), np.nan))
+            follows[n] = ~(np.abs(mouth) > MOUTH)                  # NaN: no veto
+            clean[n] = ~(blotch > _median(blotch))                 # NaN: counts as clean
             ok[n] = np.isfinite(faces[n]).all(axis=1)
             faces[n] = np.where(ok[n][:, None], faces[n], 0.0)
             fit[n], age_fit[n] = self._fit(faces[n], attrs[n], parts=True)
@@ -310,11 +344,15 @@ class IdentityAssigner:
             centre = faces[n][ok[n]].mean(axis=0) if ok[n].any() else faces[n].mean(axis=0)
             typical[n] = -np.linalg.norm(faces[n] - centre, axis=1)   # (K,) nearer the candidates' centre: larger
 
-        def rank(sel: dict[int, int]) -> tuple:
-            """The ranking key of one choice for everyone (larger is better)."""
+        def rank(sel: dict[int, int], floor: float | None = None) -> tuple:
+            """The ranking key of one choice for everyone (larger is better); ``floor``: among
+            choices that are not far enough, those at least this far from every face are equal
+            but for their skin."""
             good = all(ok[n][sel[n]] for n in people)
             gender = all(kept[n][sel[n]] for n in people)
             is_far = all(far[n][sel[n]] for n in people)
+            mouth = all(follows[n][sel[n]] for n in people)
+            skin = all(clean[n][sel[n]] for n in people)
             dist = min(float(near[n][sel[n]]) for n in people)
             sep = min(float(apart[n][sel[n]]) for n in people)
             for i, a in enumerate(people):
@@ -326,25 +364,33 @@ class IdentityAssigner:
             typ = sum(float(typical[n][sel[n]]) for n in people)
             g_fit = sum(float(fit[n][sel[n]]) for n in people)
             a_fit = sum(float(age_fit[n][sel[n]]) for n in people)
-            if not is_far:   # no choice is far enough: the farthest from every face, nothing else
-                return (good, gender, False, dist)
+            if not is_far:   # no choice is far enough: a mouth that follows, the farthest from every face
+                return (good, gender, False, mouth, dist) if floor is None else (
+                    good, gender, False, mouth, dist >= floor, skin, dist)
             if alone:
-                return (good, gender, True, g_fit + a_fit, typ, dist)
+                return (good, gender, True, mouth, g_fit + a_fit, skin, typ, dist)
             # together: the gender first, then how far apart the people are, then the age group
-            return (good, gender, True, g_fit, sep, a_fit, typ)
+            return (good, gender, True, mouth, g_fit, skin, sep, a_fit, typ)
 
-        if len(people) <= 2:
-            grids = np.meshgrid(*[np.arange(len(faces[n])) for n in people], indexing="ij")
-            combos = [dict(zip(people, map(int, c))) for c in zip(*(g.ravel() for g in grids))]
-            sel = max(combos, key=rank)
-            return sel, rank(sel)[2]
-        sel = {n: 0 for n in people}
-        for _ in range(ROUNDS):
-            before = dict(sel)
-            for n in people:
-                sel[n] = max(range(len(faces[n])), key=lambda k: rank({**sel, n: k}))
-            if sel == before:
-                break
+        def best(key) -> dict[int, int]:
+            """The choice for everyone that maximises ``key``: one or two people, every
+            combination; more, each person's choice revised in turn (:data:`ROUNDS`)."""
+            if len(people) <= 2:
+                grids = np.meshgrid(*[np.arange(len(faces[n])) for n in people], indexing="ij")
+                return max((dict(zip(people, map(int, c))) for c in zip(*(g.ravel() for g in grids))), key=key)
+            sel = {n: 0 for n in people}
+            for _ in range(ROUNDS):
+                before = dict(sel)
+                for n in people:
+                    sel[n] = max(range(len(faces[n])), key=lambda k: key({**sel, n: k}))
+                if sel == before:
+                    break
+            return sel
+
+        sel = best(rank)
+        if not rank(sel)[2]:   # none far enough: within SLACK of the farthest, the cleaner skin
+            floor = rank(sel)[4] - SLACK
+            sel = best(lambda c: rank(c, floor))
         return sel, rank(sel)[2]
 
     def _reading(self, face: np.ndarray, faces: np.ndarray, attrs: dict[str, str]) -> str:
@@ -389,5 +435,11 @@ def _nearest(x: np.ndarray, refs: list[np.ndarray]) -> np.ndarray:
     return np.linalg.norm(x[:, None, :] - np.stack(refs)[None], axis=2).min(axis=1)
 
 
-def _fmt(d: float) -> str:
-    return "-" if not np.isfinite(d) else f"{d:.2f}"
+def _median(x: np.ndarray) -> float:
+    """The median of the finite values of x (NaN when there are none)."""
+    x = np.asarray(x, np.float64)
+    return float(np.median(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
+
+
+def _fmt(d: float, spec: str = ".2f") -> str:
+    return "-" if not np.isfinite(d) else format(d, spec)

@@ -20,10 +20,12 @@ import numpy as np
 MATCH_THRESHOLD = 0.6  # dlib euclidean distance under which two descriptors are the same person
 EMBED_DIM = 128
 CHIP_SIZE = 150  # dlib's face chip side for the ResNet
+PREDICTOR68 = "shape_predictor_68_face_landmarks.dat"   # dlib's iBUG 68-point predictor
 _MODEL_FILES = {
     "recognition": "dlib_face_recognition_resnet_model_v1.dat",
     "shape5": "shape_predictor_5_face_landmarks.dat",
     "mmod": "mmod_human_face_detector.dat",
+    "shape68": PREDICTOR68,
 }
 
 Box = tuple[int, int, int, int]
@@ -68,12 +70,21 @@ def distance(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
     return np.linalg.norm(a - b, axis=-1)
 
 
+def mouth_opening68(pts: np.ndarray) -> float:
+    """Inner-lip gap (iBUG points 61-63 to 67-65) over the inter-ocular distance (36 to 45); 0 for
+    closed lips. pts: (68, 2)."""
+    pts = np.asarray(pts, np.float64)
+    gap = np.linalg.norm(pts[[61, 62, 63]] - pts[[67, 66, 65]], axis=1).mean()
+    return float(gap / max(np.linalg.norm(pts[36] - pts[45]), 1e-6))
+
+
 def _area(box: Box) -> int:
     return max(0, box[2] - box[0]) * max(0, box[3] - box[1])
 
 
 class FaceRecognizer:
-    """HOG detector + 5-point shape predictor + dlib ResNet descriptor (lazy, loaded once).
+    """HOG detector + 5-point shape predictor + dlib ResNet descriptor (lazy, loaded once), and
+    dlib's 68-point predictor for :meth:`mouth_opening` (loaded on its first use).
 
     ``upsample``: HOG detector upsampling (1 finds faces down to ~40 px).
     ``jitter``: dlib ``num_jitters`` (1 = no jitter; larger is slower and slightly steadier).
@@ -83,7 +94,7 @@ class FaceRecognizer:
         self.upsample = upsample
         self.jitter = jitter
         self._dlib = None
-        self._detector = self._shape = self._net = None
+        self._detector = self._shape = self._net = self._shape68 = None
 
     def _load(self) -> None:
         if self._net is not None:
@@ -134,6 +145,15 @@ class FaceRecognizer:
                 return None
             box = boxes[0]
         return self._descriptor(rgb, box)
+
+    def mouth_opening(self, rgb: np.ndarray, box: Box) -> float:
+        """:func:`mouth_opening68` of the face in ``box``, read by dlib's 68-point predictor."""
+        self._load()
+        if self._shape68 is None:
+            self._shape68 = self._dlib.shape_predictor(str(models_dir() / PREDICTOR68))
+        rect = self._dlib.rectangle(int(box[0]), int(box[1]), int(box[2]) - 1, int(box[3]) - 1)
+        shape = self._shape68(self._rgb(rgb), rect)
+        return mouth_opening68(np.array([(shape.part(i).x, shape.part(i).y) for i in range(68)], np.float64))
 
     def embed_all(self, rgb: np.ndarray) -> list[tuple[Box, np.ndarray]]:
         """Every detected face, largest first: [(box, (128,) float32)]."""

@@ -87,6 +87,54 @@ def test_a_person_found_again_as_a_new_track_gets_their_identity_back(pair_frame
     eng.close()
 
 
+class _ReadsTheOutputAt:
+    """A recogniser that reads every face it detects as the person, and a face embedded without
+    detection (the identity watch's way, at the landmarks' box) at distance ``d`` from them."""
+
+    def __init__(self, d: float):
+        self.d, self._detected = d, False
+
+    def detect(self, rgb):
+        self._detected = True
+        return [(0, 0, rgb.shape[1], rgb.shape[0])]
+
+    def embed(self, rgb, box=None):
+        v = np.zeros(128, np.float32)
+        v[0] = 0.0 if self._detected else self.d
+        self._detected = False
+        return v
+
+    def mouth_opening(self, rgb, box):
+        return 0.0
+
+
+@needs_data
+@pytest.mark.parametrize("d, watch, checked, switched", [
+    (0.0, 12, [0, 1, 2, 3, 4, 5, 6, 7], True),   # a match: another identity from the next frame on
+    (0.65, 12, [0, 3, 6], False),                # near a match: watched every 3 frames
+    (0.9, 12, [0], False),                       # far: every 12 frames
+    (0.0, 0, [], False)])                        # off: the first choice stands
+def test_a_face_that_comes_to_match_its_person_gets_another_identity(pair_frames, d, watch, checked, switched,
+                                                                     caplog):
+    """identity_watch: the output face is compared with the person's own on a track's first
+    anonymized frame, then every ``identity_watch`` frames (every 3 while within 0.1 of dlib's
+    match threshold); a match makes the track draw another identity from the next frame on."""
+    eng = _engine(True, identity_match=(), identity_watch=watch)
+    eng.recognizer = _ReadsTheOutputAt(d)
+    worn, ran = [], []
+    with caplog.at_level("WARNING", logger="safefm.engine"):
+        for i, f in enumerate(pair_frames[:8]):
+            res = eng.process(np.ascontiguousarray(f[:, :SIDE]), i / 25)
+            (face,) = res.faces
+            assert face.status == ANONYMIZED
+            worn.append(eng.identity_of(face.track_id))
+            ran.append(res.timings["guard"] > 0)
+    assert [i for i, r in enumerate(ran) if r] == checked
+    assert all(w is not v for w, v in zip(worn, worn[1:])) if switched else all(w is worn[0] for w in worn)
+    assert ("came within 0.00 of the person's own face" in caplog.text) == switched
+    eng.close()
+
+
 @needs_data
 def test_an_identity_file_is_worn_by_everyone(pair_frames):
     eng = _engine(False)
@@ -108,6 +156,9 @@ def test_match_parsing_and_its_one_line_errors():
         assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="identity_match"):
         RuntimeConfig(identity_match=("gender", "eyes"))
+    with pytest.raises(ConfigError, match="identity_watch >= 0 frames, got -1, 150 and -2"):
+        RuntimeConfig(identity_seed=-1, identity_watch=-2)
+    assert RuntimeConfig().identity_watch == 12
     assert RuntimeConfig().identity_per_track is False      # safefm-cam: one identity file
 
 
@@ -243,3 +294,87 @@ def test_when_no_candidate_is_far_from_the_persons_own_face_the_farthest_is_worn
     (ident, how), = photo.assign_all([(real, render)], 0, [])
     assert len(batches) == 1 and len(batches[0][0]) == ALONE_PHOTO < ALONE
     assert ident is batches[0][0][-1], how
+
+
+def test_a_candidate_whose_mouth_does_not_read_as_the_persons_is_not_worn():
+    """Some identities draw parted, dark lips that dlib reads open on a closed mouth (and stay
+    so all clip long): among renders all far enough from the person, the most typical one is
+    worn unless its mouth reads more than MOUTH from the person's; an unknown reading is no veto.
+    With every render too near, the farthest whose mouth follows is worn, or one within SLACK
+    of it with cleaner skin."""
+    from safefm.identity_assign import ALONE, MOUTH, OWN, SLACK, Renders
+
+    real = np.zeros(128, np.float32)
+    real[1] = -2.0                                     # every render below is far from her
+    faces = np.zeros((ALONE, 128), np.float32)
+    faces[:, 3] = np.linspace(0.0, 1.0, ALONE)
+
+    def choose(mouth, faces=faces, blotches=None):
+        seen = []
+
+        def render(ids):
+            seen.append(list(ids))
+            f = np.zeros((len(ids), 128), np.float32)
+            f[:len(faces)] = faces[:len(ids)]
+            if mouth is None and blotches is None:
+                return f
+            k = len(ids)
+            return Renders(f, np.resize(np.full(ALONE, np.nan) if mouth is None else mouth, k),
+                           np.resize(np.full(ALONE, np.nan) if blotches is None else blotches, k))
+        (ident, how), = IdentityAssigner(load_default_sampler(), match=(), seed=0).assign_all([(real, render)], 0, [])
+        drawn = [c for batch in seen for c in batch]   # a second batch renders the same faces
+        return next(i for i, c in enumerate(drawn) if c is ident) % ALONE, how
+
+    typical, _ = choose(None)
+    assert ALONE // 4 <= typical < 3 * ALONE // 4
+    assert choose(np.full(ALONE, np.nan))[0] == typical
+    mouth = np.zeros(ALONE)
+    mouth[typical - 2:typical + 3] = (0.2, -0.1, 0.15, 0.2, 0.3)   # open on her closed mouth, or shut
+    k, how = choose(mouth)
+    assert abs(k - typical) == 3 and abs(mouth[k]) <= MOUTH and "mouth +0.00 from theirs" in how
+    assert choose(np.where(mouth > 0, MOUTH * 0.9, 0.0))[0] == typical   # within MOUTH: no veto
+
+    near = np.zeros((ALONE, 128), np.float32)         # every render nearer her than OWN
+    near[:, 1] = -2.0
+    near[:, 3] = np.linspace(0.1, 0.5, ALONE)
+    assert 0.5 < OWN
+    far_k, _ = choose(None, near)
+    assert far_k == ALONE - 1                         # the farthest
+    mouth = np.zeros(ALONE)
+    mouth[-1] = -0.12                                 # ... but its mouth reads shut on hers
+    assert choose(mouth, near)[0] == ALONE - 2
+    step = 0.4 / (ALONE - 1)
+    assert 2 * step < SLACK < 3 * step
+    blotches = np.linspace(2.0, 4.0, ALONE)           # the farther, the blotchier (as measured)
+    blotches[[ALONE - 5, ALONE - 9]] = 0.5            # clean skin 3 and 7 steps below the farthest that follows
+    assert choose(mouth, near, blotches)[0] == ALONE - 2       # beyond SLACK: not worn for its skin
+    blotches[ALONE - 4] = 0.5                         # 2 steps below it: within SLACK
+    assert choose(mouth, near, blotches)[0] == ALONE - 4
+
+
+def test_among_far_enough_renders_one_with_clean_skin_is_worn_over_a_blotched_typical_one():
+    """The most typical render is worn only when its generated skin is among the cleaner half
+    of the candidates' (dark blotches at most their median); an unknown reading is no veto."""
+    from safefm.identity_assign import ALONE, Renders
+
+    real = np.zeros(128, np.float32)
+    real[1] = -2.0
+    faces = np.zeros((ALONE, 128), np.float32)
+    faces[:, 3] = np.linspace(0.0, 1.0, ALONE)
+
+    def choose(blotches):
+        seen = []
+
+        def render(ids):
+            seen.append(list(ids))
+            return Renders(faces[:len(ids)], np.zeros(len(ids)), blotches[:len(ids)])
+        (ident, how), = IdentityAssigner(load_default_sampler(), match=(), seed=0).assign_all([(real, render)], 0, [])
+        return next(i for i, c in enumerate(seen[0]) if c is ident), how
+
+    even = np.full(ALONE, 0.5)
+    typical, _ = choose(even)
+    assert ALONE // 4 <= typical < 3 * ALONE // 4
+    blotched = np.where(np.abs(np.arange(ALONE) - typical) <= 2, 3.0, 0.5)   # marbled patches around the centre
+    k, how = choose(blotched)
+    assert abs(k - typical) == 3 and "blotches 0.50 (candidates' median 0.50)" in how
+    assert choose(np.where(blotched > 1, np.nan, 0.5))[0] == typical

@@ -59,3 +59,24 @@ def test_real_photos_same_person():
     assert eb is not None
     assert rec.distance(ea, eb) < 0.75  # same person: typically < 0.6
     assert len(r.embed_all(img_a)) >= 1
+
+
+def test_mouth_opening_is_the_inner_lip_gap_over_the_eye_corners_distance():
+    pts = np.zeros((68, 2))
+    pts[36], pts[45] = (0.0, 0.0), (100.0, 0.0)                 # eye corners 100 px apart
+    pts[[61, 62, 63], 1], pts[[67, 66, 65], 1] = 50.0, (56.0, 62.0, 56.0)
+    assert rec.mouth_opening68(pts) == pytest.approx(8.0 / 100.0)
+    pts[[67, 66, 65], 1] = 50.0                                 # lips together
+    assert rec.mouth_opening68(pts) == 0.0
+
+
+@needs_dlib
+def test_the_recogniser_reads_an_open_and_a_closed_mouth_apart():
+    from conftest import VIDEOS, read_frames
+
+    if not VIDEOS.is_dir():
+        pytest.skip("../shared/data not present")
+    frames = read_frames(VIDEOS / "liveportrait_d12.mp4", 20)   # frame 0: lips closed; 19: talking
+    r = rec.FaceRecognizer(upsample=0)
+    closed, talking = (r.mouth_opening(f, r.detect(f)[0]) for f in (frames[0], frames[19]))
+    assert closed < 0.04 and talking > 0.12

@@ -22,11 +22,11 @@ import math
 import cv2
 import numpy as np
 
-from ..recognition import models_dir
+from ..recognition import PREDICTOR68, models_dir, mouth_opening68
 from .metrics import rotation_to_euler
 
 FEATURES68 = ("mouth_open", "eye_open_r", "eye_open_l", "yaw", "pitch", "roll")
-PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
+PREDICTOR_FILE = PREDICTOR68
 
 # A generic face in millimetres (x right, y up, z toward the camera) for the six points
 # nose tip 30, chin 8, outer eye corners 36 / 45, mouth corners 48 / 54.
@@ -37,12 +37,6 @@ _PNP_MODEL = np.array([(0.0, 0.0, 0.0), (0.0, -63.6, -12.5), (-43.3, 32.7, -26.0
 
 def _dist(pts: np.ndarray, a: int, b: int) -> float:
     return float(np.linalg.norm(pts[a] - pts[b]))
-
-
-def mouth_opening68(pts: np.ndarray) -> float:
-    """Inner-lip gap over inter-ocular distance; 0 for closed lips. pts: (68, 2)."""
-    gap = (_dist(pts, 61, 67) + _dist(pts, 62, 66) + _dist(pts, 63, 65)) / 3.0
-    return gap / max(_dist(pts, 36, 45), 1e-6)
 
 
 def eye_aspect68(pts: np.ndarray, first: int) -> float:
