@@ -43,7 +43,7 @@ from .face.context import face_context
 from .config import RuntimeConfig
 from .generator import Generator
 from .sampler import first_step
-from .guard import default_guard, embed_real_faces, read_real_faces
+from .guard import default_guard, embed_real_faces, mouth_openings, read_real_faces
 from .identity import Identity, load_identity
 from .identity_assign import IdentityAssigner, Renders
 from .face.landmarks import FaceMeshDetector, FaceTracker, Track, face_box
@@ -452,7 +452,7 @@ class Engine:
         scratch = np.empty_like(frame)
         out = np.full((len(identities), 128), np.nan, np.float32)
         mouth, blotches = np.full(len(identities), np.nan), np.full(len(identities), np.nan)
-        _, real_mouth = read_real_faces(self.recognizer, frame, [tr.raw])
+        real_mouth = mouth_openings(self.recognizer, frame, [tr.raw])   # its descriptor is st.real
         for i, ident in enumerate(identities):
             ret = retarget.retarget(lm_crop, neutral, ident.shape, cfg.expression_gain, pose=pose,
                                     eye_gain=cfg.eye_gain, eye_rest=cfg.eye_rest)

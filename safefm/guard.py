@@ -126,6 +126,12 @@ def read_real_faces(recognizer, frame: np.ndarray, faces: list[np.ndarray]) -> t
     return np.asarray(out, np.float32).reshape(len(out), -1), np.asarray(mouth, np.float64)
 
 
+def mouth_openings(recognizer, frame: np.ndarray, faces: list[np.ndarray]) -> np.ndarray:
+    """(F,) the mouth openings of :func:`read_real_faces` alone (no embedding), at the same boxes."""
+    return np.asarray([recognizer.mouth_opening(region, box)
+                       for region, box in _face_regions(recognizer, frame, faces)], np.float64)
+
+
 def _face_regions(recognizer, frame: np.ndarray, faces: list[np.ndarray], detect: bool = True):
     """Yields (region (h, w, 3) around a face, its face box in the region) for each face
     (478, 3) frame landmarks big enough to read: dlib's detection there (``detect``), else the
