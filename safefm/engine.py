@@ -38,14 +38,14 @@ import cv2
 import numpy as np
 import torch
 
-from .face import alignment, composite, heatmaps, retarget, skin
+from .face import alignment, composite, heatmaps, outline, retarget, skin
 from .face.context import face_context
 from .config import RuntimeConfig
 from .generator import Generator
 from .sampler import first_step
 from .guard import default_guard, embed_real_faces, mouth_openings, read_real_faces
 from .identity import Identity, load_identity
-from .identity_assign import IdentityAssigner, Renders
+from .identity_assign import OPEN_BY, IdentityAssigner, Renders
 from .face.landmarks import FaceMeshDetector, FaceTracker, Track, face_box
 from .recognition import MATCH_THRESHOLD, FaceRecognizer
 from .results import ANONYMIZED, HELD, PLACEHOLDER, FaceResult, FrameResult
@@ -443,33 +443,47 @@ class Engine:
         (:func:`safefm.guard.read_real_faces`), so the comparison with the real face and with the
         other people's faces is like for like. The mouth reading is the render's dlib-68 mouth
         opening less the real face's in this frame (a mouth that reads open on a closed one, or
-        shut on an open one, does not follow the person); the blotches are the generated crop's
-        (:func:`safefm.face.skin.dark_blotches`). M: (2, 3) frame -> crop; lm_crop:
-        (478, 3) the real landmarks in the crop; pose and neutral: as :meth:`_geometry` gives
-        them. NaN for a face dlib cannot read. ~0.2 s an identity on a 2-core CPU."""
+        shut on an open one, does not follow the person); the skin's unevenness is the generated
+        crop's (:func:`safefm.face.skin.uneven_skin`); how much the mouth opens is read on a
+        second render with the person's lower lip moved down by ``OPEN_BY`` face widths
+        (:func:`safefm.face.retarget.open_mouth`), both at the landmarks' box (some identities'
+        mouths stay shut whatever the heatmaps say). M: (2, 3) frame -> crop; lm_crop: (478, 3)
+        the real landmarks in the crop; pose and neutral: as :meth:`_geometry` gives them. NaN
+        for a face dlib cannot read. ~0.25 s an identity on a 2-core CPU."""
         S, cfg, gen = self.mcfg.image_size, self.cfg, self.gen
         guidance, until = self._guidance(st.repel)
         scratch = np.empty_like(frame)
         out = np.full((len(identities), 128), np.nan, np.float32)
-        mouth, blotches = np.full(len(identities), np.nan), np.full(len(identities), np.nan)
+        mouth, uneven, opens = (np.full(len(identities), np.nan) for _ in range(3))
         real_mouth = mouth_openings(self.recognizer, frame, [tr.raw])   # its descriptor is st.real
-        for i, ident in enumerate(identities):
-            ret = retarget.retarget(lm_crop, neutral, ident.shape, cfg.expression_gain, pose=pose,
+        opened = retarget.open_mouth(lm_crop, OPEN_BY)                   # the person starting to speak
+
+        def render(ident, lm):   # the identity's face on these real landmarks, pasted into scratch
+            ret = retarget.retarget(lm, neutral, ident.shape, cfg.expression_gain, pose=pose,
                                     eye_gain=cfg.eye_gain, eye_rest=cfg.eye_rest)
             heat = heatmaps.render_heatmaps(ret, S, self.mcfg.heatmap_size)
             z = gen.generate(heat, gen.identity_tokens(ident.embedding), self._noise(ident), steps=cfg.steps,
                              guidance=guidance, guidance_until=until, reference=st.repel,
-                             context=self._context(frame, M, tr, lm_crop, ret))
+                             context=self._context(frame, M, tr, lm, ret))
             crop = gen.decode(z, heat)[0]
-            blotches[i] = skin.dark_blotches(crop, ret)
             np.copyto(scratch, frame)
-            self._paste(scratch, frame, tr, crop, ret, lm_crop, M, hair=False)
+            self._paste(scratch, frame, tr, crop, ret, lm, M, hair=False)
+            return crop, ret
+
+        for i, ident in enumerate(identities):
+            crop, ret = render(ident, lm_crop)
+            uneven[i] = skin.uneven_skin(crop, ret)
             emb, opening = read_real_faces(self.recognizer, scratch, [tr.raw])
             if len(emb):
                 out[i] = emb[0]
                 if len(real_mouth):
                     mouth[i] = opening[0] - real_mouth[0]
-        return Renders(out, mouth, blotches)
+            at_rest = mouth_openings(self.recognizer, scratch, [tr.raw], detect=False)
+            render(ident, opened)
+            wide = mouth_openings(self.recognizer, scratch, [tr.raw], detect=False)
+            if len(at_rest) and len(wide):
+                opens[i] = wide[0] - at_rest[0]
+        return Renders(out, mouth, uneven, opens)
 
     def _wear_track(self, st: _TrackState, identity: Identity) -> None:
         """This track wears ``identity`` from now on (its own tokens and noise; no warm start)."""
@@ -586,8 +600,9 @@ class Engine:
     def _paste(self, out: np.ndarray, frame: np.ndarray, tr: Track, crop: np.ndarray, ret_crop: np.ndarray,
                lm_crop: np.ndarray, M: np.ndarray, protect=None,
                hair: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
-        """Colour-match the generated ``crop`` (S, S, 3) to the real face, run the detail stage for a
-        large face, and paste it over track ``tr``'s face in ``out`` (in place). ret_crop, lm_crop:
+        """Fit the generated ``crop`` (S, S, 3) to the person's head (``outline_follow``:
+        :func:`safefm.face.outline.fit_to_head`), colour-match it to the real face, run the detail
+        stage for a large face, and paste it over track ``tr``'s face in ``out`` (in place). ret_crop, lm_crop:
         (478, 3) the generated and the real landmarks in the crop; M: (2, 3) frame -> crop; hair:
         keep the person's hair over the forehead when ``keep_hair`` is on (candidate renders do
         not: an identity is chosen by its own face, as without it).
@@ -595,6 +610,7 @@ class Engine:
         seconds spent in the detail stage)."""
         S, cfg = self.mcfg.image_size, self.cfg
         M_inv = alignment.invert_affine(M)
+        crop, ret_crop = outline.fit_to_head(crop, ret_crop, lm_crop, cfg.outline_follow)
         ret_dist = composite.oval_distance(ret_crop, S)   # once: skin mask and face alpha share it
         real_crop, lm_dist = None, None
         hair = hair and cfg.keep_hair

@@ -13,9 +13,12 @@ distribution, a seeded rest shape and noise seed), never derived from the person
   face is) and the choice is by those faces: read as the person's gender (when matched), then
   at least :data:`FAR` from the other people's and :data:`OWN` from the person's own, then a
   mouth that reads as open as the person's in that frame (dlib's 68-point predictor, within
-  :data:`MOUTH`: some identities draw parted, dark lips that read open all clip long), then a
+  :data:`MOUTH`: some identities draw parted, dark lips that read open all clip long) and that
+  opens when theirs does (rendered again with the person's lower lip moved down by
+  :data:`OPEN_BY`, its opening must grow by :data:`OPENS`: some stay shut), then a
   confident gender and an age group within one, then skin among the cleaner half of the
-  candidates' (:func:`safefm.face.skin.dark_blotches`: no marbled dark patches), then (a
+  candidates' (:func:`safefm.face.skin.uneven_skin`: no marbled dark patches, burnt
+  highlights or patches of another hue), then (a
   person alone) the most typical-looking render or (with others) the farthest. People who
   appear in the same frame are chosen together (every pair of their candidates), not the second
   against the first's fixed choice; when no choice is far enough (FAR from the others, OWN from
@@ -68,6 +71,8 @@ MORE = 1           # extra batches of candidates drawn when no choice is far eno
 FAR = 0.9          # wanted dlib distance between a new person's rendered face and the other people's (first frame; over the clip it dips 0.1-0.3 below: 0.85 left one draw in ten under 0.6 in 4 % of frames)
 OWN = 0.8          # wanted dlib distance between a new person's rendered face and their own real face (first frame; 0.7 left a clip matching its person in 8 % of its frames, session 17)
 SURE = 0.8         # classifier probability of the kept gender that counts as a confident reading
+OPEN_BY = 0.09     # the candidate renders' test of a mouth that opens: the person's lower lip moved down by this many face widths (safefm.face.retarget.open_mouth; dlib reads ~0.2 more on a real face)
+OPENS = 0.05       # least a render's dlib-68 mouth opening must grow when the person's opens by OPEN_BY: ~1 candidate in 4 barely opens (+0.03 or less where most read +0.06-0.14) and its mouth stays shut all clip long (dlib mouth r 0.07 on one clip, session 20)
 MOUTH = 0.06       # most a render's dlib-68 mouth opening (inner-lip gap / inter-ocular) may differ from the person's in the same frame: some identities draw parted, dark lips that read open all clip long (dlib mouth r 0.24 and 0.36 on two clips, session 18), ~1 candidate in 10
 SLACK = 0.03       # when no choice is far enough, those this close to the farthest (dlib distance) may be worn for cleaner skin (the ~10 most distant of 64 renders span ~0.05)
 KEPT = 2.0         # a fit (IdentityAssigner._fit) at least this reads as the kept gender
@@ -95,7 +100,8 @@ class Renders(NamedTuple):
     """What a renderer tells of K candidates' faces as the engine would show them for a person."""
     faces: np.ndarray     # (K, 128) dlib descriptors of the rendered faces (NaN rows: not embeddable)
     mouth: np.ndarray     # (K,) each render's dlib-68 mouth opening less the person's own now (NaN: unknown)
-    blotches: np.ndarray  # (K,) the generated skin's dark blotches (safefm.face.skin.dark_blotches; NaN: unknown)
+    uneven: np.ndarray    # (K,) the generated skin's unevenness (safefm.face.skin.uneven_skin; NaN: unknown)
+    opens: np.ndarray | None = None   # (K,) how much more open dlib reads the render's mouth when the person's opens by OPEN_BY (NaN / None: unknown)
 
 
 @dataclass
@@ -194,7 +200,7 @@ class IdentityAssigner:
         draws = {n: self._candidates(people[n][0], worn, lost, count if people[n][1] is not None else 1)
                  for n in new}   # n -> (candidates, attributes, how)
         missing = [i for i in [*worn, *(i for i, _ in lost)] if id(i) not in self._refs]
-        faces, looks = {}, {}   # n -> (K, 128) descriptors; n -> (K, 2) mouth reading, blotches
+        faces, looks = {}, {}   # n -> (K, 128) descriptors; n -> (K, 3) mouth reading, uneven skin, opens
         for n in new:
             f = self._render(people[n][1], draws[n][0], missing)
             if f is not None:
@@ -221,8 +227,9 @@ class IdentityAssigner:
                 real = people[n][0]
                 how += (f", rendered {_fmt(_nearest(f[None], others)[0])} from the other people's faces, "
                         f"{_fmt(_nearest(f[None], [] if real is None else [real])[0])} from the person's own, "
-                        f"mouth {_fmt(looks[n][pick[n], 0], '+.2f')} from theirs, "
-                        f"blotches {_fmt(looks[n][pick[n], 1])} (candidates' median {_fmt(_median(looks[n][:, 1]))})"
+                        f"mouth {_fmt(looks[n][pick[n], 0], '+.2f')} from theirs and opens "
+                        f"{_fmt(looks[n][pick[n], 2], '+.2f')}, "
+                        f"uneven skin {_fmt(looks[n][pick[n], 1])} (candidates' median {_fmt(_median(looks[n][:, 1]))})"
                         + self._reading(f, faces[n], draws[n][1]))
             out[n] = (ident, how)
         for n in faces:
@@ -231,7 +238,7 @@ class IdentityAssigner:
 
     def _render(self, render, cands: list[Identity],
                 missing: list[Identity]) -> tuple[np.ndarray, np.ndarray] | None:
-        """((K, 128) the candidates' rendered faces, (K, 2) their mouth readings and blotches,
+        """((K, 128) the candidates' rendered faces, (K, 3) their mouth readings, skin unevenness and mouth openings,
         NaN where unknown) (``render(cands + missing)``; the worn identities in ``missing`` join
         the references), or None (no renderer, it failed, or no face could be embedded: the
         first candidate is worn)."""
@@ -242,7 +249,9 @@ class IdentityAssigner:
             if not isinstance(got, Renders):
                 got = Renders(got, np.full(len(got), np.nan), np.full(len(got), np.nan))
             refs = np.asarray(got.faces, np.float32)
-            look = np.stack([np.asarray(got.mouth, np.float64), np.asarray(got.blotches, np.float64)], axis=1)
+            opens = np.full(len(refs), np.nan) if got.opens is None else got.opens
+            look = np.stack([np.asarray(got.mouth, np.float64), np.asarray(got.uneven, np.float64),
+                             np.asarray(opens, np.float64)], axis=1)
         except Exception as exc:   # e.g. dlib missing: the first candidate
             log.warning("per-track identities: cannot render candidates (%s); choosing by embedding", exc)
             return None
@@ -302,14 +311,16 @@ class IdentityAssigner:
 
         faces[n]: (K, 128) person n's candidates' rendered faces (NaN rows: not embeddable);
         cands[n]: the candidates; reals[n]: the person's descriptor or None; attrs[n]: the kept
-        attributes; looks[n]: (K, 2) each render's mouth opening less the person's, and its
-        generated skin's dark blotches (NaN or no ``looks``: unknown). A choice for everyone is
+        attributes; looks[n]: (K, 3) each render's mouth opening less the person's, its
+        generated skin's unevenness and how much its mouth opens when the person's does (NaN or
+        no ``looks``: unknown). A choice for everyone is
         ranked, in order, by: every face embeddable and no two embeddings within DISTINCT; every
         face read as the kept gender (:data:`KEPT`); every face at least FAR from the other
         people's (worn and new) and OWN from the person's own; every mouth read within
-        :data:`MOUTH` of the person's (unknown counts as within); then, for a person alone, the
+        :data:`MOUTH` of the person's and opening by at least :data:`OPENS` when theirs opens by
+        :data:`OPEN_BY` (unknown counts as following); then, for a person alone, the
         summed fit of the kept attributes (:meth:`_fit`), every face's skin among the cleaner
-        half of its candidates' (blotches at most their median; unknown counts as clean), the
+        half of its candidates' (unevenness at most their median; unknown counts as clean), the
         most typical render (nearest the centre of the person's
         candidates' rendered faces: the farthest ones are the oddest-looking faces, caricatures
         and smudges, and the distance to their own face is secured by the rule before) and the
@@ -328,9 +339,9 @@ class IdentityAssigner:
         ok, fit, age_fit, kept, near, apart, far, emb, typical = {}, {}, {}, {}, {}, {}, {}, {}, {}
         follows, clean = {}, {}
         for n in people:
-            mouth, blotch = (looks[n].T if looks and n in looks else np.full((2, len(faces[n])), np.nan))
-            follows[n] = ~(np.abs(mouth) > MOUTH)                  # NaN: no veto
-            clean[n] = ~(blotch > _median(blotch))                 # NaN: counts as clean
+            mouth, uneven, opens = (looks[n].T if looks and n in looks else np.full((3, len(faces[n])), np.nan))
+            follows[n] = ~(np.abs(mouth) > MOUTH) & ~(opens < OPENS)   # NaN: no veto
+            clean[n] = ~(uneven > _median(uneven))                 # NaN: counts as clean
             ok[n] = np.isfinite(faces[n]).all(axis=1)
             faces[n] = np.where(ok[n][:, None], faces[n], 0.0)
             fit[n], age_fit[n] = self._fit(faces[n], attrs[n], parts=True)

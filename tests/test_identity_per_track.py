@@ -309,18 +309,18 @@ def test_a_candidate_whose_mouth_does_not_read_as_the_persons_is_not_worn():
     faces = np.zeros((ALONE, 128), np.float32)
     faces[:, 3] = np.linspace(0.0, 1.0, ALONE)
 
-    def choose(mouth, faces=faces, blotches=None):
+    def choose(mouth, faces=faces, uneven=None):
         seen = []
 
         def render(ids):
             seen.append(list(ids))
             f = np.zeros((len(ids), 128), np.float32)
             f[:len(faces)] = faces[:len(ids)]
-            if mouth is None and blotches is None:
+            if mouth is None and uneven is None:
                 return f
             k = len(ids)
             return Renders(f, np.resize(np.full(ALONE, np.nan) if mouth is None else mouth, k),
-                           np.resize(np.full(ALONE, np.nan) if blotches is None else blotches, k))
+                           np.resize(np.full(ALONE, np.nan) if uneven is None else uneven, k))
         (ident, how), = IdentityAssigner(load_default_sampler(), match=(), seed=0).assign_all([(real, render)], 0, [])
         drawn = [c for batch in seen for c in batch]   # a second batch renders the same faces
         return next(i for i, c in enumerate(drawn) if c is ident) % ALONE, how
@@ -345,16 +345,16 @@ def test_a_candidate_whose_mouth_does_not_read_as_the_persons_is_not_worn():
     assert choose(mouth, near)[0] == ALONE - 2
     step = 0.4 / (ALONE - 1)
     assert 2 * step < SLACK < 3 * step
-    blotches = np.linspace(2.0, 4.0, ALONE)           # the farther, the blotchier (as measured)
-    blotches[[ALONE - 5, ALONE - 9]] = 0.5            # clean skin 3 and 7 steps below the farthest that follows
-    assert choose(mouth, near, blotches)[0] == ALONE - 2       # beyond SLACK: not worn for its skin
-    blotches[ALONE - 4] = 0.5                         # 2 steps below it: within SLACK
-    assert choose(mouth, near, blotches)[0] == ALONE - 4
+    uneven = np.linspace(5.0, 8.0, ALONE)             # the farther, the more marbled (as measured)
+    uneven[[ALONE - 5, ALONE - 9]] = 3.0              # even skin 3 and 7 steps below the farthest that follows
+    assert choose(mouth, near, uneven)[0] == ALONE - 2         # beyond SLACK: not worn for its skin
+    uneven[ALONE - 4] = 3.0                           # 2 steps below it: within SLACK
+    assert choose(mouth, near, uneven)[0] == ALONE - 4
 
 
-def test_among_far_enough_renders_one_with_clean_skin_is_worn_over_a_blotched_typical_one():
-    """The most typical render is worn only when its generated skin is among the cleaner half
-    of the candidates' (dark blotches at most their median); an unknown reading is no veto."""
+def test_among_far_enough_renders_one_with_even_skin_is_worn_over_a_marbled_typical_one():
+    """The most typical render is worn only when its generated skin is among the more even half
+    of the candidates' (unevenness at most their median); an unknown reading is no veto."""
     from safefm.identity_assign import ALONE, Renders
 
     real = np.zeros(128, np.float32)
@@ -362,19 +362,50 @@ def test_among_far_enough_renders_one_with_clean_skin_is_worn_over_a_blotched_ty
     faces = np.zeros((ALONE, 128), np.float32)
     faces[:, 3] = np.linspace(0.0, 1.0, ALONE)
 
-    def choose(blotches):
+    def choose(uneven):
         seen = []
 
         def render(ids):
             seen.append(list(ids))
-            return Renders(faces[:len(ids)], np.zeros(len(ids)), blotches[:len(ids)])
+            return Renders(faces[:len(ids)], np.zeros(len(ids)), uneven[:len(ids)])
         (ident, how), = IdentityAssigner(load_default_sampler(), match=(), seed=0).assign_all([(real, render)], 0, [])
         return next(i for i, c in enumerate(seen[0]) if c is ident), how
 
     even = np.full(ALONE, 0.5)
     typical, _ = choose(even)
     assert ALONE // 4 <= typical < 3 * ALONE // 4
-    blotched = np.where(np.abs(np.arange(ALONE) - typical) <= 2, 3.0, 0.5)   # marbled patches around the centre
-    k, how = choose(blotched)
-    assert abs(k - typical) == 3 and "blotches 0.50 (candidates' median 0.50)" in how
-    assert choose(np.where(blotched > 1, np.nan, 0.5))[0] == typical
+    marbled = np.where(np.abs(np.arange(ALONE) - typical) <= 2, 7.0, 0.5)   # marbled patches around the centre
+    k, how = choose(marbled)
+    assert abs(k - typical) == 3 and "uneven skin 0.50 (candidates' median 0.50)" in how
+    assert choose(np.where(marbled > 1, np.nan, 0.5))[0] == typical
+
+
+def test_a_candidate_whose_mouth_stays_shut_when_the_person_opens_theirs_is_not_worn():
+    """Some identities' mouths read like the person's closed one but do not open when theirs
+    does (their dlib-68 opening grows by less than OPENS when the person's lower lip drops by
+    OPEN_BY): among renders all far enough from the person, the most typical one is worn unless
+    its mouth stays shut; an unknown reading is no veto."""
+    from safefm.identity_assign import ALONE, OPENS, Renders
+
+    real = np.zeros(128, np.float32)
+    real[1] = -2.0
+    faces = np.zeros((ALONE, 128), np.float32)
+    faces[:, 3] = np.linspace(0.0, 1.0, ALONE)
+
+    def choose(opens):
+        seen = []
+
+        def render(ids):
+            seen.append(list(ids))
+            k = len(ids)
+            return Renders(faces[:k], np.zeros(k), np.full(k, 4.0), None if opens is None else opens[:k])
+        (ident, how), = IdentityAssigner(load_default_sampler(), match=(), seed=0).assign_all([(real, render)], 0, [])
+        return next(i for i, c in enumerate(seen[0]) if c is ident), how
+
+    typical, how = choose(None)
+    assert ALONE // 4 <= typical < 3 * ALONE // 4 and "opens -" in how     # unknown
+    shut = np.where(np.abs(np.arange(ALONE) - typical) <= 2, 0.01, 0.12)  # around the centre: shut mouths
+    k, how = choose(shut)
+    assert abs(k - typical) == 3 and "opens +0.12" in how
+    assert choose(np.where(shut < 0.05, OPENS, 0.12))[0] == typical       # at OPENS: it opens enough
+    assert choose(np.where(shut < 0.05, np.nan, 0.12))[0] == typical      # unread: no veto

@@ -381,3 +381,19 @@ def test_a_photos_conditioning_carries_less_of_its_person_than_with_the_template
     template = person_share([s - tmpl for s in shapes])
     prior = person_share([s - single_image_neutral(s) for s in shapes])
     assert template > 0.15 and prior < 0.75 * template                # measured: 0.27 -> 0.17
+
+
+def test_open_mouth_drops_the_lower_lip_and_jaw_and_nothing_else():
+    from safefm.face.retarget import JAW, JAW_DROP, LOWER_LIP, MOUTH_PAIRS, open_mouth
+
+    lm = load_template() * 128
+    lm = lm.astype(np.float32)
+    out = open_mouth(lm, 0.1)
+    d = 0.1 * float(np.ptp(lm[:, 0]))
+    moved = np.abs(out - lm).max(axis=1) > 0
+    np.testing.assert_allclose(out[list(LOWER_LIP), 1] - lm[list(LOWER_LIP), 1], d, rtol=1e-5)
+    np.testing.assert_allclose(out[list(JAW), 1] - lm[list(JAW), 1], JAW_DROP * d, rtol=1e-5)
+    assert set(np.flatnonzero(moved)) == set(LOWER_LIP) | set(JAW)
+    up, lo = np.array(MOUTH_PAIRS).T
+    assert set(lo) <= set(LOWER_LIP) and not set(up) & set(LOWER_LIP)   # the inner lips part by d
+    assert np.array_equal(open_mouth(lm, 0.0), lm) and open_mouth(lm, 0.1) is not lm

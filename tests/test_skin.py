@@ -1,13 +1,12 @@
-"""Dark blotches on a generated face's skin (safefm.face.skin): what the identity choice avoids."""
+"""Uneven skin on a generated face (safefm.face.skin): what the identity choice avoids."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
-import pytest
 
 from safefm.face.alignment import load_template
-from safefm.face.skin import SLACK, dark_blotches, skin_region
+from safefm.face.skin import skin_region, uneven_skin
 
 S = 128
 
@@ -17,30 +16,50 @@ def _face(rgb=(205, 160, 135)):
     return np.full((S, S, 3), rgb, np.uint8), load_template() * S
 
 
-def _lightness(img, x, y):
-    return float(cv2.cvtColor(img, cv2.COLOR_RGB2Lab)[y, x, 0]) * 100 / 255
+def _cheek(lm):
+    cheek = np.round(lm[205, :2]).astype(int)                 # FaceMesh's right cheek
+    assert skin_region(lm, S)[cheek[1], cheek[0]]
+    return tuple(int(v) for v in cheek)
 
 
-def test_even_skin_and_dark_eyes_brows_and_lips_are_not_blotches():
+def test_even_skin_side_light_and_dark_eyes_brows_and_lips_are_not_uneven():
     img, lm = _face()
-    assert dark_blotches(img, lm) == 0.0
+    assert uneven_skin(img, lm) < 1e-3
     for idx in ((33, 133, 159, 145, 70, 105), (61, 291, 13, 14, 0, 17)):   # an eye with its brow; the lips
         hull = cv2.convexHull(np.round(lm[list(idx), :2]).astype(np.int32))
         cv2.fillConvexPoly(img, hull, (40, 30, 30))
-    assert dark_blotches(img, lm) == 0.0
+    assert uneven_skin(img, lm) < 0.2                         # (the smoothing's tail only; real faces read 2-9)
+    ramp = np.linspace(0.55, 1.0, S, dtype=np.float32)[None, :, None]    # light from one side: a 25 L* ramp
+    lit = (img * ramp).astype(np.uint8)
+    assert uneven_skin(lit, lm) < 0.4
 
 
-def test_a_dark_patch_on_the_cheek_is_read_by_its_depth_and_size():
+def test_a_patch_counts_by_its_size_whether_darker_lighter_or_of_another_hue():
     img, lm = _face()
-    region = skin_region(lm, S)
-    cheek = np.round(lm[205, :2]).astype(int)                 # FaceMesh's right cheek
-    assert region[cheek[1], cheek[0]]
-    small, big = img.copy(), img.copy()
-    for im, r in ((small, 5), (big, 10)):
-        cv2.circle(im, tuple(int(v) for v in cheek), r, (120, 85, 70), -1)
-    depth = _lightness(img, 0, 0) - _lightness(small, *cheek)
-    assert depth > 2 * SLACK                                   # a patch far darker than shading
-    a, b = dark_blotches(small, lm), dark_blotches(big, lm)
-    assert 0.2 < a < b < depth - SLACK                          # bigger reads larger; never beyond its depth
-    assert dark_blotches(np.full((S, S, 3), 128, np.uint8), lm) == 0.0
-    assert np.isnan(dark_blotches(img, lm * 0.05))             # a face too small to tell
+    cheek = _cheek(lm)
+    reads = {}
+    for name, rgb, r in (("dark small", (120, 85, 70), 5), ("dark", (120, 85, 70), 10),
+                         ("burnt highlight", (255, 240, 225), 10), ("orange", (225, 140, 70), 10)):
+        im = img.copy()
+        cv2.circle(im, cheek, r, rgb, -1)
+        reads[name] = uneven_skin(im, lm)
+    assert 0.5 < reads["dark small"] < reads["dark"]          # bigger reads larger
+    assert reads["burnt highlight"] > 2.0                     # a blown-out highlight is a patch too
+    lab = cv2.cvtColor(np.array([[[205, 160, 135], [225, 140, 70]]], np.uint8), cv2.COLOR_RGB2Lab)[0].astype(float)
+    assert abs(lab[0, 0] - lab[1, 0]) * 100 / 255 < 4         # the orange patch is barely darker ...
+    assert reads["orange"] > 2.0                              # ... and still reads by its hue
+
+
+def test_too_little_skin_to_tell_is_nan():
+    img, lm = _face()
+    assert np.isnan(uneven_skin(img, lm * 0.05))
+
+
+def test_a_darkened_face_edge_reads_as_uneven_where_a_side_light_does_not():
+    from safefm.face.composite import oval_distance
+
+    img, lm = _face()
+    rim = (oval_distance(lm, S) > -0.12)[..., None]            # the outer 0.12 face widths of the face
+    dark_rim = np.where(rim, (img * 0.6).astype(np.uint8), img)
+    ramp = (img * np.linspace(0.55, 1.0, S, dtype=np.float32)[None, :, None]).astype(np.uint8)
+    assert uneven_skin(dark_rim, lm) > 3.0 > 10 * uneven_skin(ramp, lm)

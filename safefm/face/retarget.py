@@ -47,6 +47,10 @@ BROWS = (46, 52, 53, 55, 63, 65, 66, 70, 105, 107, 276, 282, 283, 285, 293, 295,
 # Lower face oval (jaw line and chin): moves when the mouth opens, but also carries identity.
 JAW = (58, 132, 136, 148, 149, 150, 152, 172, 176, 288, 361, 365, 377, 378, 379, 397, 400)
 
+# The lower lip, inner and outer: moves down with the jaw when the mouth opens.
+LOWER_LIP = (14, 17, 84, 87, 88, 91, 95, 146, 178, 181, 314, 317, 318, 321, 324, 375, 402, 405)
+JAW_DROP = 0.7        # share of the lower lip's drop the jaw line takes (open_mouth)
+
 _EYELID_IDX = np.array(EYELIDS)
 FULL_WEIGHT_REGIONS = LIPS + EYELIDS + IRISES + BROWS
 # (upper, lower) point pairs across the mouth opening and the two eye openings.
@@ -116,6 +120,18 @@ def mouth_opening(shape: np.ndarray) -> float:
     """Mean vertical gap between the inner lips of a canonical (478, 3) shape (crop units)."""
     up, lo = np.array(MOUTH_PAIRS).T
     return float((shape[lo, 1] - shape[up, 1]).mean())
+
+
+def open_mouth(landmarks: np.ndarray, amount: float) -> np.ndarray:
+    """``landmarks`` ((478, 2|3), pixels, upright) with the mouth opened: the lower lip (inner
+    and outer) moved down by ``amount`` face widths (x extent of the points) and the jaw line by
+    :data:`JAW_DROP` of that. What a person's face looks like a moment later when they start to
+    speak; the identity choice renders it to see whether a candidate's mouth opens (a new array)."""
+    out = np.array(landmarks, np.float32, copy=True)
+    d = float(amount) * float(np.ptp(out[:, 0]))
+    out[list(LOWER_LIP), 1] += d
+    out[list(JAW), 1] += JAW_DROP * d
+    return out
 
 
 def close_gaps(shape: np.ndarray) -> np.ndarray:
