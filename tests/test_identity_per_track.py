@@ -352,24 +352,32 @@ def test_a_candidate_whose_mouth_does_not_read_as_the_persons_is_not_worn():
     assert choose(mouth, near, uneven)[0] == ALONE - 4
 
 
-def test_among_far_enough_renders_one_with_even_skin_is_worn_over_a_marbled_typical_one():
-    """The most typical render is worn only when its generated skin is among the more even half
-    of the candidates' (unevenness at most their median); an unknown reading is no veto."""
-    from safefm.identity_assign import ALONE, Renders
+def _choose_among_far_renders(renders):
+    """A person alone whose ALONE candidates all render far from her (spread along one axis, so
+    the middle one is the most typical): ``renders(faces (k, 128), k)`` gives the renderer's
+    answer. Returns (index of the candidate worn in the first batch, the choice's log line)."""
+    from safefm.identity_assign import ALONE
 
     real = np.zeros(128, np.float32)
     real[1] = -2.0
     faces = np.zeros((ALONE, 128), np.float32)
     faces[:, 3] = np.linspace(0.0, 1.0, ALONE)
+    seen = []
+
+    def render(ids):
+        seen.append(list(ids))
+        return renders(faces[:len(ids)], len(ids))
+    (ident, how), = IdentityAssigner(load_default_sampler(), match=(), seed=0).assign_all([(real, render)], 0, [])
+    return next(i for i, c in enumerate(seen[0]) if c is ident), how
+
+
+def test_among_far_enough_renders_one_with_even_skin_is_worn_over_a_marbled_typical_one():
+    """The most typical render is worn only when its generated skin is among the more even half
+    of the candidates' (unevenness at most their median); an unknown reading is no veto."""
+    from safefm.identity_assign import ALONE, Renders
 
     def choose(uneven):
-        seen = []
-
-        def render(ids):
-            seen.append(list(ids))
-            return Renders(faces[:len(ids)], np.zeros(len(ids)), uneven[:len(ids)])
-        (ident, how), = IdentityAssigner(load_default_sampler(), match=(), seed=0).assign_all([(real, render)], 0, [])
-        return next(i for i, c in enumerate(seen[0]) if c is ident), how
+        return _choose_among_far_renders(lambda f, k: Renders(f, np.zeros(k), uneven[:k]))
 
     even = np.full(ALONE, 0.5)
     typical, _ = choose(even)
@@ -387,20 +395,9 @@ def test_a_candidate_whose_mouth_stays_shut_when_the_person_opens_theirs_is_not_
     its mouth stays shut; an unknown reading is no veto."""
     from safefm.identity_assign import ALONE, OPENS, Renders
 
-    real = np.zeros(128, np.float32)
-    real[1] = -2.0
-    faces = np.zeros((ALONE, 128), np.float32)
-    faces[:, 3] = np.linspace(0.0, 1.0, ALONE)
-
     def choose(opens):
-        seen = []
-
-        def render(ids):
-            seen.append(list(ids))
-            k = len(ids)
-            return Renders(faces[:k], np.zeros(k), np.full(k, 4.0), None if opens is None else opens[:k])
-        (ident, how), = IdentityAssigner(load_default_sampler(), match=(), seed=0).assign_all([(real, render)], 0, [])
-        return next(i for i, c in enumerate(seen[0]) if c is ident), how
+        return _choose_among_far_renders(
+            lambda f, k: Renders(f, np.zeros(k), np.full(k, 4.0), None if opens is None else opens[:k]))
 
     typical, how = choose(None)
     assert ALONE // 4 <= typical < 3 * ALONE // 4 and "opens -" in how     # unknown
