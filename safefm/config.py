@@ -140,6 +140,8 @@ class RuntimeConfig:
     mask_feather: float = 0.04
     face_inner: float = 0.03
     outline_follow: float = 0.5
+    even_skin: float = 4.0
+    match_light: bool = True
     match_grain: bool = True
     color_match: bool = True
     seamless_paste: bool = True
@@ -196,6 +198,8 @@ class RuntimeConfig:
             raise ConfigError(f"detail_strength must be in [0, 2], got {self.detail_strength}")
         if not 0.0 <= self.outline_follow <= 1.0:
             raise ConfigError(f"outline_follow must be in [0, 1] (0 = the identity's own face outline), got {self.outline_follow}")
+        if not 0.0 <= self.even_skin <= 50.0:
+            raise ConfigError(f"even_skin must be in [0, 50] ΔE (0 = off), got {self.even_skin}")
         if not 0.0 <= self.face_inner <= 0.3:
             raise ConfigError(f"face_inner must be in [0, 0.3] face widths, got {self.face_inner}")
         if self.detail_min_px < 0:

@@ -601,7 +601,9 @@ class Engine:
                lm_crop: np.ndarray, M: np.ndarray, protect=None,
                hair: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
         """Fit the generated ``crop`` (S, S, 3) to the person's head (``outline_follow``:
-        :func:`safefm.face.outline.fit_to_head`), colour-match it to the real face, run the detail
+        :func:`safefm.face.outline.fit_to_head`), even its skin out and light it with the real
+        face's light field (``even_skin``, ``match_light``: :func:`safefm.face.skin.even_out`),
+        colour-match it to the real face, run the detail
         stage for a large face, and paste it over track ``tr``'s face in ``out`` (in place). ret_crop, lm_crop:
         (478, 3) the generated and the real landmarks in the crop; M: (2, 3) frame -> crop; hair:
         keep the person's hair over the forehead when ``keep_hair`` is on (candidate renders do
@@ -614,8 +616,11 @@ class Engine:
         ret_dist = composite.oval_distance(ret_crop, S)   # once: skin mask and face alpha share it
         real_crop, lm_dist = None, None
         hair = hair and cfg.keep_hair
-        if cfg.color_match or hair:
+        if cfg.color_match or hair or cfg.match_light:
             real_crop, lm_dist = alignment.crop_face(frame, M, S), composite.oval_distance(lm_crop, S)
+        painted = crop   # the face alpha reads the generator's own dark rim and strands, before they are evened out
+        if cfg.even_skin > 0 or cfg.match_light:
+            crop = skin.even_out(crop, ret_crop, cfg.even_skin, real_crop if cfg.match_light else None, lm_crop)
         if cfg.color_match:
             crop = composite.color_match(crop, real_crop, composite.skin_mask(ret_crop, S, dist=ret_dist),
                                          composite.skin_mask(lm_crop, S, dist=lm_dist))
@@ -624,7 +629,7 @@ class Engine:
                                    cfg.mask_dilate, cfg.mask_feather)
         if hair:
             composite.uncover(mask, composite.hair_over_face(real_crop, lm_crop, S, dist=lm_dist), M_inv)
-        face = (composite.face_alpha(ret_crop, S, inner=cfg.face_inner, image=crop, dist=ret_dist)
+        face = (composite.face_alpha(ret_crop, S, inner=cfg.face_inner, image=painted, dist=ret_dist)
                 if cfg.seamless_paste else None)
         t_detail = 0.0
         if self._wants_detail(M):   # a large face: the 2x detail stage, pasted from 2S px

@@ -135,6 +135,8 @@ def test_the_live_camera_keeps_the_detail_stage_off_unless_asked(tmp_path):
 def test_face_inner_out_of_range_is_one_line():
     with pytest.raises(ConfigError, match="face_inner"):
         RuntimeConfig(face_inner=0.5)
+    with pytest.raises(ConfigError, match="even_skin"):
+        RuntimeConfig(even_skin=-1.0)
 
 
 def test_int8_decoder_is_the_cameras_default_and_files_stay_float():

@@ -230,4 +230,5 @@ def test_real_hair_over_the_forehead_stays_and_nothing_below_the_brows_does():
     above = region & ~below
     assert (raw[True] & above).sum() > 5 * max((raw[False] & above).sum(), 100)   # the fringe: ~1,000 px
     # below the brows, raw-looking pixels are chance matches only, as many as without keep_hair
-    assert raw[True][below & region].mean() <= raw[False][below & region].mean() + 0.002 < 0.01
+    # (~0.8 %: the synthetic face takes the real face's smooth light, match_light)
+    assert raw[True][below & region].mean() <= raw[False][below & region].mean() + 0.002 < 0.015

@@ -164,5 +164,6 @@ def test_shipped_guard_gives_the_default_identitys_own_face_another_identity():
         if g is not None:
             assert engine.identity.name != ident.name
         engine.close()
-    # measured: 0.28 without the guard (dlib: the same person), 0.61 with it
-    assert dist["off"] < rec.MATCH_THRESHOLD and dist["on"] > dist["off"] + 0.25, dist
+    # measured: 0.44 without the guard (dlib: the same person), 0.68 with it (0.28 / 0.61 before
+    # the paste evened the skin and took the frame's light, session 21)
+    assert dist["off"] < rec.MATCH_THRESHOLD < dist["on"] and dist["on"] > dist["off"] + 0.2, dist

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 
 from safefm.face.alignment import load_template
-from safefm.face.skin import skin_region, uneven_skin
+from safefm.face.skin import even_out, skin_region, uneven_skin
 
 S = 128
 
@@ -63,3 +63,51 @@ def test_a_darkened_face_edge_reads_as_uneven_where_a_side_light_does_not():
     dark_rim = np.where(rim, (img * 0.6).astype(np.uint8), img)
     ramp = (img * np.linspace(0.55, 1.0, S, dtype=np.float32)[None, :, None]).astype(np.uint8)
     assert uneven_skin(dark_rim, lm) > 3.0 > 10 * uneven_skin(ramp, lm)
+
+
+def _lab(img, where):
+    """Mean CIELAB (L in 0-100) of ``img`` over the bool mask ``where``."""
+    lab = cv2.cvtColor(img.astype(np.float32) / 255, cv2.COLOR_RGB2Lab)
+    return lab[where].mean(axis=0)
+
+
+def test_even_out_fades_a_dark_blotch_and_leaves_the_eyes_lips_and_even_skin_alone():
+    img, lm = _face()
+    assert np.abs(even_out(img, lm, 4.0).astype(int) - img).max() <= 1          # even skin: nothing to do
+    cheek = _cheek(lm)
+    blotched = img.copy()
+    cv2.circle(blotched, cheek, 10, (120, 85, 70), -1)                          # ~30 L* darker
+    eye = cv2.convexHull(np.round(lm[[33, 133, 159, 145], :2]).astype(np.int32))
+    cv2.fillConvexPoly(blotched, eye, (40, 30, 30))
+    out = even_out(blotched, lm, 4.0)
+    spot = np.zeros((S, S), np.uint8)
+    cv2.circle(spot, cheek, 4, 1, -1)
+    spot = spot.astype(bool)
+    skin_l = _lab(img, spot)[0]
+    assert skin_l - _lab(blotched, spot)[0] > 25
+    assert skin_l - _lab(out, spot)[0] < 12                  # the blotch fades to a shade ...
+    assert uneven_skin(out, lm) < 0.5 * uneven_skin(blotched, lm)
+    inside = np.zeros((S, S), np.uint8)
+    cv2.fillConvexPoly(inside, eye, 1)
+    inside = cv2.erode(inside, np.ones((3, 3), np.uint8)).astype(bool)
+    assert np.abs(out[inside].astype(int) - blotched[inside]).mean() < 3      # ... the eye stays dark
+    assert np.array_equal(even_out(blotched, lm, 0.0), blotched)              # 0: off
+
+
+def test_even_out_takes_the_real_faces_light_and_white_balance():
+    img, lm = _face()
+    ramp = np.linspace(0.6, 1.0, S, dtype=np.float32)[None, :, None]
+    real = (np.full((S, S, 3), (190, 150, 150), np.float32) * ramp).astype(np.uint8)   # side light, pinker skin
+    centre = lm[:, :2].mean(axis=0)
+    real_lm = lm.copy()
+    real_lm[:, :2] = centre + (lm[:, :2] - centre) * 1.1      # the person's face is a little larger
+    out = even_out(img, lm, 4.0, real, real_lm)
+    region = skin_region(lm, S)
+    left, right = region.copy(), region.copy()
+    mid = int(np.median(np.nonzero(region)[1]))
+    left[:, mid:], right[:, :mid] = False, False
+    want = _lab(real, right) - _lab(real, left)
+    got = _lab(out, right) - _lab(out, left)
+    assert want[0] > 6 and abs(got[0] - want[0]) < 1.5       # the light falls off across the face as it does on the real one
+    assert np.linalg.norm(_lab(out, region) - _lab(real, region)) < 2.0   # and the skin's colour is the real one's
+    assert np.abs(even_out(img, lm, 4.0, img, lm).astype(int) - img).max() <= 1   # lit alike: unchanged

@@ -190,7 +190,8 @@ def skin_mask(landmarks: np.ndarray, size: int, depth: float = 0.15,
     return (dist < -depth).astype(np.float32)
 
 
-def _smoothstep(t: np.ndarray) -> np.ndarray:
+def smoothstep(t: np.ndarray) -> np.ndarray:
+    """0 below 0, 1 above 1, and 3t² - 2t³ between (the same shape as the feathering's table)."""
     t = np.clip(t, 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
 
@@ -211,15 +212,15 @@ def face_alpha(landmarks: np.ndarray, size: int, inner: float = 0.08, outer: flo
     """
     if dist is None:
         dist = oval_distance(landmarks, size)
-    alpha = _smoothstep((outer - dist) / max(inner + outer, 1e-6))
+    alpha = smoothstep((outer - dist) / max(inner + outer, 1e-6))
     if image is not None:
         L = cv2.cvtColor(image, cv2.COLOR_RGB2Lab)[..., 0].astype(np.float32)   # 0..255
         skin = L[dist < -edge - 0.05]
         if skin.size >= 16:
             med = float(np.median(skin))
             sd = max(1.4826 * float(np.median(np.abs(skin - med))), 5.0)
-            darkness = _smoothstep(((med - L) / sd - dark[0]) / max(dark[1] - dark[0], 1e-6))
-            near_edge = _smoothstep((dist + edge) / (0.5 * edge))
+            darkness = smoothstep(((med - L) / sd - dark[0]) / max(dark[1] - dark[0], 1e-6))
+            near_edge = smoothstep((dist + edge) / (0.5 * edge))
             alpha *= 1.0 - near_edge * darkness
     return alpha.astype(np.float32)
 
@@ -257,10 +258,10 @@ def hair_over_face(image: np.ndarray, landmarks: np.ndarray, size: int, above: f
     med = np.median(skin, axis=0)
     spread = np.maximum(1.4826 * np.median(np.abs(skin - med), axis=0), (6.0, 3.0, 3.0))
     z = (lab[:rows] - med) / spread
-    darker = _smoothstep(-z[..., 0] - 1.0)            # hair is darker than the skin (1-2 spreads on)
+    darker = smoothstep(-z[..., 0] - 1.0)            # hair is darker than the skin (1-2 spreads on)
     z[..., 0] = np.minimum(z[..., 0], 0.0)
-    score = darker * _smoothstep((np.sqrt((z * z).sum(-1)) - far[0]) / max(far[1] - far[0], 1e-6))
-    score *= _smoothstep((top - np.arange(rows, dtype=np.float32)) / ramp)[:, None]   # no straight cut
+    score = darker * smoothstep((np.sqrt((z * z).sum(-1)) - far[0]) / max(far[1] - far[0], 1e-6))
+    score *= smoothstep((top - np.arange(rows, dtype=np.float32)) / ramp)[:, None]   # no straight cut
     hair = (score > 0.5).astype(np.uint8)
     n, labels = cv2.connectedComponents(hair, connectivity=8)
     if n <= 1:
@@ -436,13 +437,13 @@ def _band_fill(src: np.ndarray, alpha: np.ndarray, real: np.ndarray,
     each extended across the band (:func:`smooth_fill`) and blended by the relative distance to
     either side (smoothstep). Returns ``(h, w, 3) float32``.
     """
-    inner = _smoothstep((alpha - 0.8) * 5.0)
+    inner = smoothstep((alpha - 0.8) * 5.0)
     fill = smooth_fill(src * inner[..., None], inner)
     if known.max() > 0:
         around = smooth_fill(real, known)
         d_face = cv2.distanceTransform((alpha < 0.5).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_3)
         d_real = cv2.distanceTransform((known < 0.5).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_3)
-        t = _smoothstep(d_face / np.maximum(d_face + d_real, 1e-6))[..., None]
+        t = smoothstep(d_face / np.maximum(d_face + d_real, 1e-6))[..., None]
         fill += t * (around - fill)
     return fill
 

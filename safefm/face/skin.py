@@ -15,8 +15,16 @@ uneven), which burnt highlights and patches of another hue raise, and the mean l
 which the skin falls more than :data:`SLACK` L* below a plane fitted to it (a side light still
 is not uneven), which dark smudges and a darkened face edge raise (a quadratic field
 half-absorbs a dark rim). The generator's cleanest faces read ~5-7, marbled, burnt or
-smudged ones 10-16 (``docs/uneven_s20_d6.jpg``). Images are ``uint8`` RGB; landmarks
-``(478, 2|3)`` MediaPipe points in crop pixels.
+smudged ones 10-16 (``docs/uneven_s20_d6.jpg``).
+
+:func:`even_out` is the paste's answer to what the choice cannot avoid: on a small copy it
+fits the same kind of light field robustly (patches do not pull it), caps the smoothed skin's
+colour difference from it at ``limit`` ΔE (a dark blotch or a burnt patch fades to a shade of
+the face's own light; the eyes, brows, lips and nose are left alone) and, given the real face,
+swaps the generated face's lightness field for the real one's (light direction and brightness
+as the camera sees them) and shifts its colour to the real skin's mean (white balance): 8
+numbers, no texture. Images are ``uint8`` RGB;
+landmarks ``(478, 2|3)`` MediaPipe points in crop pixels.
 """
 
 from __future__ import annotations
@@ -24,13 +32,39 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .composite import face_width, oval_distance
+from .composite import face_width, oval_distance, smooth_fill, smoothstep
+from .outline import NOSE
 from .retarget import BROWS, EYELIDS, IRISES, LIPS
 
 EDGE = 0.02          # the skin read starts this many face widths inside the oval (hair biting in counts)
 FEATURE_GROW = 0.05  # eye / brow / lip hulls grown by this many face widths (their own darkness is not a blotch)
 SCALE = 0.03         # Gaussian sigma of the colour smoothing, in face widths (blotches, not pores)
 SLACK = 6.0          # L* below the skin's light plane that still counts as shading
+LIGHT_SIZE = 64      # even_out fits and corrects on a copy this many pixels wide (the correction is smooth)
+ROBUST = 10.0        # ΔE from the light field beyond which a pixel no longer pulls the fit (Tukey's biweight)
+RIM = 0.03           # even_out's correction is its own from this many face widths inside the oval inward;
+                     # outward it is carried on smoothly (the rim and the painted surroundings move with the face)
+
+
+def _features(pts: np.ndarray, size: int, grow: float, nose: bool = False) -> np.ndarray:
+    """``(size, size) uint8``: 1 on the eyes with their brows (each side's hull), the lips and,
+    with ``nose``, the nose, grown by ``grow`` face widths."""
+    features = np.zeros((size, size), np.uint8)
+    eyes = np.array(EYELIDS + BROWS + IRISES)
+    left = pts[eyes, 0] < np.median(pts[:, 0])
+    groups = [pts[eyes[left]], pts[eyes[~left]], pts[list(LIPS)]] + ([pts[list(NOSE)]] if nose else [])
+    for group in groups:
+        if len(group) >= 3:
+            cv2.fillConvexPoly(features, cv2.convexHull(np.round(group).astype(np.int32)), 1)
+    k = max(1, int(round(grow * face_width(pts))))
+    return cv2.dilate(features, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
+
+
+def _quadratic(xs: np.ndarray, ys: np.ndarray, size: int) -> np.ndarray:
+    """``(N, 6)`` the quadratic basis 1, x, y, x², y², xy at pixels (xs, ys) of a ``size`` px
+    crop, in crop widths from its centre (the first three: a plane)."""
+    x, y = (np.asarray(xs, np.float64) - size / 2) / size, (np.asarray(ys, np.float64) - size / 2) / size
+    return np.stack([np.ones_like(x), x, y, x * x, y * y, x * y], axis=1)
 
 
 def skin_region(landmarks: np.ndarray, size: int, dist: np.ndarray | None = None) -> np.ndarray:
@@ -40,15 +74,7 @@ def skin_region(landmarks: np.ndarray, size: int, dist: np.ndarray | None = None
     pts = np.asarray(landmarks, np.float32)[:, :2]
     if dist is None:
         dist = oval_distance(pts, size)
-    features = np.zeros((size, size), np.uint8)
-    eyes = np.array(EYELIDS + BROWS + IRISES)
-    left = pts[eyes, 0] < np.median(pts[:, 0])
-    for group in (pts[eyes[left]], pts[eyes[~left]], pts[list(LIPS)]):
-        if len(group) >= 3:
-            cv2.fillConvexPoly(features, cv2.convexHull(np.round(group).astype(np.int32)), 1)
-    k = max(1, int(round(FEATURE_GROW * face_width(pts))))
-    features = cv2.dilate(features, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
-    return (dist < -EDGE) & (features == 0)
+    return (dist < -EDGE) & (_features(pts, size, FEATURE_GROW) == 0)
 
 
 def uneven_skin(image: np.ndarray, landmarks: np.ndarray, dist: np.ndarray | None = None) -> float:
@@ -67,11 +93,82 @@ def uneven_skin(image: np.ndarray, landmarks: np.ndarray, dist: np.ndarray | Non
     lab[..., 0] *= np.float32(100 / 255)
     lab = cv2.GaussianBlur(lab, (0, 0), SCALE * face_width(pts))
     ys, xs = np.nonzero(region)
-    x, y = (xs - xs.mean()) / size, (ys - ys.mean()) / size
-    basis = np.stack([np.ones_like(x), x, y, x * x, y * y, x * y], axis=1)
+    basis = _quadratic(xs, ys, size)
     values = lab[ys, xs].astype(np.float64)                           # (N, 3); a and b offsets cancel in the fit
     coef, *_ = np.linalg.lstsq(basis, values, rcond=None)
     resid = values - basis @ coef
     plane, *_ = np.linalg.lstsq(basis[:, :3], values[:, 0], rcond=None)   # a side light: L* on a plane
     dark = np.clip(basis[:, :3] @ plane - values[:, 0] - SLACK, 0.0, None)
     return float(np.sqrt((resid * resid).sum(axis=1)).mean() + dark.mean())
+
+
+def _light(image: np.ndarray, landmarks: np.ndarray):
+    """A face crop's light on a :data:`LIGHT_SIZE` px copy: (the copy ``(n, n, 3) float32`` RGB
+    in [0, 1], its CIELAB, that smoothed at :data:`SCALE` face widths, the light field ``(n, n,
+    3)``: per channel the quadratic fitted to the smoothed skin (:func:`skin_region`, the nose
+    left out too) by iteratively reweighted least squares, Tukey's biweight at :data:`ROBUST`
+    ΔE, so patches do not pull it; the oval distance; the face width; the skin's (rows,
+    columns)) in copy pixels, or None when the crop shows too little skin."""
+    n = LIGHT_SIZE
+    pts = np.asarray(landmarks, np.float32)[:, :2] * np.float32(n / image.shape[0])
+    small = cv2.resize(image, (n, n), interpolation=cv2.INTER_AREA).astype(np.float32) * np.float32(1 / 255)
+    lab = cv2.cvtColor(small, cv2.COLOR_RGB2Lab)                      # float: L 0-100, a and b signed
+    width = face_width(pts)
+    smooth = cv2.GaussianBlur(lab, (0, 0), SCALE * width)
+    dist = oval_distance(pts, n)
+    ys, xs = np.nonzero((dist < -EDGE) & (_features(pts, n, FEATURE_GROW, nose=True) == 0))
+    if len(xs) < 32:
+        return None
+    basis, values = _quadratic(xs, ys, n), smooth[ys, xs].astype(np.float64)
+    weight = np.ones(len(xs))
+    for _ in range(3):
+        root = np.sqrt(weight)[:, None]
+        coef, *_ = np.linalg.lstsq(basis * root, values * root, rcond=None)
+        resid = np.linalg.norm(values - basis @ coef, axis=1)
+        weight = np.clip(1.0 - (resid / ROBUST) ** 2, 0.0, None) ** 2 + 1e-3
+    gy, gx = np.mgrid[0:n, 0:n]
+    field = (_quadratic(gx.ravel(), gy.ravel(), n) @ coef).reshape(n, n, 3).astype(np.float32)
+    return small, lab, smooth, field, dist, width, (ys, xs)
+
+
+def even_out(image: np.ndarray, landmarks: np.ndarray, limit: float, reference: np.ndarray | None = None,
+             ref_landmarks: np.ndarray | None = None) -> np.ndarray:
+    """A generated face crop with its skin evened out and, given the real face, lit by the real
+    light field. ``image``: ``(S, S, 3) uint8`` RGB; ``landmarks``: its face's ``(478, 2|3)``
+    points in crop pixels; ``limit``: ΔE (CIELAB) the smoothed skin may stray from the face's
+    own light field (:func:`_light`) before it is pulled back to that distance (0: not pulled;
+    the eyes, brows, lips and nose, grown by 0.03 face widths, never are); ``reference``,
+    ``ref_landmarks``: the real face on the same crop grid and its points, whose lightness field
+    then replaces the generated one's, and whose mean skin colour (a*, b*) the generated skin's
+    is shifted to. The correction is computed on a :data:`LIGHT_SIZE` px
+    copy, carried smoothly beyond the oval (:func:`safefm.face.composite.smooth_fill`: the face's
+    rim and its surroundings move with it, no new edge) and added at full size, so texture and
+    features stay the generator's. Returns a new ``(S, S, 3) uint8``; a copy of ``image`` when it
+    (or, for the light, the reference) shows too little skin. ~2 ms at 128 px."""
+    own = None if limit <= 0 and reference is None else _light(image, landmarks)
+    if own is None:
+        return image.copy()
+    small, lab, smooth, field, dist, width, _ = own
+    correction = np.zeros_like(lab)
+    if limit > 0:
+        excess = smooth - field
+        far = np.sqrt((excess * excess).sum(axis=2, keepdims=True)) + np.float32(1e-6)
+        correction = excess * (np.minimum(1.0, limit / far) - 1.0)
+        pts = np.asarray(landmarks, np.float32)[:, :2] * np.float32(LIGHT_SIZE / image.shape[0])
+        features = cv2.GaussianBlur(_features(pts, LIGHT_SIZE, 0.03, nose=True).astype(np.float32), (0, 0),
+                                    0.02 * width)
+        correction *= (1.0 - np.clip(2.0 * features, 0.0, 1.0))[..., None]
+    if reference is not None:
+        real = _light(reference, ref_landmarks)
+        if real is not None:   # the real light's shape in L*; its colour as one shift (a colour gradient
+            # across a real face is mostly green-screen spill, hair or background at the oval's edge)
+            shift = real[3] - field
+            shift[..., 1:] = (real[3][real[6]].mean(axis=0) - field[own[6]].mean(axis=0))[1:]
+            correction += shift
+    known = smoothstep(-dist / RIM).astype(np.float32)
+    correction = smooth_fill(np.ascontiguousarray(correction * known[..., None]), known)
+    correction = cv2.GaussianBlur(correction, (0, 0), SCALE * width)
+    delta = cv2.cvtColor(lab + correction, cv2.COLOR_Lab2RGB) - small
+    size = image.shape[0]
+    delta = cv2.resize(delta, (size, size), interpolation=cv2.INTER_LINEAR) * np.float32(255)
+    return np.clip(image.astype(np.float32) + delta + np.float32(0.5), 0, 255).astype(np.uint8)
