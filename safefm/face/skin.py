@@ -29,6 +29,8 @@ landmarks ``(478, 2|3)`` MediaPipe points in crop pixels.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import cv2
 import numpy as np
 
@@ -102,13 +104,23 @@ def uneven_skin(image: np.ndarray, landmarks: np.ndarray, dist: np.ndarray | Non
     return float(np.sqrt((resid * resid).sum(axis=1)).mean() + dark.mean())
 
 
-def _light(image: np.ndarray, landmarks: np.ndarray):
-    """A face crop's light on a :data:`LIGHT_SIZE` px copy: (the copy ``(n, n, 3) float32`` RGB
-    in [0, 1], its CIELAB, that smoothed at :data:`SCALE` face widths, the light field ``(n, n,
-    3)``: per channel the quadratic fitted to the smoothed skin (:func:`skin_region`, the nose
-    left out too) by iteratively reweighted least squares, Tukey's biweight at :data:`ROBUST`
-    ΔE, so patches do not pull it; the oval distance; the face width; the skin's (rows,
-    columns)) in copy pixels, or None when the crop shows too little skin."""
+class _Light(NamedTuple):
+    """A face crop's light, all on a :data:`LIGHT_SIZE` (n) px copy."""
+    small: np.ndarray    # (n, n, 3) float32 RGB in [0, 1]
+    lab: np.ndarray      # (n, n, 3) its CIELAB (L 0-100)
+    smooth: np.ndarray   # (n, n, 3) that smoothed at SCALE face widths
+    field: np.ndarray    # (n, n, 3) the light field fitted to the smoothed skin
+    dist: np.ndarray     # (n, n) oval distance (face widths)
+    points: np.ndarray   # (478, 2) the landmarks in copy pixels
+    width: float         # the face width in copy pixels
+    skin: tuple          # (rows, columns) of the skin the field was fitted to
+
+
+def _light(image: np.ndarray, landmarks: np.ndarray) -> _Light | None:
+    """A face crop's light (:class:`_Light`): its light field is per CIELAB channel the
+    quadratic fitted to the smoothed skin (:func:`skin_region`, the nose left out too) by
+    iteratively reweighted least squares, Tukey's biweight at :data:`ROBUST` ΔE, so patches do
+    not pull it. None when the crop shows too little skin."""
     n = LIGHT_SIZE
     pts = np.asarray(landmarks, np.float32)[:, :2] * np.float32(n / image.shape[0])
     small = cv2.resize(image, (n, n), interpolation=cv2.INTER_AREA).astype(np.float32) * np.float32(1 / 255)
@@ -128,7 +140,7 @@ def _light(image: np.ndarray, landmarks: np.ndarray):
         weight = np.clip(1.0 - (resid / ROBUST) ** 2, 0.0, None) ** 2 + 1e-3
     gy, gx = np.mgrid[0:n, 0:n]
     field = (_quadratic(gx.ravel(), gy.ravel(), n) @ coef).reshape(n, n, 3).astype(np.float32)
-    return small, lab, smooth, field, dist, width, (ys, xs)
+    return _Light(small, lab, smooth, field, dist, pts, width, (ys, xs))
 
 
 def even_out(image: np.ndarray, landmarks: np.ndarray, limit: float, reference: np.ndarray | None = None,
@@ -148,27 +160,25 @@ def even_out(image: np.ndarray, landmarks: np.ndarray, limit: float, reference: 
     own = None if limit <= 0 and reference is None else _light(image, landmarks)
     if own is None:
         return image.copy()
-    small, lab, smooth, field, dist, width, _ = own
-    correction = np.zeros_like(lab)
+    correction = np.zeros_like(own.lab)
     if limit > 0:
-        excess = smooth - field
+        excess = own.smooth - own.field
         far = np.sqrt((excess * excess).sum(axis=2, keepdims=True)) + np.float32(1e-6)
         correction = excess * (np.minimum(1.0, limit / far) - 1.0)
-        pts = np.asarray(landmarks, np.float32)[:, :2] * np.float32(LIGHT_SIZE / image.shape[0])
-        features = cv2.GaussianBlur(_features(pts, LIGHT_SIZE, 0.03, nose=True).astype(np.float32), (0, 0),
-                                    0.02 * width)
+        features = cv2.GaussianBlur(_features(own.points, LIGHT_SIZE, 0.03, nose=True).astype(np.float32),
+                                    (0, 0), 0.02 * own.width)
         correction *= (1.0 - np.clip(2.0 * features, 0.0, 1.0))[..., None]
     if reference is not None:
         real = _light(reference, ref_landmarks)
         if real is not None:   # the real light's shape in L*; its colour as one shift (a colour gradient
             # across a real face is mostly green-screen spill, hair or background at the oval's edge)
-            shift = real[3] - field
-            shift[..., 1:] = (real[3][real[6]].mean(axis=0) - field[own[6]].mean(axis=0))[1:]
+            shift = real.field - own.field
+            shift[..., 1:] = (real.field[real.skin].mean(axis=0) - own.field[own.skin].mean(axis=0))[1:]
             correction += shift
-    known = smoothstep(-dist / RIM).astype(np.float32)
+    known = smoothstep(-own.dist / RIM).astype(np.float32)
     correction = smooth_fill(np.ascontiguousarray(correction * known[..., None]), known)
-    correction = cv2.GaussianBlur(correction, (0, 0), SCALE * width)
-    delta = cv2.cvtColor(lab + correction, cv2.COLOR_Lab2RGB) - small
+    correction = cv2.GaussianBlur(correction, (0, 0), SCALE * own.width)
+    delta = cv2.cvtColor(own.lab + correction, cv2.COLOR_Lab2RGB) - own.small
     size = image.shape[0]
     delta = cv2.resize(delta, (size, size), interpolation=cv2.INTER_LINEAR) * np.float32(255)
     return np.clip(image.astype(np.float32) + delta + np.float32(0.5), 0, 255).astype(np.uint8)
