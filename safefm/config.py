@@ -143,6 +143,7 @@ class RuntimeConfig:
     even_skin: float = 4.0
     match_light: bool = True
     match_grain: bool = True
+    match_sharpness: bool = True
     color_match: bool = True
     seamless_paste: bool = True
     keep_hair: bool = True

@@ -638,7 +638,8 @@ class Engine:
             face = None if face is None else cv2.resize(face, (2 * S, 2 * S), interpolation=cv2.INTER_LINEAR)
             M_inv = alignment.resized_crop_affine(M_inv, S, 2 * S)
             t_detail = time.perf_counter() - t_e
-        composite.paste(out, crop, M_inv, mask, out=out, face=face, protect=protect, grain=cfg.match_grain)
+        composite.paste(out, crop, M_inv, mask, out=out, face=face, protect=protect, grain=cfg.match_grain,
+                        sharpen=cfg.match_sharpness)
         return crop, M_inv, face, t_detail
 
     def _wants_detail(self, M: np.ndarray) -> bool:

@@ -487,3 +487,52 @@ def test_pasted_face_gets_the_cameras_grain_and_no_more(camera_noise):
     assert C.noise_sigma(grainy, core) == pytest.approx(camera_noise, abs=0.25 * camera_noise + 0.5)
     assert np.array_equal(grainy, C.paste(frame, crop, M_inv, mask, face=face, grain=True))
     assert np.array_equal(grainy[mask == 0], frame[mask == 0])
+
+
+def test_grain_is_read_from_the_cameras_noise_not_from_texture():
+    """Hair, leaves or wrinkles over much of a region are not the camera's noise: a face pasted
+    among them must not get sandpaper."""
+    rng = np.random.default_rng(2)
+    plain = np.clip(120 + rng.normal(0, 4.0, (200, 200, 1)), 0, 255).astype(np.uint8).repeat(3, 2)
+    textured = plain.copy()
+    strands = (np.sin(np.arange(200) * 1.3)[None, :] * 60).astype(np.int16)   # fine stripes, half the area
+    textured[:, :120] = np.clip(textured[:, :120].astype(np.int16) + strands[:, :120, None], 0, 255)
+    where = np.ones((200, 200), np.uint8)
+    assert C.noise_sigma(textured, where) == pytest.approx(C.noise_sigma(plain, where), rel=0.15)
+    assert C.noise_sigma(plain, where) == pytest.approx(4.0 * 0.88, rel=0.15)   # grain's spread after the 1 px blur
+
+
+def _textured(shape, blur, seed, level=40.0):
+    """``shape + (3,)`` uint8 grey-ish skin with fine texture softened by a ``blur`` px Gaussian."""
+    rng = np.random.default_rng(seed)
+    t = cv2.GaussianBlur(rng.normal(0, 1, shape).astype(np.float32), (0, 0), blur)
+    t *= level / t.std()
+    base = np.array([180, 140, 120], np.float32)
+    return np.clip(base + t[..., None], 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("crop_blur, frame_blur", [(1.4, 1.0), (0.6, 2.5)])
+def test_pasted_face_takes_the_cameras_sharpness(crop_blur, frame_blur):
+    """A face softer than the camera draws it is sharpened, a sharper one softened, towards the
+    real face's fine detail (one number); nothing outside the mask changes; the same input gives
+    the same output; a grey frame keeps a grey face."""
+    lm = synthetic_landmarks()
+    frame = _textured((H, W), frame_blur, 0)
+    S = 128
+    crop = _textured((S, S), crop_blur, 1)
+    side = 160 / S
+    M_inv = np.array([[side, 0, 320 - side * S / 2], [0, side, 240 - side * S / 2]])
+    mask = C.face_mask([lm], frame.shape, dilate=0.03, feather=0.04)
+    face = np.ones((S, S), np.float32)
+    core = cv2.erode((mask == 1.0).astype(np.uint8), np.ones((25, 25), np.uint8)) > 0
+    grey = lambda img: cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    real = C.laplacian_energy(grey(frame), core)
+    before = C.laplacian_energy(grey(C.paste(frame, crop, M_inv, mask, face=face)), core)
+    out = C.paste(frame, crop, M_inv, mask, face=face, sharpen=True)
+    after = C.laplacian_energy(grey(out), core)
+    assert abs(np.log(after / real)) < 0.5 * abs(np.log(before / real))       # at least halfway there
+    assert (after > before) == (real > before)
+    assert np.array_equal(out[mask == 0], frame[mask == 0])
+    assert np.array_equal(out, C.paste(frame, crop, M_inv, mask, face=face, sharpen=True))
+    g = C.paste(np.repeat(grey(frame)[..., None], 3, 2), crop, M_inv, mask, face=face, sharpen=True)
+    assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()

@@ -111,3 +111,42 @@ def test_even_out_takes_the_real_faces_light_and_white_balance():
     assert want[0] > 6 and abs(got[0] - want[0]) < 1.5       # the light falls off across the face as it does on the real one
     assert np.linalg.norm(_lab(out, region) - _lab(real, region)) < 2.0   # and the skin's colour is the real one's
     assert np.abs(even_out(img, lm, 4.0, img, lm).astype(int) - img).max() <= 1   # lit alike: unchanged
+
+
+def _with_sockets(img, lm, darker):
+    """``img`` with the skin round both eyes (between brow and lid) ``darker`` L* darker, dark
+    eyes and brows drawn over it; returns (image, the socket skin away from eyes and brows)."""
+    out = img.copy()
+    lab = cv2.cvtColor(img.astype(np.float32) / 255, cv2.COLOR_RGB2Lab)
+    lab[..., 0] -= darker
+    dark = np.clip(cv2.cvtColor(lab, cv2.COLOR_Lab2RGB) * 255 + 0.5, 0, 255).astype(np.uint8)
+    region, features = np.zeros((S, S), np.uint8), np.zeros((S, S), np.uint8)
+    sides = (((33, 133, 159, 145, 160, 144), (46, 53, 52, 65, 55, 70, 63, 105, 66, 107)),
+             ((362, 263, 386, 374, 387, 373), (276, 283, 282, 295, 285, 300, 293, 334, 296, 336)))
+    for eye, brow in sides:
+        cv2.fillConvexPoly(region, cv2.convexHull(np.round(lm[list(eye + brow), :2]).astype(np.int32)), 1)
+        for part in (eye, brow):
+            cv2.fillConvexPoly(features, cv2.convexHull(np.round(lm[list(part), :2]).astype(np.int32)), 1)
+    out[region > 0] = dark[region > 0]
+    out[features > 0] = (40, 30, 30)
+    socket = (region > 0) & (cv2.dilate(features, np.ones((5, 5), np.uint8)) == 0)
+    return out, socket
+
+
+def test_even_out_lightens_sockets_darker_than_the_real_faces_and_never_darkens():
+    """Dark eye sockets are how the generator draws a face; with the real face's light they
+    are no darker than the real face's own, the eyes and brows stay dark, and sockets shallower
+    than the real ones are left as they are."""
+    img, lm = _face()
+    gen, socket = _with_sockets(img, lm, 30.0)
+    assert socket.sum() > 20
+    cheek = skin_region(lm, S)
+    depth = lambda out: _lab(out, cheek)[0] - _lab(out, socket)[0]
+    shallow, _ = _with_sockets(img, lm, 8.0)
+    out = even_out(gen, lm, 4.0, shallow, lm)
+    assert depth(gen) > 25 and 8 < depth(out) < 0.75 * depth(gen)   # ~8 L* on the real face: lightened, not past it
+    eyes = (gen == (40, 30, 30)).all(axis=2)
+    eyes = cv2.erode(eyes.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    assert _lab(out, eyes)[0] < _lab(gen, eyes)[0] + 8             # the eyes and brows stay dark
+    deep, _ = _with_sockets(img, lm, 40.0)
+    assert abs(depth(even_out(gen, lm, 4.0, deep, lm)) - depth(gen)) < 3   # deeper real sockets: kept

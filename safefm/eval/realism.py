@@ -38,6 +38,7 @@ from typing import Iterable, Mapping
 import cv2
 import numpy as np
 
+from ..face.composite import laplacian_energy
 from ..face.landmarks import face_box
 
 INNER = 0.7          # inner-face ellipse, as a fraction of the box's half sides
@@ -131,14 +132,6 @@ def _edge_dark_share(lab: np.ndarray, r: np.ndarray) -> float:
     return float((L[band] < float(np.median(L[inner])) - DARK_DROP).mean())
 
 
-def laplacian_energy(grey: np.ndarray, mask: np.ndarray, sigma: float = SHARPNESS_SIGMA) -> float:
-    """Variance of the Laplacian of ``grey`` ``(h, w)`` (any real dtype, 0-255 scale) after a
-    Gaussian of ``sigma`` px, over ``mask`` ``(h, w) bool``."""
-    g = cv2.GaussianBlur(grey.astype(np.float32), (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
-    lap = cv2.Laplacian(g, cv2.CV_32F, ksize=1, borderType=cv2.BORDER_REFLECT)
-    return float(lap[mask].astype(np.float64).var())
-
-
 def sharpness(inp: np.ndarray, out: np.ndarray, landmarks: np.ndarray) -> float:
     """Fine detail the output keeps in the inner face, relative to the input (1 = as sharp).
 
@@ -152,7 +145,7 @@ def sharpness(inp: np.ndarray, out: np.ndarray, landmarks: np.ndarray) -> float:
     mask = ellipse_radius(landmarks, box) <= INNER
     if mask.sum() < 16:
         raise ValueError("the inner face has fewer than 16 pixels in the frame")
-    e_in, e_out = (laplacian_energy(cv2.cvtColor(img[y0:y1, x0:x1], cv2.COLOR_RGB2GRAY), mask)
+    e_in, e_out = (laplacian_energy(cv2.cvtColor(img[y0:y1, x0:x1], cv2.COLOR_RGB2GRAY), mask, SHARPNESS_SIGMA)
                    for img in (inp, out))
     if e_in <= 1e-9:
         return 1.0 if e_out <= 1e-9 else math.inf

@@ -448,17 +448,25 @@ def _band_fill(src: np.ndarray, alpha: np.ndarray, real: np.ndarray,
     return fill
 
 
+GRAIN_WINDOW = 7          # px: noise_sigma reads the grain's local spread in windows this wide
+GRAIN_QUANTILE = 10      # ... and takes this percentile of them (texture raises only some windows)
+_QUANTILE_TO_SPREAD = 1 / 0.855   # plain Gaussian grain: that percentile reads 0.855 of its spread
+
+
 def noise_sigma(image: np.ndarray, where: np.ndarray) -> float:
     """Robust standard deviation (0..255 levels) of an ``(h, w, 3) uint8`` image's fine grain
     (its lightness minus a σ = 1 px Gaussian of it) over ``where`` (``(h, w)`` > 0); 0 when
-    fewer than 64 pixels are given."""
+    fewer than 64 pixels are given. It is a low percentile (:data:`GRAIN_QUANTILE`) of the
+    grain's RMS in :data:`GRAIN_WINDOW` px windows, scaled to read plain Gaussian grain's
+    spread: hair, leaves, wrinkles and edges raise only the windows they cross, so texture is
+    not read as the camera's noise (a face pasted on foliage would otherwise get sandpaper)."""
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
     resid = grey - cv2.GaussianBlur(grey, (0, 0), 1.0)
-    r = resid[where > 0]
+    local = cv2.boxFilter(resid * resid, -1, (GRAIN_WINDOW, GRAIN_WINDOW))
+    r = local[where > 0]
     if r.size < 64:
         return 0.0
-    r = r[::max(1, r.size // 4096)]   # a robust spread needs a few thousand pixels, not all
-    return float(1.4826 * np.median(np.abs(r - np.median(r))))
+    return float(np.sqrt(np.percentile(r, GRAIN_QUANTILE)) * _QUANTILE_TO_SPREAD)
 
 
 def add_grain(synth: np.ndarray, sigma: float, seed: int) -> np.ndarray:
@@ -470,11 +478,73 @@ def add_grain(synth: np.ndarray, sigma: float, seed: int) -> np.ndarray:
     return cv2.convertScaleAbs(synth.astype(np.float32) + g[..., None])
 
 
+SHARPEN_SIGMA = 1.5   # frame px: the fine band the sharpness match boosts (an unsharp mask of this radius)
+SHARPEN_MOST = 1.5    # the largest unsharp-mask amount it uses
+SOFTEN_MOST = 0.5     # the largest share of that band it takes away from a face sharper than the camera's
+
+
+def laplacian_energy(grey: np.ndarray, mask: np.ndarray, sigma: float = 1.0) -> float:
+    """Variance of the Laplacian of ``grey`` ``(h, w)`` (any real dtype, 0-255 scale) after a
+    Gaussian of ``sigma`` px, over ``mask`` ``(h, w) bool``: fine detail, with grain finer than
+    ``sigma`` smoothed away. ``mask`` may also be ``uint8`` (> 0 inside)."""
+    mask = mask.view(np.uint8) if mask.dtype == bool else mask
+    if cv2.countNonZero(mask) == 0:
+        return float("nan")
+    return float(cv2.meanStdDev(_fine_laplacian(grey, sigma), mask=mask)[1][0, 0] ** 2)
+
+
+def _fine_laplacian(grey: np.ndarray, sigma: float) -> np.ndarray:
+    g = cv2.GaussianBlur(grey.astype(np.float32), (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    return cv2.Laplacian(g, cv2.CV_32F, ksize=1, borderType=cv2.BORDER_REFLECT)
+
+
+def _inner_face(alpha8: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``(h, w) uint8`` 255 on the inside of a pasted face, where its alpha ``alpha8`` (uint8) is
+    full and the mask ``weight`` covers the frame, shrunk by a tenth of its size so the face's
+    outline (the real jaw and hairline against the background; the smooth fill in the output)
+    is not in it."""
+    full = cv2.bitwise_and(cv2.compare(alpha8, 255, cv2.CMP_GE), cv2.compare(weight, 1.0, cv2.CMP_GE))
+    depth = cv2.distanceTransform(full, cv2.DIST_L2, cv2.DIST_MASK_3)
+    return cv2.compare(depth, 0.1 * np.sqrt(cv2.countNonZero(full)), cv2.CMP_GT)
+
+
+def _masked_moments(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> tuple[float, float, float]:
+    """(var a, var b, cov a b) over ``mask`` ``(h, w) uint8`` (255 inside)."""
+    ma, sa = (float(v[0, 0]) for v in cv2.meanStdDev(a, mask=mask))
+    mb, sb = (float(v[0, 0]) for v in cv2.meanStdDev(b, mask=mask))
+    return sa * sa, sb * sb, float(cv2.mean(cv2.multiply(a, b), mask=mask)[0]) - ma * mb
+
+
+def match_sharpness(synth: np.ndarray, target: float, region: np.ndarray, weight: np.ndarray,
+                    source: np.ndarray | None = None, sigma: float = SHARPEN_SIGMA,
+                    most: float = SHARPEN_MOST) -> np.ndarray:
+    """``synth`` ``(h, w, 3) uint8`` sharpened or softened until its fine detail over ``region``
+    ``(h, w) uint8`` (255 inside; :func:`laplacian_energy`) is ``target``: its lightness's
+    high-pass (itself minus a Gaussian of ``sigma`` px) is added, the same on every channel (a
+    grey image stays grey; colours are not sharpened into fringes), times ``weight`` ``(h, w)
+    float32`` in [0, 1] and an amount ``a`` in [-:data:`SOFTEN_MOST`, ``most``] worked out
+    exactly (the energy is a quadratic in ``a``; -1 would be the Gaussian itself). ``source``
+    (same shape as ``synth``): the image whose high-pass is used (``synth`` less its grain:
+    grain is matched, not sharpened)."""
+    if cv2.countNonZero(region) < 16 or target <= 0:
+        return synth
+    grey = cv2.cvtColor(synth, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    own = grey if source is None else cv2.cvtColor(source, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    high = own - cv2.GaussianBlur(own, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    v0, vh, c = _masked_moments(_fine_laplacian(grey, 1.0), _fine_laplacian(high, 1.0), region)
+    if vh <= 1e-9:
+        return synth
+    # energy(a) = v0 + 2 c a + vh a^2: the root nearest 0 (or the least energy when out of reach)
+    amount = float(np.clip((-c + np.sqrt(max(c * c + vh * (target - v0), 0.0))) / vh, -SOFTEN_MOST, most))
+    add = cv2.multiply(high, weight, scale=amount)
+    return cv2.convertScaleAbs(synth.astype(np.float32) + add[..., None])
+
+
 def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarray,
           out: np.ndarray | None = None,
           box: tuple[int, int, int, int] | None = None,
           face: np.ndarray | None = None, fill_levels: int = 2,
-          protect: np.ndarray | None = None, grain: bool = False) -> np.ndarray:
+          protect: np.ndarray | None = None, grain: bool = False, sharpen: bool = False) -> np.ndarray:
     """Warp ``crop`` into the frame and blend it in under ``mask``.
 
     ``frame``: ``(H, W, 3) uint8``; ``crop``: ``(S, S, 3) uint8``; ``M_inv``: ``(2, 3)`` affine
@@ -537,13 +607,19 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
     for size in reversed(sizes[:-1]):
         fill = cv2.pyrUp(fill, dstsize=size)
     alpha = cv2.multiply(alpha8, 1 / 255, dtype=cv2.CV_32F)
-    synth = cv2.blendLinear(src, fill, alpha, 1.0 - alpha)
-    if grain:   # the camera's grain, which the generated face and the smooth fill lack
-        around = noise_sigma(dst, cv2.bitwise_and(known, cv2.compare(weight, 0.0, cv2.CMP_GT)))
-        if around > 0.5:   # a clean (or heavily compressed) frame has none to match
-            own = noise_sigma(synth, alpha8 > 128)
-            synth = add_grain(synth, float(np.sqrt(max(around ** 2 - own ** 2, 0.0))),
+    synth = clean = cv2.blendLinear(src, fill, alpha, 1.0 - alpha)
+    inner = _inner_face(alpha8, weight) if grain or sharpen else None
+    if grain:   # the camera's grain on skin, which the generated face and the smooth fill lack
+        # the least of the real face's and its surroundings' (texture only adds: hair, leaves, wrinkles)
+        ring = cv2.bitwise_and(known, cv2.compare(weight, 0.0, cv2.CMP_GT))
+        real = min(noise_sigma(dst, inner), noise_sigma(dst, ring))
+        if real > 0.5:   # a clean (or heavily compressed) frame has none to match
+            own = noise_sigma(synth, inner)
+            synth = add_grain(synth, float(np.sqrt(max(real ** 2 - own ** 2, 0.0))),
                               seed=int(crop[::7, ::7].sum()))
+    if sharpen:   # the camera's sharpness: the real face's fine detail (one number)
+        target = laplacian_energy(cv2.cvtColor(dst, cv2.COLOR_RGB2GRAY), inner)
+        synth = match_sharpness(synth, target, inner, alpha, source=clean)
     if is_grey(real_s, cv2.compare(known_s, 254, cv2.CMP_GE)):   # the frame around the face
         synth = cv2.cvtColor(cv2.cvtColor(synth, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
     cv2.blendLinear(synth, dst, weight, 1.0 - weight, dst=dst)

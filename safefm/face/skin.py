@@ -22,8 +22,9 @@ fits the same kind of light field robustly (patches do not pull it), caps the sm
 colour difference from it at ``limit`` ΔE (a dark blotch or a burnt patch fades to a shade of
 the face's own light; the eyes, brows, lips and nose are left alone) and, given the real face,
 swaps the generated face's lightness field for the real one's (light direction and brightness
-as the camera sees them) and shifts its colour to the real skin's mean (white balance): 8
-numbers, no texture. Images are ``uint8`` RGB;
+as the camera sees them), shifts its colour to the real skin's mean (white balance) and makes
+its shading round the eyes and beside the nose no deeper than the real face's (the generator
+draws dark sockets): 11 numbers, no texture. Images are ``uint8`` RGB;
 landmarks ``(478, 2|3)`` MediaPipe points in crop pixels.
 """
 
@@ -44,22 +45,51 @@ SCALE = 0.03         # Gaussian sigma of the colour smoothing, in face widths (b
 SLACK = 6.0          # L* below the skin's light plane that still counts as shading
 LIGHT_SIZE = 64      # even_out fits and corrects on a copy this many pixels wide (the correction is smooth)
 ROBUST = 10.0        # ΔE from the light field beyond which a pixel no longer pulls the fit (Tukey's biweight)
+SHADE_GROW = 0.03    # the shading zones round the eyes and beside the nose: hulls grown this many face widths ...
+SHADE_KEEP = 0.015   # ... less the eye openings, irises and brows grown this many (their own darkness stays)
+SHADE_FLOOR = 0.35   # match_light keeps at least this share of the generated shading in those zones
 RIM = 0.03           # even_out's correction is its own from this many face widths inside the oval inward;
                      # outward it is carried on smoothly (the rim and the painted surroundings move with the face)
+
+
+def _hull(points: np.ndarray, size: int, grow: int) -> np.ndarray:
+    """``(size, size) uint8``: 1 on the convex hull of ``points`` ``(n, 2)`` grown by ``grow`` px."""
+    hull = np.zeros((size, size), np.uint8)
+    if len(points) >= 3:
+        cv2.fillConvexPoly(hull, cv2.convexHull(np.round(points).astype(np.int32)), 1)
+    if grow > 0:
+        hull = cv2.dilate(hull, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+    return hull
+
+
+def _sides(pts: np.ndarray, idx) -> tuple[np.ndarray, np.ndarray]:
+    """Landmark indices ``idx`` split into those left and right of the face's middle (crop x)."""
+    idx = np.asarray(idx)
+    left = pts[idx, 0] < np.median(pts[:, 0])
+    return idx[left], idx[~left]
 
 
 def _features(pts: np.ndarray, size: int, grow: float, nose: bool = False) -> np.ndarray:
     """``(size, size) uint8``: 1 on the eyes with their brows (each side's hull), the lips and,
     with ``nose``, the nose, grown by ``grow`` face widths."""
-    features = np.zeros((size, size), np.uint8)
-    eyes = np.array(EYELIDS + BROWS + IRISES)
-    left = pts[eyes, 0] < np.median(pts[:, 0])
-    groups = [pts[eyes[left]], pts[eyes[~left]], pts[list(LIPS)]] + ([pts[list(NOSE)]] if nose else [])
-    for group in groups:
-        if len(group) >= 3:
-            cv2.fillConvexPoly(features, cv2.convexHull(np.round(group).astype(np.int32)), 1)
     k = max(1, int(round(grow * face_width(pts))))
-    return cv2.dilate(features, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
+    groups = [*_sides(pts, EYELIDS + BROWS + IRISES), LIPS] + ([NOSE] if nose else [])
+    return np.maximum.reduce([_hull(pts[list(group)], size, k) for group in groups])
+
+
+def _shade_zones(pts: np.ndarray, size: int) -> list[np.ndarray]:
+    """``(size, size) bool`` each: the skin round the left eye and round the right eye (the
+    eye's and brow's hull grown :data:`SHADE_GROW` face widths, less the eye opening, the iris
+    and the brow themselves grown :data:`SHADE_KEEP`), and beside the nose (its hull grown
+    :data:`SHADE_GROW`, less those): where the light falls into the sockets and beside the nose."""
+    width = face_width(pts)
+    grow, keep = max(1, int(round(SHADE_GROW * width))), max(1, int(round(SHADE_KEEP * width)))
+    kept = np.maximum.reduce([_hull(pts[group], size, keep)
+                              for group in (*_sides(pts, BROWS), *_sides(pts, EYELIDS + IRISES))])
+    eyes = [_hull(pts[group], size, grow) for group in _sides(pts, EYELIDS + BROWS + IRISES)]
+    nose = (_hull(pts[list(NOSE)], size, grow) > 0) & (np.maximum(*eyes) == 0)
+    return [(zone > 0) & (kept == 0) for zone in (*eyes, nose)]
+
 
 
 def _quadratic(xs: np.ndarray, ys: np.ndarray, size: int) -> np.ndarray:
@@ -143,6 +173,39 @@ def _light(image: np.ndarray, landmarks: np.ndarray) -> _Light | None:
     return _Light(small, lab, smooth, field, dist, pts, width, (ys, xs))
 
 
+def _shade(image: np.ndarray, landmarks: np.ndarray, light: _Light) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A face crop's shading at full size, where the small copy would blur it into the features:
+    (``(S, S) float32`` L* by which its skin falls below its light field, 0 where it does not;
+    the same smoothed at :data:`SCALE` face widths; its ``(478, 2)`` points)."""
+    size = image.shape[0]
+    pts = np.asarray(landmarks, np.float32)[:, :2]
+    light_l = cv2.cvtColor(image.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2Lab)[..., 0]
+    field = cv2.resize(np.ascontiguousarray(light.field[..., 0]), (size, size), interpolation=cv2.INTER_LINEAR)
+    smooth = cv2.GaussianBlur(light_l, (0, 0), SCALE * face_width(pts))
+    return np.minimum(light_l - field, 0.0), np.minimum(smooth - field, 0.0), pts
+
+
+def _match_shading(image: np.ndarray, landmarks: np.ndarray, own: _Light, reference: np.ndarray,
+                   ref_landmarks: np.ndarray, real: _Light) -> np.ndarray:
+    """``(S, S) float32`` L* to add to the generated ``image`` so the shading round its eyes and
+    beside its nose (:func:`_shade_zones`, each side on its own) is no deeper than the real
+    face's there: the (smoothed) shade below the light field is scaled by the ratio of the mean
+    depths (one number a zone, read unsmoothed so the dark features next to it do not bleed in;
+    at least :data:`SHADE_FLOOR`; never deepened). Dark sockets and a dark nose are how the
+    generator draws a face, not how this camera's light falls on this person."""
+    size = image.shape[0]
+    depth, shade, pts = _shade(image, landmarks, own)
+    real_depth, _, real_pts = _shade(reference, ref_landmarks, real)
+    width = face_width(pts)
+    out = np.zeros((size, size), np.float32)
+    for mine, theirs in zip(_shade_zones(pts, size), _shade_zones(real_pts, size)):
+        if mine.sum() < 16 or theirs.sum() < 16:
+            continue
+        gain = np.clip(real_depth[theirs].mean() / min(depth[mine].mean(), -1e-3), SHADE_FLOOR, 1.0)
+        out += (gain - 1.0) * shade * cv2.GaussianBlur(mine.astype(np.float32), (0, 0), SHADE_GROW * width)
+    return out
+
+
 def even_out(image: np.ndarray, landmarks: np.ndarray, limit: float, reference: np.ndarray | None = None,
              ref_landmarks: np.ndarray | None = None) -> np.ndarray:
     """A generated face crop with its skin evened out and, given the real face, lit by the real
@@ -152,7 +215,8 @@ def even_out(image: np.ndarray, landmarks: np.ndarray, limit: float, reference: 
     the eyes, brows, lips and nose, grown by 0.03 face widths, never are); ``reference``,
     ``ref_landmarks``: the real face on the same crop grid and its points, whose lightness field
     then replaces the generated one's, and whose mean skin colour (a*, b*) the generated skin's
-    is shifted to. The correction is computed on a :data:`LIGHT_SIZE` px
+    is shifted to, and whose shading round the eyes and beside the nose the generated face's
+    may not be deeper than (:func:`_match_shading`). The correction is computed on a :data:`LIGHT_SIZE` px
     copy, carried smoothly beyond the oval (:func:`safefm.face.composite.smooth_fill`: the face's
     rim and its surroundings move with it, no new edge) and added at full size, so texture and
     features stay the generator's. Returns a new ``(S, S, 3) uint8``; a copy of ``image`` when it
@@ -160,7 +224,7 @@ def even_out(image: np.ndarray, landmarks: np.ndarray, limit: float, reference: 
     own = None if limit <= 0 and reference is None else _light(image, landmarks)
     if own is None:
         return image.copy()
-    correction = np.zeros_like(own.lab)
+    correction, shading = np.zeros_like(own.lab), None
     if limit > 0:
         excess = own.smooth - own.field
         far = np.sqrt((excess * excess).sum(axis=2, keepdims=True)) + np.float32(1e-6)
@@ -175,10 +239,16 @@ def even_out(image: np.ndarray, landmarks: np.ndarray, limit: float, reference: 
             shift = real.field - own.field
             shift[..., 1:] = (real.field[real.skin].mean(axis=0) - own.field[own.skin].mean(axis=0))[1:]
             correction += shift
+            shading = _match_shading(image, landmarks, own, reference, ref_landmarks, real)
     known = smoothstep(-own.dist / RIM).astype(np.float32)
     correction = smooth_fill(np.ascontiguousarray(correction * known[..., None]), known)
     correction = cv2.GaussianBlur(correction, (0, 0), SCALE * own.width)
     delta = cv2.cvtColor(own.lab + correction, cv2.COLOR_Lab2RGB) - own.small
     size = image.shape[0]
     delta = cv2.resize(delta, (size, size), interpolation=cv2.INTER_LINEAR) * np.float32(255)
-    return np.clip(image.astype(np.float32) + delta + np.float32(0.5), 0, 255).astype(np.uint8)
+    out = image.astype(np.float32) + delta
+    if shading is not None:   # worked out at full size: the sockets are a few pixels wide
+        lab = cv2.cvtColor(np.clip(out, 0, 255) * np.float32(1 / 255), cv2.COLOR_RGB2Lab)
+        lab[..., 0] += shading
+        out = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB) * np.float32(255)
+    return np.clip(out + np.float32(0.5), 0, 255).astype(np.uint8)
