@@ -631,15 +631,18 @@ class Engine:
             composite.uncover(mask, composite.hair_over_face(real_crop, lm_crop, S, dist=lm_dist), M_inv)
         face = (composite.face_alpha(ret_crop, S, inner=cfg.face_inner, image=painted, dist=ret_dist)
                 if cfg.seamless_paste else None)
-        t_detail = 0.0
-        if self._wants_detail(M):   # a large face: the 2x detail stage, pasted from 2S px
+        t_detail, detail = 0.0, self._wants_detail(M)
+        # the camera's sharpness, for a still image's face without the detail stage (in a video the
+        # reading moves with expression and motion, and the face would shimmer; the stage draws large faces)
+        sharpen = cfg.match_sharpness and not self.video and not detail
+        if detail:   # a large face: the 2x detail stage, pasted from 2S px
             t_e = time.perf_counter()
             crop = self.gen.refine(crop[None])[0]
             face = None if face is None else cv2.resize(face, (2 * S, 2 * S), interpolation=cv2.INTER_LINEAR)
             M_inv = alignment.resized_crop_affine(M_inv, S, 2 * S)
             t_detail = time.perf_counter() - t_e
         composite.paste(out, crop, M_inv, mask, out=out, face=face, protect=protect, grain=cfg.match_grain,
-                        sharpen=cfg.match_sharpness)
+                        sharpen=sharpen)
         return crop, M_inv, face, t_detail
 
     def _wants_detail(self, M: np.ndarray) -> bool:

@@ -193,3 +193,21 @@ def test_detail_strength_scales_the_learned_residual():
     half = np.abs(out[0.5] - out[0.0]).mean()
     full = np.abs(out[1.0] - out[0.0]).mean()
     assert full > 1 and half == pytest.approx(full / 2, rel=0.15)
+
+
+@needs_data
+def test_only_a_photos_face_without_the_detail_stage_is_sharpened(clip_frames, monkeypatch):
+    """match_sharpness reads the real face's fine detail each frame: a photo's face gets it; a
+    video's would shimmer with the reading, and the detail stage draws large faces, so neither does."""
+    from safefm.face import composite
+
+    asked = []
+    paste = composite.paste
+    monkeypatch.setattr(composite, "paste", lambda *a, **k: asked.append(k.get("sharpen")) or paste(*a, **k))
+    for video, px, want in ((False, 0, True), (True, 0, False), (False, 1, False)):
+        cfg = load_runtime_config(runtime="torch", identity_repel=0.0, detail_min_px=px)
+        eng = Engine(Generator(detail_model(), cfg), tiny_identity(0), cfg, video=video)
+        asked.clear()
+        assert eng.process(clip_frames[0], 0.0).faces[0].status == ANONYMIZED
+        assert asked and set(asked) == {want}
+        eng.close()
