@@ -22,9 +22,9 @@ fits the same kind of light field robustly (patches do not pull it), caps the sm
 colour difference from it at ``limit`` ΔE (a dark blotch or a burnt patch fades to a shade of
 the face's own light; the eyes, brows, lips and nose are left alone) and, given the real face,
 swaps the generated face's lightness field for the real one's (light direction and brightness
-as the camera sees them), shifts its colour to the real skin's mean (white balance) and makes
-its shading round the eyes and beside the nose no deeper than the real face's (the generator
-draws dark sockets): 11 numbers, no texture. Images are ``uint8`` RGB;
+as the camera sees them) and shifts its colour to the real skin's mean (white balance): 8
+numbers, no texture. It also caps the shading round the eyes and beside the nose at real
+faces' usual depth (a constant: some identities come out with sockets like dark goggles). Images are ``uint8`` RGB;
 landmarks ``(478, 2|3)`` MediaPipe points in crop pixels.
 """
 
@@ -47,7 +47,10 @@ LIGHT_SIZE = 64      # even_out fits and corrects on a copy this many pixels wid
 ROBUST = 10.0        # ΔE from the light field beyond which a pixel no longer pulls the fit (Tukey's biweight)
 SHADE_GROW = 0.03    # the shading zones round the eyes and beside the nose: hulls grown this many face widths ...
 SHADE_KEEP = 0.015   # ... less the eye openings, irises and brows grown this many (their own darkness stays)
-SHADE_FLOOR = 0.35   # match_light keeps at least this share of the generated shading in those zones
+SHADE_DEPTH = (19.0, 19.0, 15.0)   # L* (mean, unsmoothed) the shading round the left and right eye and beside
+                     # the nose may reach: three in four real faces' are no deeper (240 UTKFace training photos
+                     # aligned like the generator's crops: median 14 / 14 / 10, 75th percentile 19 / 20 / 15)
+SHADE_FLOOR = 0.35   # even_out keeps at least this share of the generated shading in those zones
 RIM = 0.03           # even_out's correction is its own from this many face widths inside the oval inward;
                      # outward it is carried on smoothly (the rim and the painted surroundings move with the face)
 
@@ -185,24 +188,24 @@ def _shade(image: np.ndarray, landmarks: np.ndarray, light: _Light) -> tuple[np.
     return np.minimum(light_l - field, 0.0), np.minimum(smooth - field, 0.0), pts
 
 
-def _match_shading(image: np.ndarray, landmarks: np.ndarray, own: _Light, reference: np.ndarray,
-                   ref_landmarks: np.ndarray, real: _Light) -> np.ndarray:
-    """``(S, S) float32`` L* to add to the generated ``image`` so the shading round its eyes and
-    beside its nose (:func:`_shade_zones`, each side on its own) is no deeper than the real
-    face's there: the (smoothed) shade below the light field is scaled by the ratio of the mean
-    depths (one number a zone, read unsmoothed so the dark features next to it do not bleed in;
-    at least :data:`SHADE_FLOOR`; never deepened). Dark sockets and a dark nose are how the
-    generator draws a face, not how this camera's light falls on this person."""
+def _cap_shading(image: np.ndarray, landmarks: np.ndarray, own: _Light) -> np.ndarray:
+    """``(S, S) float32`` L* to add to the generated ``image`` so the shading round each eye and
+    beside the nose (:func:`_shade_zones`) is no deeper than real faces' usually is there
+    (:data:`SHADE_DEPTH`): the (smoothed) shade below the light field is scaled by the cap over
+    the zone's mean depth (read unsmoothed, so the dark features next to it do not bleed in; at
+    least :data:`SHADE_FLOOR`; never deepened). Some identities come out with sockets like dark
+    goggles. The cap is a constant, not the person's own depth: how deep someone's eyes are set
+    is theirs (read from the real face it took clips' outputs 0.05 closer to the person under
+    dlib's recogniser, docs/results.md, session 22)."""
     size = image.shape[0]
     depth, shade, pts = _shade(image, landmarks, own)
-    real_depth, _, real_pts = _shade(reference, ref_landmarks, real)
     width = face_width(pts)
     out = np.zeros((size, size), np.float32)
-    for mine, theirs in zip(_shade_zones(pts, size), _shade_zones(real_pts, size)):
-        if mine.sum() < 16 or theirs.sum() < 16:
+    for zone, cap in zip(_shade_zones(pts, size), SHADE_DEPTH):
+        if zone.sum() < 16:
             continue
-        gain = np.clip(real_depth[theirs].mean() / min(depth[mine].mean(), -1e-3), SHADE_FLOOR, 1.0)
-        out += (gain - 1.0) * shade * cv2.GaussianBlur(mine.astype(np.float32), (0, 0), SHADE_GROW * width)
+        gain = np.clip(cap / max(-float(depth[zone].mean()), 1e-3), SHADE_FLOOR, 1.0)
+        out += (gain - 1.0) * shade * cv2.GaussianBlur(zone.astype(np.float32), (0, 0), SHADE_GROW * width)
     return out
 
 
@@ -215,8 +218,8 @@ def even_out(image: np.ndarray, landmarks: np.ndarray, limit: float, reference: 
     the eyes, brows, lips and nose, grown by 0.03 face widths, never are); ``reference``,
     ``ref_landmarks``: the real face on the same crop grid and its points, whose lightness field
     then replaces the generated one's, and whose mean skin colour (a*, b*) the generated skin's
-    is shifted to, and whose shading round the eyes and beside the nose the generated face's
-    may not be deeper than (:func:`_match_shading`). The correction is computed on a :data:`LIGHT_SIZE` px
+    is shifted to. With ``limit`` > 0 the shading round the eyes and beside the nose is also
+    capped at real faces' usual depth (:func:`_cap_shading`). The correction is computed on a :data:`LIGHT_SIZE` px
     copy, carried smoothly beyond the oval (:func:`safefm.face.composite.smooth_fill`: the face's
     rim and its surroundings move with it, no new edge) and added at full size, so texture and
     features stay the generator's. Returns a new ``(S, S, 3) uint8``; a copy of ``image`` when it
@@ -232,6 +235,7 @@ def even_out(image: np.ndarray, landmarks: np.ndarray, limit: float, reference: 
         features = cv2.GaussianBlur(_features(own.points, LIGHT_SIZE, 0.03, nose=True).astype(np.float32),
                                     (0, 0), 0.02 * own.width)
         correction *= (1.0 - np.clip(2.0 * features, 0.0, 1.0))[..., None]
+        shading = _cap_shading(image, landmarks, own)
     if reference is not None:
         real = _light(reference, ref_landmarks)
         if real is not None:   # the real light's shape in L*; its colour as one shift (a colour gradient
@@ -239,7 +243,6 @@ def even_out(image: np.ndarray, landmarks: np.ndarray, limit: float, reference: 
             shift = real.field - own.field
             shift[..., 1:] = (real.field[real.skin].mean(axis=0) - own.field[own.skin].mean(axis=0))[1:]
             correction += shift
-            shading = _match_shading(image, landmarks, own, reference, ref_landmarks, real)
     known = smoothstep(-own.dist / RIM).astype(np.float32)
     correction = smooth_fill(np.ascontiguousarray(correction * known[..., None]), known)
     correction = cv2.GaussianBlur(correction, (0, 0), SCALE * own.width)
