@@ -475,7 +475,7 @@ def add_grain(synth: np.ndarray, sigma: float, seed: int) -> np.ndarray:
     if sigma <= 0.2:
         return synth
     g = np.random.default_rng(seed).standard_normal(synth.shape[:2], dtype=np.float32) * sigma
-    return cv2.convertScaleAbs(synth.astype(np.float32) + g[..., None])
+    return np.clip(synth.astype(np.float32) + g[..., None] + np.float32(0.5), 0, 255).astype(np.uint8)
 
 
 SHARPEN_SIGMA = 1.5   # frame px: the fine band the sharpness match boosts (an unsharp mask of this radius)
@@ -526,7 +526,7 @@ def match_sharpness(synth: np.ndarray, target: float, region: np.ndarray, weight
     exactly (the energy is a quadratic in ``a``; -1 would be the Gaussian itself). ``source``
     (same shape as ``synth``): the image whose high-pass is used (``synth`` less its grain:
     grain is matched, not sharpened)."""
-    if cv2.countNonZero(region) < 16 or target <= 0:
+    if cv2.countNonZero(region) < 16 or not target > 0:   # (NaN: no real face to read)
         return synth
     grey = cv2.cvtColor(synth, cv2.COLOR_RGB2GRAY).astype(np.float32)
     own = grey if source is None else cv2.cvtColor(source, cv2.COLOR_RGB2GRAY).astype(np.float32)
@@ -535,9 +535,10 @@ def match_sharpness(synth: np.ndarray, target: float, region: np.ndarray, weight
     if vh <= 1e-9:
         return synth
     # energy(a) = v0 + 2 c a + vh a^2: the root nearest 0 (or the least energy when out of reach)
-    amount = float(np.clip((-c + np.sqrt(max(c * c + vh * (target - v0), 0.0))) / vh, -SOFTEN_MOST, most))
+    root = np.sqrt(max(c * c + vh * (target - v0), 0.0))
+    amount = float(np.clip(min((-c + root) / vh, (-c - root) / vh, key=abs), -SOFTEN_MOST, most))
     add = cv2.multiply(high, weight, scale=amount)
-    return cv2.convertScaleAbs(synth.astype(np.float32) + add[..., None])
+    return np.clip(synth.astype(np.float32) + add[..., None] + np.float32(0.5), 0, 255).astype(np.uint8)
 
 
 def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarray,
@@ -560,12 +561,16 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
     smooth fill between the face's edge and the frame where ``mask < 1`` (:func:`_band_fill`,
     at ``2 ** -fill_levels`` of the resolution), so the face meets its real surroundings
     without a band of foreign colour; a grey-scale frame gets a grey face.
-    Either way, pixels where ``mask == 1`` never depend on the frame's pixels there: no raw
-    content is kept or blended in. ``protect`` (``(H, W) float32``, e.g. every real face of the
-    frame): the fill never reads the frame where it is > 0 either (another face not pasted yet).
+    Either way, no raw content of the frame where ``mask == 1`` is kept or blended in; with
+    ``grain`` or ``sharpen`` two numbers are read from this face's own real pixels there (its
+    grain level and its fine-detail level), nothing else. ``protect`` (``(H, W) float32``, e.g.
+    every real face of the frame): the fill never reads the frame where it is > 0 either
+    (another face not pasted yet).
     ``grain`` (with ``face``): grey grain is added to the synthetic region so its fine noise
-    matches the frame's just outside the mask (:func:`noise_sigma`; seeded by the crop, so the
-    same input gives the same output); grain is not detail: a σ = 1 px blur removes it.
+    matches the camera's (:func:`noise_sigma` on the real face and on the ring just outside the
+    mask, the lower: texture only adds; seeded by the crop, so the same input gives the same
+    output); grain is not detail: a σ = 1 px blur removes it. ``sharpen`` (with ``face``): the
+    face's fine detail is matched to the real face's (:func:`match_sharpness`).
     """
     if out is None:
         out = frame.copy()
@@ -612,7 +617,9 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
     if grain:   # the camera's grain on skin, which the generated face and the smooth fill lack
         # the least of the real face's and its surroundings' (texture only adds: hair, leaves, wrinkles)
         ring = cv2.bitwise_and(known, cv2.compare(weight, 0.0, cv2.CMP_GT))
-        real = min(noise_sigma(dst, inner), noise_sigma(dst, ring))
+        real = noise_sigma(dst, ring)
+        if cv2.countNonZero(inner) >= 64:   # a face too small to read keeps the ring's
+            real = min(real, noise_sigma(dst, inner))
         if real > 0.5:   # a clean (or heavily compressed) frame has none to match
             own = noise_sigma(synth, inner)
             synth = add_grain(synth, float(np.sqrt(max(real ** 2 - own ** 2, 0.0))),

@@ -94,7 +94,6 @@ def _shade_zones(pts: np.ndarray, size: int) -> list[np.ndarray]:
     return [(zone > 0) & (kept == 0) for zone in (*eyes, nose)]
 
 
-
 def _quadratic(xs: np.ndarray, ys: np.ndarray, size: int) -> np.ndarray:
     """``(N, 6)`` the quadratic basis 1, x, y, x², y², xy at pixels (xs, ys) of a ``size`` px
     crop, in crop widths from its centre (the first three: a plane)."""
