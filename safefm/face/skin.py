@@ -24,8 +24,8 @@ the face's own light; the eyes, brows, lips and nose are left alone) and, given 
 swaps the generated face's lightness field for the real one's (light direction and brightness
 as the camera sees them) and shifts its colour to the real skin's mean (white balance): 8
 numbers, no texture. It also caps the shading round the eyes and beside the nose at real
-faces' usual depth (a constant: some identities come out with sockets like dark goggles). Images are ``uint8`` RGB;
-landmarks ``(478, 2|3)`` MediaPipe points in crop pixels.
+faces' usual depth (a constant: some identities come out with sockets like dark goggles).
+Images are ``uint8`` RGB; landmarks ``(478, 2|3)`` MediaPipe points in crop pixels.
 """
 
 from __future__ import annotations
@@ -175,18 +175,6 @@ def _light(image: np.ndarray, landmarks: np.ndarray) -> _Light | None:
     return _Light(small, lab, smooth, field, dist, pts, width, (ys, xs))
 
 
-def _shade(image: np.ndarray, landmarks: np.ndarray, light: _Light) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A face crop's shading at full size, where the small copy would blur it into the features:
-    (``(S, S) float32`` L* by which its skin falls below its light field, 0 where it does not;
-    the same smoothed at :data:`SCALE` face widths; its ``(478, 2)`` points)."""
-    size = image.shape[0]
-    pts = np.asarray(landmarks, np.float32)[:, :2]
-    light_l = cv2.cvtColor(image.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2Lab)[..., 0]
-    field = cv2.resize(np.ascontiguousarray(light.field[..., 0]), (size, size), interpolation=cv2.INTER_LINEAR)
-    smooth = cv2.GaussianBlur(light_l, (0, 0), SCALE * face_width(pts))
-    return np.minimum(light_l - field, 0.0), np.minimum(smooth - field, 0.0), pts
-
-
 def _cap_shading(image: np.ndarray, landmarks: np.ndarray, own: _Light) -> np.ndarray:
     """``(S, S) float32`` L* to add to the generated ``image`` so the shading round each eye and
     beside the nose (:func:`_shade_zones`) is no deeper than real faces' usually is there
@@ -197,8 +185,13 @@ def _cap_shading(image: np.ndarray, landmarks: np.ndarray, own: _Light) -> np.nd
     is theirs (read from the real face it took clips' outputs 0.05 closer to the person under
     dlib's recogniser, docs/results.md, session 22)."""
     size = image.shape[0]
-    depth, shade, pts = _shade(image, landmarks, own)
+    pts = np.asarray(landmarks, np.float32)[:, :2]
     width = face_width(pts)
+    # at full size: the small copy would blur the few-pixel sockets into the features
+    light_l = cv2.cvtColor(image.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2Lab)[..., 0]
+    field = cv2.resize(np.ascontiguousarray(own.field[..., 0]), (size, size), interpolation=cv2.INTER_LINEAR)
+    depth = np.minimum(light_l - field, 0.0)                                     # read unsmoothed
+    shade = np.minimum(cv2.GaussianBlur(light_l, (0, 0), SCALE * width) - field, 0.0)   # corrected smoothed
     out = np.zeros((size, size), np.float32)
     for zone, cap in zip(_shade_zones(pts, size), SHADE_DEPTH):
         if zone.sum() < 16:
@@ -218,8 +211,8 @@ def even_out(image: np.ndarray, landmarks: np.ndarray, limit: float, reference: 
     ``ref_landmarks``: the real face on the same crop grid and its points, whose lightness field
     then replaces the generated one's, and whose mean skin colour (a*, b*) the generated skin's
     is shifted to. With ``limit`` > 0 the shading round the eyes and beside the nose is also
-    capped at real faces' usual depth (:func:`_cap_shading`). The correction is computed on a :data:`LIGHT_SIZE` px
-    copy, carried smoothly beyond the oval (:func:`safefm.face.composite.smooth_fill`: the face's
+    capped at real faces' usual depth (:func:`_cap_shading`). The correction is computed on a
+    :data:`LIGHT_SIZE` px copy, carried smoothly beyond the oval (:func:`safefm.face.composite.smooth_fill`: the face's
     rim and its surroundings move with it, no new edge) and added at full size, so texture and
     features stay the generator's. Returns a new ``(S, S, 3) uint8``; a copy of ``image`` when it
     (or, for the light, the reference) shows too little skin. ~2 ms at 128 px."""
