@@ -1,10 +1,17 @@
-"""Research: how much fine detail can the shipped model's autoencoder keep at all? Encode real
-aligned crops of the shared clips, decode them (heatmap decoder fed the crop's own landmarks),
-and compare: Laplacian energy (1 px blur first, as ``safefm-eval``'s sharpness) of the centre
-of the crop, decoded / real, and PSNR. No generator is involved, so this is the ceiling of
-every face the product draws at 128 px.
+"""Research: how much fine detail can an autoencoder keep at all? Encode real aligned crops,
+decode them, and compare: Laplacian energy (1 px blur first, as ``safefm-eval``'s sharpness) of
+the centre of the crop, decoded / real, and PSNR. No generator is involved, so this is the
+ceiling of every face a model draws at 128 px.
 
-    .venv/bin/python research/probe_ae_ceiling.py [--clips liveportrait_d3,liveportrait_d9,liveportrait_d12] [--frames 5]
+Crops: frames of the shared clips (``--clips``, ``--frames`` each) and, with ``--holdout N``, the
+first N crops of ``data_cache/shards/shard_000.npz`` (every autoencoder run holds those back).
+Models: a weights file (``--model``, default the shipped one: its decoder reads the crop's own
+heatmaps) and any number of ``scripts/train.py --stage ae`` checkpoints (``--ae PATH``, repeatable),
+all on the same crops. ``--grid PNG``: the clip crops above each model's reconstruction of them
+(the clips are MIT-licensed; training crops are never written out).
+
+    .venv/bin/python research/probe_ae_ceiling.py [--clips liveportrait_d3,liveportrait_d9,liveportrait_d12] \
+        [--frames 5] [--holdout 256] [--ae runs/ae_c16/ae/last.pt ...] [--grid ae.png]
 """
 from __future__ import annotations
 
@@ -22,44 +29,92 @@ def energy(rgb: np.ndarray) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_32F)[s // 4:3 * s // 4, s // 4:3 * s // 4].var())
 
 
+def clip_crops(clips: str, frames: int, S: int):
+    """(crops (N, S, S, 3) uint8, their landmarks (N, 478, 3), names) of the clips' frames."""
+    from safefm.face import alignment
+    from safefm.face.landmarks import FaceMeshDetector
+    from safefm.media import VideoReader
+    from safefm.paths import shared_data_dir
+
+    crops, lms, names = [], [], []
+    with FaceMeshDetector(max_faces=1, static_image=True) as det:
+        for clip in clips.split(","):
+            with VideoReader(shared_data_dir() / "videos" / f"{clip}.mp4") as rd:
+                all_frames = [f for f, _ in rd]
+            for i in np.linspace(0, len(all_frames) - 1, frames).round().astype(int):
+                faces = det.detect(all_frames[i])
+                if faces:
+                    M = alignment.align_matrix(faces[0], S)
+                    crops.append(alignment.crop_face(all_frames[i], M, S))
+                    lms.append(alignment.transform_points(faces[0], M))
+                    names.append(f"{clip}:{i}")
+    return np.stack(crops), np.stack(lms), names
+
+
+@torch.no_grad()
+def reconstruct(model, crops: np.ndarray, lms: np.ndarray, batch: int = 32) -> np.ndarray:
+    """model.decode(model.encode(x)) of (N, S, S, 3) uint8 crops (the crops' own heatmaps for a
+    decoder that reads them) -> (N, S, S, 3) uint8."""
+    from safefm.face import heatmaps
+
+    out = []
+    for i in range(0, len(crops), batch):
+        x = torch.from_numpy(crops[i:i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        heat = None
+        if model.cfg.decoder_heat:
+            heat = torch.from_numpy(np.stack([heatmaps.render_heatmaps(lm, model.cfg.image_size,
+                                                                       model.cfg.heatmap_size)
+                                              for lm in lms[i:i + batch]]))
+        y = model.decode(model.encode(x), heat)
+        out.append(((y.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def scores(crops: np.ndarray, recon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per crop: (energy kept, PSNR dB)."""
+    kept = np.array([energy(b) / max(energy(a), 1e-6) for a, b in zip(crops, recon)])
+    mse = ((recon.astype(np.float64) - crops) ** 2).reshape(len(crops), -1).mean(1)
+    return kept, 10 * np.log10(255 ** 2 / np.maximum(mse, 1e-10))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clips", default="liveportrait_d3,liveportrait_d9,liveportrait_d12")
     ap.add_argument("--frames", type=int, default=5, help="frames per clip, spread over it")
+    ap.add_argument("--holdout", type=int, default=0, help="also the first N crops of shard_000 (held back)")
     ap.add_argument("--model", default="default")
+    ap.add_argument("--ae", action="append", default=[], help="a --stage ae checkpoint (repeatable)")
+    ap.add_argument("--grid", default=None, help="write input / reconstructions of a few crops here")
     args = ap.parse_args()
     from safefm.checkpoint import load_model
-    from safefm.face import alignment, heatmaps
-    from safefm.face.landmarks import FaceMeshDetector
-    from safefm.media import VideoReader
-    from safefm.paths import resolve_model_path, shared_data_dir
+    from safefm.paths import resolve_model_path
+    from safefm.train.autoencoder import load_autoencoder
+    from safefm.train.common import load_checkpoint
 
-    model, _ = load_model(resolve_model_path(args.model))
-    S = model.cfg.image_size
-    print(f"latent {tuple(model.cfg.latent_shape)} for a {S} x {S} x 3 crop")
-    rows = []
-    with FaceMeshDetector(max_faces=1, static_image=True) as det:
-        for clip in args.clips.split(","):
-            with VideoReader(shared_data_dir() / "videos" / f"{clip}.mp4") as rd:
-                frames = [f for f, _ in rd]
-            for i in np.linspace(0, len(frames) - 1, args.frames).round().astype(int):
-                faces = det.detect(frames[i])
-                if not faces:
-                    continue
-                M = alignment.align_matrix(faces[0], S)
-                crop = alignment.crop_face(frames[i], M, S)
-                lm = alignment.transform_points(faces[0], M)
-                x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 127.5 - 1
-                heat = torch.from_numpy(heatmaps.render_heatmaps(lm, S, model.cfg.heatmap_size))[None]
-                with torch.no_grad():
-                    y = model.decode(model.encode(x), heat)
-                out = ((y[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-                mse = float(((out.astype(np.float64) - crop) ** 2).mean())
-                rows.append((clip, int(i), energy(out) / max(energy(crop), 1e-6), 10 * np.log10(255 ** 2 / mse)))
-                print(f"{clip} frame {i}: energy kept {rows[-1][2]:.3f}, PSNR {rows[-1][3]:.1f} dB")
-    e = np.array([r[2] for r in rows])
-    print(f"{len(rows)} crops: energy kept median {np.median(e):.3f} (range {e.min():.3f}-{e.max():.3f}), "
-          f"PSNR median {np.median([r[3] for r in rows]):.1f} dB")
+    models = [(str(args.model), load_model(resolve_model_path(args.model))[0])]
+    for path in args.ae:
+        ck = load_checkpoint(path)
+        models.append((f"{path} (step {ck['step']})", load_autoencoder(ck).eval()))
+    S = models[0][1].cfg.image_size
+    sets = {"clips": clip_crops(args.clips, args.frames, S)[:2]}
+    if args.holdout:
+        from safefm.train.data import shards_dir
+
+        with np.load(shards_dir() / "shard_000.npz", allow_pickle=False) as z:
+            sets["holdout"] = (z["crops"][:args.holdout], z["landmarks"][:args.holdout].astype(np.float32))
+    grid = [sets["clips"][0]]
+    for name, model in models:
+        print(f"{name}: latent {tuple(model.cfg.latent_shape)}")
+        for key, (crops, lms) in sets.items():
+            recon = reconstruct(model, crops, lms)
+            kept, db = scores(crops, recon)
+            print(f"  {key} ({len(crops)} crops): energy kept median {np.median(kept):.3f} "
+                  f"({kept.min():.3f}-{kept.max():.3f}), PSNR median {np.median(db):.2f} dB, mean {db.mean():.2f}")
+            if key == "clips":
+                grid.append(recon)
+    if args.grid:
+        rows = [np.concatenate(list(r), 1) for r in grid]
+        cv2.imwrite(args.grid, cv2.cvtColor(np.concatenate(rows, 0), cv2.COLOR_RGB2BGR))
 
 
 if __name__ == "__main__":
