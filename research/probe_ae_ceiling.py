@@ -30,13 +30,13 @@ def energy(rgb: np.ndarray) -> float:
 
 
 def clip_crops(clips: str, frames: int, S: int):
-    """(crops (N, S, S, 3) uint8, their landmarks (N, 478, 3), names) of the clips' frames."""
+    """(crops (N, S, S, 3) uint8, their landmarks (N, 478, 3)) of the clips' frames."""
     from safefm.face import alignment
     from safefm.face.landmarks import FaceMeshDetector
     from safefm.media import VideoReader
     from safefm.paths import shared_data_dir
 
-    crops, lms, names = [], [], []
+    crops, lms = [], []
     with FaceMeshDetector(max_faces=1, static_image=True) as det:
         for clip in clips.split(","):
             with VideoReader(shared_data_dir() / "videos" / f"{clip}.mp4") as rd:
@@ -47,8 +47,7 @@ def clip_crops(clips: str, frames: int, S: int):
                     M = alignment.align_matrix(faces[0], S)
                     crops.append(alignment.crop_face(all_frames[i], M, S))
                     lms.append(alignment.transform_points(faces[0], M))
-                    names.append(f"{clip}:{i}")
-    return np.stack(crops), np.stack(lms), names
+    return np.stack(crops), np.stack(lms)
 
 
 @torch.no_grad()
@@ -84,7 +83,7 @@ def main() -> None:
     ap.add_argument("--holdout", type=int, default=0, help="also the first N crops of shard_000 (held back)")
     ap.add_argument("--model", default="default")
     ap.add_argument("--ae", action="append", default=[], help="a --stage ae checkpoint (repeatable)")
-    ap.add_argument("--grid", default=None, help="write input / reconstructions of a few crops here")
+    ap.add_argument("--grid", default=None, help="write the clip crops above each model's reconstruction of them here")
     args = ap.parse_args()
     from safefm.checkpoint import load_model
     from safefm.paths import resolve_model_path
@@ -96,7 +95,7 @@ def main() -> None:
         ck = load_checkpoint(path)
         models.append((f"{path} (step {ck['step']})", load_autoencoder(ck).eval()))
     S = models[0][1].cfg.image_size
-    sets = {"clips": clip_crops(args.clips, args.frames, S)[:2]}
+    sets = {"clips": clip_crops(args.clips, args.frames, S)}
     if args.holdout:
         from safefm.train.data import shards_dir
 
