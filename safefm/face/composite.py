@@ -299,6 +299,12 @@ def uncover(mask: np.ndarray, keep: np.ndarray, M_inv: np.ndarray) -> np.ndarray
     return mask
 
 
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """A float image in 0..255 levels, rounded and saturated to ``uint8`` (unlike
+    ``cv2.convertScaleAbs``, a negative overshoot stays dark)."""
+    return np.clip(x + np.float32(0.5), 0, 255).astype(np.uint8)
+
+
 def _srgb_to_linear_lut() -> np.ndarray:
     """``(256,) float32``: an 8-bit sRGB level's linear light (IEC 61966-2-1), 0..1."""
     v = np.arange(256, dtype=np.float64) / 255.0
@@ -475,7 +481,7 @@ def add_grain(synth: np.ndarray, sigma: float, seed: int) -> np.ndarray:
     if sigma <= 0.2:
         return synth
     g = np.random.default_rng(seed).standard_normal(synth.shape[:2], dtype=np.float32) * sigma
-    return np.clip(synth.astype(np.float32) + g[..., None] + np.float32(0.5), 0, 255).astype(np.uint8)
+    return to_uint8(synth.astype(np.float32) + g[..., None])
 
 
 SHARPEN_SIGMA = 1.5   # frame px: the fine band the sharpness match boosts (an unsharp mask of this radius)
@@ -538,7 +544,7 @@ def match_sharpness(synth: np.ndarray, target: float, region: np.ndarray, weight
     root = np.sqrt(max(c * c + vh * (target - v0), 0.0))
     amount = float(np.clip(min((-c + root) / vh, (-c - root) / vh, key=abs), -SOFTEN_MOST, most))
     add = cv2.multiply(high, weight, scale=amount)
-    return np.clip(synth.astype(np.float32) + add[..., None] + np.float32(0.5), 0, 255).astype(np.uint8)
+    return to_uint8(synth.astype(np.float32) + add[..., None])
 
 
 def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarray,

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from .composite import face_width, oval_distance, smooth_fill, smoothstep
+from .composite import face_width, oval_distance, smooth_fill, smoothstep, to_uint8
 from .outline import NOSE
 from .retarget import BROWS, EYELIDS, IRISES, LIPS
 
@@ -246,4 +246,4 @@ def even_out(image: np.ndarray, landmarks: np.ndarray, limit: float, reference: 
         lab = cv2.cvtColor(np.clip(out, 0, 255) * np.float32(1 / 255), cv2.COLOR_RGB2Lab)
         lab[..., 0] += shading
         out = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB) * np.float32(255)
-    return np.clip(out + np.float32(0.5), 0, 255).astype(np.uint8)
+    return to_uint8(out)
