@@ -95,6 +95,11 @@ def test_lean_base_trains_and_exports_with_the_shared_decoder(tmp_path):
     fast = dataclasses.replace(TINY, decoder="fast", decoder_widths=(8, 8, 8), decoder_blocks=(1, 1, 1))
     merged = with_decoder_of(lean, fast)
     assert merged.decoder == "fast" and merged.identity_film and merged.unet_cross_attention == "mid"
+    # a shipped model's frozen parts (--stage from-weights) keep their heatmap decoder and detail
+    # stage under a --config whose file has neither: else the export silently drops them
+    shipped = dataclasses.replace(fast, decoder_heat=True, detail_width=8)
+    merged = with_decoder_of(lean, shipped)
+    assert merged.decoder_heat and merged.detail_width == 8 and merged.unet_cross_attention == "mid"
 
 
 def test_adapters_train_only_controlnet_and_lora():

@@ -87,7 +87,9 @@ def checkpoint_model_config(ckpt: dict) -> ModelConfig:
 
 
 AUTOENCODER_FIELDS = ("image_size", "latent_channels", "latent_downscale", "ae_width", "ae_blocks")
-DECODER_FIELDS = ("decoder", "decoder_widths", "decoder_blocks")
+# the image side a flow run keeps from the checkpoint that trained it: the decoder, whether it
+# reads the heatmaps, and the 2x detail stage (a shipped model's frozen parts carry all three)
+DECODER_FIELDS = ("decoder", "decoder_widths", "decoder_blocks", "decoder_heat", "detail_width", "detail_blocks")
 
 
 def autoencoder_mismatch(a: ModelConfig, b: ModelConfig) -> list[str]:
