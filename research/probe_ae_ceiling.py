@@ -54,6 +54,7 @@ def clip_crops(clips: str, frames: int, S: int):
 def reconstruct(model, crops: np.ndarray, lms: np.ndarray, batch: int = 32) -> np.ndarray:
     """model.decode(model.encode(x)) of (N, S, S, 3) uint8 crops (the crops' own heatmaps for a
     decoder that reads them) -> (N, S, S, 3) uint8."""
+    from safefm.eval.reconstruction import to_uint8
     from safefm.face import heatmaps
 
     out = []
@@ -65,7 +66,7 @@ def reconstruct(model, crops: np.ndarray, lms: np.ndarray, batch: int = 32) -> n
                                                                        model.cfg.heatmap_size)
                                               for lm in lms[i:i + batch]]))
         y = model.decode(model.encode(x), heat)
-        out.append(((y.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
+        out.append(to_uint8(y))
     return np.concatenate(out)
 
 
