@@ -87,9 +87,11 @@ def checkpoint_model_config(ckpt: dict) -> ModelConfig:
 
 
 AUTOENCODER_FIELDS = ("image_size", "latent_channels", "latent_downscale", "ae_width", "ae_blocks")
-# the image side a flow run keeps from the checkpoint that trained it: the decoder, whether it
-# reads the heatmaps, and the 2x detail stage (a shipped model's frozen parts carry all three)
-DECODER_FIELDS = ("decoder", "decoder_widths", "decoder_blocks", "decoder_heat", "detail_width", "detail_blocks")
+# what a decoder stage trains: the decoder and whether it reads the heatmaps
+DECODER_FIELDS = ("decoder", "decoder_widths", "decoder_blocks", "decoder_heat")
+# the image side a flow run keeps from its autoencoder checkpoint: the decoder and the 2x detail
+# stage (a shipped model's frozen parts, ``--stage from-weights``, carry both)
+IMAGE_FIELDS = DECODER_FIELDS + ("detail_width", "detail_blocks")
 
 
 def autoencoder_mismatch(a: ModelConfig, b: ModelConfig) -> list[str]:
@@ -97,9 +99,10 @@ def autoencoder_mismatch(a: ModelConfig, b: ModelConfig) -> list[str]:
     return [k for k in AUTOENCODER_FIELDS if getattr(a, k) != getattr(b, k)]
 
 
-def with_decoder_of(cfg: ModelConfig, other: ModelConfig) -> ModelConfig:
-    """``cfg`` with ``other``'s decoder fields (the decoder stage is trained separately)."""
-    return dataclasses.replace(cfg, **{k: getattr(other, k) for k in DECODER_FIELDS})
+def with_decoder_of(cfg: ModelConfig, other: ModelConfig, fields: tuple[str, ...] = IMAGE_FIELDS) -> ModelConfig:
+    """``cfg`` with ``other``'s image-side ``fields`` (the decoder and detail stages are trained
+    apart from the flow stages; a decoder stage's checkpoint gives only ``DECODER_FIELDS``)."""
+    return dataclasses.replace(cfg, **{k: getattr(other, k) for k in fields})
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
-from .common import autoencoder_mismatch, checkpoint_model_config, load_checkpoint, runs_root, with_decoder_of
+from .common import (DECODER_FIELDS, autoencoder_mismatch, checkpoint_model_config, load_checkpoint, runs_root,
+                     with_decoder_of)
 from .decoder import without_decoder
 
 LICENSE_NOTE = ("Trained on UTKFace (non-commercial research use only) and LFW (research); "
@@ -53,7 +54,8 @@ def assemble(run_dir: Path | None = None):
         summary.update(decoder=checkpoint_model_config(dec).decoder, decoder_steps=dec["step"],
                        decoder_psnr_holdout=dec["metrics"].get("psnr_holdout"),
                        old_decoder_psnr_holdout=dec["metrics"].get("psnr_old_decoder"))
-    model = adapter_model(with_decoder_of(cfg, checkpoint_model_config(dec)) if dec is not None else cfg, ae, base)
+    model = adapter_model(with_decoder_of(cfg, checkpoint_model_config(dec), DECODER_FIELDS) if dec is not None
+                          else cfg, ae, base)
     ad_path = run_dir / "adapters" / "last.pt"
     if ad_path.exists():
         ad = load_checkpoint(ad_path)
