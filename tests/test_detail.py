@@ -211,3 +211,34 @@ def test_only_a_photos_face_without_the_detail_stage_is_sharpened(clip_frames, m
         assert eng.process(clip_frames[0], 0.0).faces[0].status == ANONYMIZED
         assert asked and set(asked) == {want}
         eng.close()
+
+
+def test_coarse_consistency_reads_layout_not_detail():
+    """The product-scale loss: 0 for any output whose coarse averages match the input (detail
+    added on top is free), > 0 once a feature moves."""
+    torch.manual_seed(0)
+    inp = D.to_tensor(sharp_images(2, size=32), "cpu")
+    up = torch.nn.functional.interpolate(inp, scale_factor=2, mode="nearest")
+    grain = up + 0.3 * torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(32, 32)    # zero-mean in every 2x2
+    assert D.coarse_consistency(up, inp, 4).item() < 1e-6
+    assert D.coarse_consistency(grain, inp, 4).item() < 1e-6
+    assert D.coarse_consistency(up.roll(8, -1), inp, 4).item() > 0.05
+
+
+def test_product_scale_training_keeps_the_sampled_layout(tmp_path):
+    """Sampled batches at the product's scale (coarse > 0): the run trains, resumes, and the
+    stage, on a product output at full size, still gives back the input's layout."""
+    imgs = sharp_images(64)
+    tcfg = D.DetailTrainConfig(width=8, blocks=1, steps=120, batch=8, gan_start=40, holdout=16, sampled_fraction=0.5,
+                               d_width=8, lr=2e-3, coarse=4, consistency=0.1, patch=16)
+    ck = D.train_detail(imgs, imgs[:16], tcfg, tmp_path, log_every=40)
+    assert ck["step"] == 120 and ck["config"]["coarse"] == 4
+    stage = DetailNet(8, 1)
+    stage.load_state_dict(ck["detail"])
+    x = D.to_tensor(imgs[:4], "cpu")
+    with torch.no_grad():
+        y = stage(x)
+    assert y.shape == (4, 3, 2 * x.shape[-2], 2 * x.shape[-1])
+    assert D.coarse_consistency(y, x, 4).item() < 0.05
+    more = D.train_detail(imgs, imgs[:16], dataclasses.replace(tcfg, steps=130), tmp_path, log_every=40)
+    assert more["step"] == 130

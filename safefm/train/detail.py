@@ -16,6 +16,11 @@ Two kinds of batch (``sampled_fraction`` of them from the product's own outputs)
 - **sampled**: what the 4-step sampler and decoder actually produce (colour matched, as the
   engine pastes them), degraded the same way; no target exists (another identity), so the loss
   is consistency (the output, downscaled, must give back the input) + adversarial.
+  With ``coarse`` > 0 these batches run at the product's own scale instead: the 128 px output
+  is the input (128 -> 256 px, as the engine runs it), the discriminator reads the output
+  downscaled 2x (the real crops' scale, where the sampler's blotches and marbling live), and
+  the consistency is mostly read at 1/``coarse`` of the input's resolution
+  (:func:`coarse_consistency`), so the stage may redraw skin and texture but not move a feature.
 
 The discriminator is a patch discriminator trained from scratch (spectral norm, hinge loss).
 Everything runs on tensors on one device (augmentation included), so a GPU is fed without a
@@ -52,6 +57,8 @@ class DetailTrainConfig:
     blur: tuple[float, float] = (0.4, 1.6)   # input-pixel sigma of the degradation
     noise: float = 0.01                      # std of the added noise (images in [-1, 1])
     sampled_fraction: float = 0.25
+    coarse: int = 0                          # > 0: sampled batches at the product's scale, read at 1/coarse (below)
+    coarse_weight: float = 1.0               # weight of that coarse consistency
     gan_start: int = 500                     # steps of L1 only before the discriminator joins
     d_width: int = 32                        # the patch discriminator's first width
     patch: int = 32                          # train on random patch x patch input crops (0 = whole)
@@ -90,6 +97,12 @@ def degrade(x: torch.Tensor, sigma: torch.Tensor, noise: float, gen: torch.Gener
     if noise > 0:
         y = y + noise * torch.randn(y.shape, generator=gen, device=y.device)
     return y.clamp(-1, 1)
+
+
+def coarse_consistency(y: torch.Tensor, inp: torch.Tensor, coarse: int) -> torch.Tensor:
+    """L1 between the 2x output y (B, 3, 2S, 2S) and its input inp (B, 3, S, S), both
+    area-averaged to S / ``coarse`` px: 0 when y keeps inp's coarse layout whatever its detail."""
+    return F.l1_loss(F.avg_pool2d(y, 2 * coarse), F.avg_pool2d(inp, coarse))
 
 
 def laplacian_energy(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
@@ -206,6 +219,69 @@ def evaluate(g: DetailNet, x: torch.Tensor, tcfg: DetailTrainConfig, batch: int 
             "energy_bilinear": float((torch.cat(e_lin) / e_ref).log().mean().exp())}
 
 
+def _window(n: int, size: int, gen: torch.Generator, device) -> tuple[int, int]:
+    """A random (oy, ox) for an ``n`` px window inside ``size`` px (one for the whole batch)."""
+    return tuple(int(v) for v in torch.randint(size - n + 1, (2,), generator=gen, device=device))
+
+
+def _real_window(x_train: torch.Tensor, b: int, oy: int, ox: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``b`` augmented real crops, cut at the window (oy, ox, n): the discriminator's real side."""
+    idx = torch.randint(len(x_train), (b,), generator=gen, device=x_train.device)
+    return augment(x_train[idx], gen)[:, :, oy:oy + n, ox:ox + n]
+
+
+def _scaled_down_step(g, d, opt_d, x, x_train, use_sampled: bool, gan: bool, tcfg: DetailTrainConfig,
+                      gen: torch.Generator):
+    """One step one octave down (64 -> 128 px) on a batch x (B, 3, S, S): a real crop's L1 +
+    feature matching, or a product output's consistency; the discriminator step when ``gan``.
+    -> (generator loss, reconstruction loss, discriminator loss or None)."""
+    lo, hi = tcfg.blur
+    sigma = lo + (hi - lo) * torch.rand(x.shape[0], generator=gen, device=x.device)
+    inp = degrade(x, sigma, tcfg.noise, gen)
+    p = tcfg.patch if 0 < tcfg.patch < inp.shape[-1] else inp.shape[-1]
+    oy, ox = _window(p, inp.shape[-1], gen, x.device)
+    inp = inp[:, :, oy:oy + p, ox:ox + p]          # one random window for the batch (convolutional nets)
+    x = x[:, :, 2 * oy:2 * (oy + p), 2 * ox:2 * (ox + p)]
+    y = g(inp)
+    loss_d = None
+    if gan:   # discriminator: real crops against outputs (hinge)
+        xr = _real_window(x_train, x.shape[0], 2 * oy, 2 * ox, 2 * p, gen) if use_sampled else x
+        loss_d = discriminator_step(d, opt_d, xr, y)
+    if use_sampled:
+        loss_rec = tcfg.consistency * F.l1_loss(blur(downscale2(y), sigma), inp)
+    else:
+        loss_rec = tcfg.l1 * F.l1_loss(y, x)
+    loss_g = loss_rec
+    if gan:
+        lf, ff = d(y)
+        loss_g = loss_g + tcfg.adv * -lf.mean()
+        if not use_sampled:
+            _, fr = d(x)
+            loss_g = loss_g + tcfg.fm * feature_matching(ff, fr)
+    return loss_g, loss_rec, loss_d
+
+
+def _product_scale_step(g, d, opt_d, x, x_train, use_sampled: bool, gan: bool, tcfg: DetailTrainConfig,
+                        gen: torch.Generator):
+    """One step on product outputs x (B, 3, S, S) at the product's scale (S -> 2S px, as the
+    engine runs the stage): the discriminator judges the output downscaled 2x against real crops
+    at the same window; the output must keep the input's layout at 1/``coarse`` (and, weighted
+    by ``consistency``, at full resolution). -> as :func:`_scaled_down_step`."""
+    p = min(2 * tcfg.patch, x.shape[-1]) if tcfg.patch > 0 else x.shape[-1]
+    oy, ox = _window(p, x.shape[-1], gen, x.device)
+    inp = x[:, :, oy:oy + p, ox:ox + p]
+    y = g(inp)
+    ys = downscale2(y)
+    loss_d = discriminator_step(d, opt_d, _real_window(x_train, x.shape[0], oy, ox, p, gen), ys) if gan else None
+    loss_rec = (tcfg.consistency * F.l1_loss(ys, inp)
+                + tcfg.coarse_weight * coarse_consistency(y, inp, tcfg.coarse))
+    loss_g = loss_rec
+    if gan:
+        lf, _ = d(ys)
+        loss_g = loss_g + tcfg.adv * -lf.mean()
+    return loss_g, loss_rec, loss_d
+
+
 def train_detail(real: np.ndarray, sampled: np.ndarray | None, tcfg: DetailTrainConfig, out_dir: Path, *,
                  device: str = "cpu", max_minutes: float = 60.0, log_every: int = 200) -> dict:
     """Train a DetailNet on real crops (N, S, S, 3) uint8 (+ product outputs (M, S, S, 3) uint8
@@ -242,36 +318,14 @@ def train_detail(real: np.ndarray, sampled: np.ndarray | None, tcfg: DetailTrain
         return ck
 
     t_end = time.time() + 60 * max_minutes
-    lo, hi = tcfg.blur
     while step < tcfg.steps and time.time() < t_end:
         use_sampled = s_train is not None and torch.rand(1, generator=gen, device=device).item() < tcfg.sampled_fraction
         pool = s_train if use_sampled else x_train
         idx = torch.randint(len(pool), (tcfg.batch,), generator=gen, device=device)
         x = augment(pool[idx], gen)
-        sigma = lo + (hi - lo) * torch.rand(tcfg.batch, generator=gen, device=device)
-        inp = degrade(x, sigma, tcfg.noise, gen)
-        p = tcfg.patch if 0 < tcfg.patch < inp.shape[-1] else inp.shape[-1]
-        oy, ox = (int(v) for v in torch.randint(inp.shape[-1] - p + 1, (2,), generator=gen, device=device))
-        inp = inp[:, :, oy:oy + p, ox:ox + p]          # one random window for the batch (convolutional nets)
-        x = x[:, :, 2 * oy:2 * (oy + p), 2 * ox:2 * (ox + p)]
-        y = g(inp)
         gan = step >= tcfg.gan_start
-        if gan:   # discriminator: real crops against outputs (hinge)
-            real_idx = torch.randint(len(x_train), (tcfg.batch,), generator=gen, device=device)
-            xr = x if not use_sampled else augment(x_train[real_idx], gen)[:, :, 2 * oy:2 * (oy + p), 2 * ox:2 * (ox + p)]
-            loss_d = discriminator_step(d, opt_d, xr, y)
-        if use_sampled:
-            loss_rec = tcfg.consistency * F.l1_loss(blur(downscale2(y), sigma), inp)
-        else:
-            loss_rec = tcfg.l1 * F.l1_loss(y, x)
-        loss_g = loss_rec
-        if gan:
-            lf, ff = d(y)
-            loss_adv = -lf.mean()
-            loss_g = loss_g + tcfg.adv * loss_adv
-            if not use_sampled:
-                _, fr = d(x)
-                loss_g = loss_g + tcfg.fm * feature_matching(ff, fr)
+        take = _product_scale_step if use_sampled and tcfg.coarse > 0 else _scaled_down_step
+        loss_g, loss_rec, loss_d = take(g, d, opt_d, x, x_train, use_sampled, gan, tcfg, gen)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -280,7 +334,7 @@ def train_detail(real: np.ndarray, sampled: np.ndarray | None, tcfg: DetailTrain
             ev = evaluate(g.eval(), x_hold, tcfg)
             g.train()
             history.append({"step": step, "loss_g": loss_g.item(), "loss_rec": loss_rec.item(),
-                            "loss_d": loss_d.item() if gan else math.nan, **ev})
+                            "loss_d": loss_d.item() if loss_d is not None else math.nan, **ev})
             print(f"step {step}: g {loss_g.item():.4f} rec {loss_rec.item():.4f} "
                   f"psnr {ev['psnr']:.2f} energy {ev['energy']:.3f} (bilinear {ev['energy_bilinear']:.3f})",
                   flush=True)
@@ -303,7 +357,8 @@ def product_outputs(photos: list[Path], n: int, source: str = "default", seed: i
     from ..paths import REPO_ROOT, resolve_model_path
 
     rng = np.random.default_rng(seed)
-    engine = build_engine(RuntimeConfig(identity_repel=0.0), resolve_model_path(source), video=False)
+    # detail stage off: what the stage itself is given (the 128 px crop, before any 2x)
+    engine = build_engine(RuntimeConfig(identity_repel=0.0, detail_min_px=0), resolve_model_path(source), video=False)
     weights = REPO_ROOT / "weights"
     idents = [load_identity(p, engine.mcfg.identity_dim) for p in sorted((weights / "identities").glob("*.pt"))]
     sampler = IdentitySampler.load(weights / "identity_sampler.safetensors")
