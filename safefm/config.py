@@ -153,6 +153,7 @@ class RuntimeConfig:
     identity_guard: float = 0.0
     identity_repel: float = 1.5
     repel_until: float = 0.5
+    repel_when: str = "always"
     identity_per_track: bool = False
     identity_match: tuple[str, ...] = ("gender", "age")
     identity_seed: int = -1
@@ -190,6 +191,8 @@ class RuntimeConfig:
             raise ConfigError(f"image_neutral must be 'prior' or 'template', got {self.image_neutral!r}")
         if not 0.0 <= self.identity_repel <= 5.0 or not 0.0 <= self.repel_until <= 1.0:
             raise ConfigError("identity_repel must be in [0, 5] and repel_until in [0, 1]")
+        if self.repel_when not in ("always", "near"):
+            raise ConfigError(f"repel_when must be 'always' or 'near', got {self.repel_when!r}")
         if self.identity_repel > 0 and self.identity_guidance != 1.0:
             raise ConfigError("identity_repel and identity_guidance (against the null identity) are two "
                               "kinds of guidance: use one of them")

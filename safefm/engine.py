@@ -73,6 +73,7 @@ class _TrackState:
     real_tried: bool = False                      # the real face was embedded (once per track, again after a cut)
     identity: Identity | None = None              # identity_per_track: this track's own identity
     too_near: bool = False                        # its output matched the person's own face (identity_watch): draw anew
+    pushed: bool = False                          # repel_when "near": its output came near the person's: repel from now on
     watch_at: int = 0                             # good_frames at which its output is next compared with the person
     tokens: torch.Tensor | None = field(default=None, repr=False)   # its generator tokens
     noise: torch.Tensor | None = field(default=None, repr=False)    # its fixed noise
@@ -153,6 +154,11 @@ class Engine:
         self.assigner = (assigner or IdentityAssigner.shipped(cfg, self.mcfg.identity_dim, video)) \
             if cfg.identity_per_track else None
         self._embed_on = self._repel_on or self.assigner is not None   # each track's real face embedded once
+        # repel_when "near" (opt-in; leaked more, docs/results.md session 25): a track is pushed only once
+        # the identity watch finds its output near the person's own face; where no watch runs (still
+        # images, one identity for everyone) always.
+        self._push_by_need = (cfg.repel_when == "near" and self.assigner is not None and video
+                              and cfg.identity_watch > 0)
         self.set_identity(identity)
 
     # -- state ---------------------------------------------------------------------------
@@ -247,7 +253,7 @@ class Engine:
         if self.video and self._scene_cut(frame):
             for st in self._states.values():   # a cut may put another person on a track
                 st.forget_latent()
-                st.repel, st.real_tried = None, False
+                st.repel, st.real_tried, st.pushed = None, False, False
         timings["landmarks"] = time.perf_counter() - t_a
         if self.guard is not None and self.assigner is None and matched and (not self._guard_done or not self.video):
             t_g = time.perf_counter()
@@ -352,6 +358,10 @@ class Engine:
         near = d < MATCH_THRESHOLD + WATCH_NEAR
         st.watch_at = st.good_frames + (min(WATCH_NEAR_EVERY, self.cfg.identity_watch) if near
                                         else self.cfg.identity_watch)
+        if near and self._push_by_need and not st.pushed and st.repel is not None:
+            st.pushed = True
+            log.info("face %d: the output came within %.2f of the person's own face: the identity repel is on "
+                     "for it from now on", tr.id, d)
         if d < MATCH_THRESHOLD:
             log.warning("face %d: the output came within %.2f of the person's own face (match < %.2f); "
                         "drawing another identity than %s", tr.id, d, MATCH_THRESHOLD, st.identity.name)
@@ -451,7 +461,8 @@ class Engine:
         the real landmarks in the crop; pose and neutral: as :meth:`_geometry` gives them. NaN
         for a face dlib cannot read. ~0.25 s an identity on a 2-core CPU."""
         S, cfg, gen = self.mcfg.image_size, self.cfg, self.gen
-        guidance, until = self._guidance(st.repel)
+        push = self._push(st)
+        guidance, until = self._guidance(push)
         scratch = np.empty_like(frame)
         out = np.full((len(identities), 128), np.nan, np.float32)
         mouth, uneven, opens = (np.full(len(identities), np.nan) for _ in range(3))
@@ -463,7 +474,7 @@ class Engine:
                                     eye_gain=cfg.eye_gain, eye_rest=cfg.eye_rest)
             heat = heatmaps.render_heatmaps(ret, S, self.mcfg.heatmap_size)
             z = gen.generate(heat, gen.identity_tokens(ident.embedding), self._noise(ident), steps=cfg.steps,
-                             guidance=guidance, guidance_until=until, reference=st.repel,
+                             guidance=guidance, guidance_until=until, reference=push,
                              context=self._context(frame, M, tr, lm, ret))
             crop = gen.decode(z, heat)[0]
             np.copyto(scratch, frame)
@@ -496,6 +507,14 @@ class Engine:
         """(1, C, h, w) the fixed noise ``identity`` is generated from (``cfg.seed`` overrides its own)."""
         seed = self.cfg.seed if self.cfg.seed >= 0 else identity.seed
         return Identity(identity.embedding, identity.shape, seed).noise(self.mcfg.latent_shape)
+
+    def _push(self, st: _TrackState) -> torch.Tensor | None:
+        """The repel's reference tokens for this track's face now, or None (no push): the real
+        face's tokens when the repel is on and, with ``repel_when = "near"`` and a watch running,
+        once the watch has found the track's output near the person's own face."""
+        if st.repel is None or (self._push_by_need and not st.pushed):
+            return None
+        return st.repel
 
     def _guidance(self, repel: torch.Tensor | None) -> tuple[float, float]:
         """(guidance weight, until) of a face's sampling: the identity repel against its real
@@ -554,7 +573,7 @@ class Engine:
     def _prepare_face(self, job: _FaceJob, geometry: tuple, timings, frame: np.ndarray) -> None:
         S, cfg, st = self.mcfg.image_size, self.cfg, job.st
         identity, job.tokens, job.noise = self._worn(st)
-        job.repel, job.epoch = st.repel, st.epoch   # (a newly worn identity has just bumped the epoch)
+        job.repel, job.epoch = self._push(st), st.epoch   # (a newly worn identity has just bumped the epoch)
         t_a = time.perf_counter()
         M, lm_crop, pose, neutral = geometry
         job.ret_crop = retarget.retarget(lm_crop, neutral, identity.shape, cfg.expression_gain, pose=pose,
