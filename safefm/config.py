@@ -153,7 +153,7 @@ class RuntimeConfig:
     identity_guard: float = 0.0
     identity_repel: float = 1.5
     repel_until: float = 0.5
-    repel_when: str = "always"
+    repel_when: str = "near"
     identity_per_track: bool = False
     identity_match: tuple[str, ...] = ("gender", "age")
     identity_seed: int = -1

@@ -154,11 +154,11 @@ class Engine:
         self.assigner = (assigner or IdentityAssigner.shipped(cfg, self.mcfg.identity_dim, video)) \
             if cfg.identity_per_track else None
         self._embed_on = self._repel_on or self.assigner is not None   # each track's real face embedded once
-        # repel_when "near" (opt-in; leaked more, docs/results.md session 25): a track is pushed only once
-        # the identity watch finds its output near the person's own face; where no watch runs (still
-        # images, one identity for everyone) always.
-        self._push_by_need = (cfg.repel_when == "near" and self.assigner is not None and video
-                              and cfg.identity_watch > 0)
+        # repel_when "near" (the default since session 25): a track is pushed only once the identity
+        # watch (every WATCH_NEAR_EVERY frames until then) finds its output near the person's own face;
+        # where no watch runs (still images, one identity for everyone as in safefm-cam) always.
+        self._push_by_need = (self._repel_on and cfg.repel_when == "near" and self.assigner is not None
+                              and video and cfg.identity_watch > 0)
         self.set_identity(identity)
 
     # -- state ---------------------------------------------------------------------------
@@ -356,7 +356,8 @@ class Engine:
             return
         d = float(np.linalg.norm(emb[0] - st.real)) if len(emb) else np.inf
         near = d < MATCH_THRESHOLD + WATCH_NEAR
-        st.watch_at = st.good_frames + (min(WATCH_NEAR_EVERY, self.cfg.identity_watch) if near
+        often = near or (self._push_by_need and not st.pushed)   # an unpushed face is watched closely
+        st.watch_at = st.good_frames + (min(WATCH_NEAR_EVERY, self.cfg.identity_watch) if often
                                         else self.cfg.identity_watch)
         if near and self._push_by_need and not st.pushed and st.repel is not None:
             st.pushed = True

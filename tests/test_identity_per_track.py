@@ -136,17 +136,17 @@ def test_a_face_that_comes_to_match_its_person_gets_another_identity(pair_frames
 
 
 @needs_data
-@pytest.mark.parametrize("d, when, video, pushed", [
-    (0.9, "near", True, [False] * 6),                 # stays far: drawn unpushed all along
-    (0.65, "near", True, [False] + [True] * 5),       # near after the first frame's watch: pushed from then on
-    (0.9, "always", True, [True] * 6),                # the old way: every frame pushed
-    (0.9, "near", False, [True] * 6)])                # still images: no watch, so pushed
+@pytest.mark.parametrize("d, when, video, pushed, watched", [
+    (0.9, "near", True, [False] * 6, [0, 3]),                  # stays far: unpushed all along, watched every 3
+    (0.65, "near", True, [False] + [True] * 5, [0, 3]),        # near at the first frame's watch: pushed from then on
+    (0.9, "always", True, [True] * 6, [0]),                    # the old way: every frame pushed, watched every 12
+    (0.9, "near", False, [True] * 6, [])])                     # still images: no watch, so pushed
 def test_a_video_face_is_pushed_away_from_its_person_only_once_it_comes_near(pair_frames, d, when, video, pushed,
-                                                                             caplog):
-    """repel_when = "near" (opt-in): a person's own identity is generated without the
+                                                                             watched, caplog):
+    """repel_when = "near" (the files default): a person's own identity is generated without the
     identity repel (which paints blotches) until the identity watch finds the output within 0.1
     of dlib's match threshold of their face; then the track is pushed for good (logged). Still
-    images and "always" push every face."""
+    images and "always" push every face. An unpushed face is watched every 3 frames, not 12."""
     eng = tiny_engine(load_runtime_config(runtime="torch", identity_repel=1.5, repel_when=when,
                                           identity_per_track=True, identity_seed=3, identity_match=()),
                       seed=0, video=video)
@@ -157,14 +157,16 @@ def test_a_video_face_is_pushed_away_from_its_person_only_once_it_comes_near(pai
         refs.append(kw.get("reference") is not None)
         return generate(*a, **kw)
     eng.gen.generate = recorded
-    seen = []
+    seen, ran = [], []
     with caplog.at_level("INFO", logger="safefm.engine"):
         for i, f in enumerate(pair_frames[:6]):
             refs.clear()
             res = eng.process(np.ascontiguousarray(f[:, :SIDE]), i / 25)
             assert [x.status for x in res.faces] == [ANONYMIZED]
             seen.append(refs[-1])          # the frame's own face (after any candidate renders)
+            ran.append(res.timings["guard"] > 0)
     assert seen == pushed
+    assert [i for i, r in enumerate(ran) if r] == watched
     assert ("the identity repel is on for it from now on" in caplog.text) == (when == "near" and d < 0.7 and video)
     eng.close()
 
@@ -172,7 +174,7 @@ def test_a_video_face_is_pushed_away_from_its_person_only_once_it_comes_near(pai
 def test_repel_when_is_checked():
     with pytest.raises(ConfigError, match="repel_when must be 'always' or 'near'"):
         RuntimeConfig(repel_when="sometimes")
-    assert RuntimeConfig().repel_when == load_runtime_config().repel_when == "always"   # "near" leaked more
+    assert RuntimeConfig().repel_when == load_runtime_config().repel_when == "near"
 
 
 @needs_data
