@@ -2,8 +2,8 @@
 # The route of sessions 23-26 (docs/training.md, docs/results.md): every flow stage retrained on the
 # retrained autoencoder (runs/<route>/ae/last.pt, 28.5 dB held back against the shipped 25.6),
 # then the later stages: the heatmap decoder (the decoder alone, so first), one reflow pass, the
-# context adapters, the 2x detail stage. Each step is skipped
-# when its output exists and every training stage resumes from its own runs/<route>/<stage>/last.pt,
+# context adapters, the 2x detail stage. `all` skips a stage whose export exists, and every
+# training stage resumes from its own runs/<route>/<stage>/last.pt,
 # so the chain can be stopped anywhere and run again (a CPU session at a time, or on a GPU with
 # DEVICE=cuda). Nothing here is shipped; weights/ changes only by hand after the evaluations.
 #
