@@ -397,3 +397,40 @@ def test_open_mouth_drops_the_lower_lip_and_jaw_and_nothing_else():
     up, lo = np.array(MOUTH_PAIRS).T
     assert set(lo) <= set(LOWER_LIP) and not set(up) & set(LOWER_LIP)   # the inner lips part by d
     assert np.array_equal(open_mouth(lm, 0.0), lm) and open_mouth(lm, 0.1) is not lm
+
+
+def test_a_rest_shape_with_parted_lips_is_closed_and_nothing_else_moves():
+    from safefm.face.retarget import JAW_DROP, LOWER_LIP, REST_GAP, closed_rest, mouth_opening
+
+    tmpl = load_template()
+    shut = tmpl + person_offsets(6)
+    np.testing.assert_array_equal(closed_rest(shut), shut)             # a closed rest is left as it is
+    parted = shut + expression(mouth=0.02)
+    out = closed_rest(parted)
+    assert mouth_opening(out) == pytest.approx(REST_GAP, abs=1e-6)
+    lift = mouth_opening(parted) - REST_GAP
+    np.testing.assert_allclose(out[list(LOWER_LIP), 1], parted[list(LOWER_LIP), 1] - lift, atol=1e-6)
+    np.testing.assert_allclose(out[list(JAW), 1], parted[list(JAW), 1] - JAW_DROP * lift, atol=1e-6)
+    assert set(np.flatnonzero(np.abs(out - parted).max(axis=1) > 0)) == set(LOWER_LIP) | set(JAW)
+
+
+def test_someone_who_talks_all_the_time_gets_a_mouth_that_opens_as_far_as_theirs():
+    """No frame of the window has closed lips (the mouth moves between 0.015 and 0.06 open): the
+    rest is still a closed mouth, so the output's mouth opens as far as the person's, not by the
+    difference from their least open frames (the d10 clip's talker: closed where theirs was open)."""
+    from safefm.face.retarget import mouth_opening
+
+    tmpl = load_template()
+    rest = tmpl + person_offsets(7)
+    pose = pose_of(10, -5, 3)
+    est = NeutralEstimator(window=1800, warmup=1)
+    rng = np.random.default_rng(1)
+    for i in range(120):
+        amount = 0.015 + 0.045 * (0.5 + 0.5 * np.sin(i / 3.0))
+        lm = observe(rest + expression(mouth=amount), pose) + rng.normal(0, 0.2, (478, 3)).astype(np.float32)
+        neutral = est.update(canonical_shape(lm))
+    for amount in (0.015, 0.04, 0.06):
+        lm = observe(rest + expression(mouth=amount), pose)
+        out = canonical_shape(retarget(lm, neutral, identity_shape=tmpl))
+        assert mouth_opening(out) == pytest.approx(amount, abs=0.004)
+

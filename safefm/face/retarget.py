@@ -49,7 +49,10 @@ JAW = (58, 132, 136, 148, 149, 150, 152, 172, 176, 288, 361, 365, 377, 378, 379,
 
 # The lower lip, inner and outer: moves down with the jaw when the mouth opens.
 LOWER_LIP = (14, 17, 84, 87, 88, 91, 95, 146, 178, 181, 314, 317, 318, 321, 324, 375, 402, 405)
-JAW_DROP = 0.7        # share of the lower lip's drop the jaw line takes (open_mouth)
+JAW_DROP = 0.7        # share of the lower lip's drop the jaw line takes (open_mouth, closed_rest)
+REST_GAP = 0.002      # the most open (inner-lip gap, crop units) a rest shape's mouth is (closed_rest): closed
+                      # lips read -0.001 to 0.001; a talker whose lips part even in their most closed
+                      # quarter of frames (0.01-0.02 on some clips) would otherwise have that gap taken as rest
 
 _EYELID_IDX = np.array(EYELIDS)
 FULL_WEIGHT_REGIONS = LIPS + EYELIDS + IRISES + BROWS
@@ -131,6 +134,20 @@ def open_mouth(landmarks: np.ndarray, amount: float) -> np.ndarray:
     d = float(amount) * float(np.ptp(out[:, 0]))
     out[list(LOWER_LIP), 1] += d
     out[list(JAW), 1] += JAW_DROP * d
+    return out
+
+
+def closed_rest(shape: np.ndarray, gap: float = REST_GAP) -> np.ndarray:
+    """A canonical (478, 3) rest shape with its mouth no more open than ``gap``
+    (:func:`mouth_opening`, crop units): the lower lip lifted by the excess and the jaw line by
+    :data:`JAW_DROP` of it (:func:`open_mouth` backwards). A resting mouth is closed; a person who
+    talks all the time has no closed frames to take the rest from, and an open rest is subtracted
+    from every frame, so their output would speak with a mouth that barely opens. Returns a copy."""
+    out = np.array(shape, dtype=np.float32)
+    excess = mouth_opening(out) - gap
+    if excess > 0:
+        out[list(LOWER_LIP), 1] -= excess
+        out[list(JAW), 1] -= JAW_DROP * excess
     return out
 
 
@@ -217,8 +234,10 @@ class NeutralEstimator:
     median of the buffered frames; below the nose (:func:`_lower_face`) only of those whose
     mouth is among the least open quarter (:func:`mouth_opening`): a talking user's mouth is
     open more often than not, but a resting mouth is closed, so a plain median would make
-    every closed mouth look like pursed lips. While there is little history the estimate is
-    pulled to the template: ``neutral = template + min(1, n / warmup) * (rest - template)``,
+    every closed mouth look like pursed lips. Where even that quarter's lips part (someone who
+    talks through the whole window), the rest mouth is closed to :data:`REST_GAP`
+    (:func:`closed_rest`), so the output's mouth opens as far as theirs does. While there is
+    little history the estimate is pulled to the template: ``neutral = template + min(1, n / warmup) * (rest - template)``,
     ``n`` the frames seen.
     Before any frame the neutral is the template (the engine's single-image behaviour).
 
@@ -296,6 +315,7 @@ class NeutralEstimator:
             buf, lower = self._buf[:self._stored], _lower_face()
             self._rest[~lower] = np.median(buf[:, ~lower], axis=0)
             self._rest[lower] = np.median(buf[np.ix_(closed, lower)], axis=0)
+            self._rest = closed_rest(self._rest)
         self._seen += 1
         w = min(1.0, self._seen / self.warmup)
         self._neutral = (self.template + w * (self._rest - self.template)).astype(np.float32)
