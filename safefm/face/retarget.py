@@ -237,8 +237,8 @@ class NeutralEstimator:
     every closed mouth look like pursed lips. Where even that quarter's lips part (someone who
     talks through the whole window), the rest mouth is closed to :data:`REST_GAP`
     (:func:`closed_rest`), so the output's mouth opens as far as theirs does. While there is
-    little history the estimate is pulled to the template: ``neutral = template + min(1, n / warmup) * (rest - template)``,
-    ``n`` the frames seen.
+    little history the estimate is pulled to the template:
+    ``neutral = template + min(1, n / warmup) * (rest - template)``, ``n`` the frames seen.
     Before any frame the neutral is the template (the engine's single-image behaviour).
 
     Privacy: whatever of the user's *shape* is in ``canonical - neutral`` reaches the generator.
