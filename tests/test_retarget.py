@@ -433,4 +433,3 @@ def test_someone_who_talks_all_the_time_gets_a_mouth_that_opens_as_far_as_theirs
         lm = observe(rest + expression(mouth=amount), pose)
         out = canonical_shape(retarget(lm, neutral, identity_shape=tmpl))
         assert mouth_opening(out) == pytest.approx(amount, abs=0.004)
-

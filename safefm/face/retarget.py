@@ -131,10 +131,15 @@ def open_mouth(landmarks: np.ndarray, amount: float) -> np.ndarray:
     :data:`JAW_DROP` of that. What a person's face looks like a moment later when they start to
     speak; the identity choice renders it to see whether a candidate's mouth opens (a new array)."""
     out = np.array(landmarks, np.float32, copy=True)
-    d = float(amount) * float(np.ptp(out[:, 0]))
-    out[list(LOWER_LIP), 1] += d
-    out[list(JAW), 1] += JAW_DROP * d
+    _drop_lower_lip(out, float(amount) * float(np.ptp(out[:, 0])))
     return out
+
+
+def _drop_lower_lip(shape: np.ndarray, d: float) -> None:
+    """In place: the lower lip (inner and outer) moved down by ``d`` (the shape's own units; < 0:
+    up) and the jaw line by :data:`JAW_DROP` of that."""
+    shape[list(LOWER_LIP), 1] += d
+    shape[list(JAW), 1] += JAW_DROP * d
 
 
 def closed_rest(shape: np.ndarray, gap: float = REST_GAP) -> np.ndarray:
@@ -146,8 +151,7 @@ def closed_rest(shape: np.ndarray, gap: float = REST_GAP) -> np.ndarray:
     out = np.array(shape, dtype=np.float32)
     excess = mouth_opening(out) - gap
     if excess > 0:
-        out[list(LOWER_LIP), 1] -= excess
-        out[list(JAW), 1] -= JAW_DROP * excess
+        _drop_lower_lip(out, -excess)
     return out
 
 
