@@ -1,0 +1,58 @@
+"""Research: the adversarial heatmap decoder on a ``--stage ae`` checkpoint (not a weights file).
+
+``scripts/train.py --stage heat-decoder --detail adv=...`` fine-tunes the decoder of a shipped
+weights file. Before any flow stage is retrained on a new autoencoder, the question is whether
+its decoder *can* draw a face that looks filmed: this runs the same fine-tune
+(:func:`safefm.train.heat_decoder.train_heat_decoder`: frozen encoder, the decoder also reading
+the crop's heatmaps, L1 / gradient / colour terms, a patch discriminator from scratch with hinge
+loss and feature matching) on the autoencoder checkpoint directly. Resumable (``--run``/last.pt).
+``research/probe_look_ceiling.py --ae AE --heat RUN/last.pt`` then pastes its round trips into
+whole frames.
+
+    .venv/bin/python research/ae_adversarial.py --ae runs/s28/route/ae/last.pt --run runs/s28/adv \
+        --minutes 35 [--detail "adv=0.1,fm=1.0"]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ae", required=True, help="a scripts/train.py --stage ae checkpoint")
+    ap.add_argument("--run", required=True, help="folder for this fine-tune's last.pt")
+    ap.add_argument("--minutes", type=float, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--detail", default="adv=0.1,fm=1.0", help="HeatDecoderTrainConfig overrides, k=v,...")
+    args = ap.parse_args()
+
+    import torch
+
+    from safefm.train.autoencoder import load_autoencoder
+    from safefm.train.common import load_checkpoint
+    from safefm.train.data import load_shards
+    from safefm.train.heat_decoder import HeatDecoderTrainConfig, train_heat_decoder
+
+    torch.set_num_threads(args.threads)
+    ck = load_checkpoint(args.ae)
+    model = load_autoencoder(ck)
+    sha = hashlib.sha256(Path(args.ae).read_bytes()).hexdigest()
+    kinds = {f.name: f.type for f in dataclasses.fields(HeatDecoderTrainConfig)}
+    over = {}
+    for item in filter(None, args.detail.split(",")):
+        key, _, value = item.partition("=")
+        if key not in kinds:
+            raise SystemExit(f"--detail: unknown field {key!r}")
+        over[key] = float(value) if kinds[key] in (float, "float") else int(value)
+    tcfg = dataclasses.replace(HeatDecoderTrainConfig(), **over)
+    data = load_shards(keys=("crops", "landmarks"))
+    print(f"autoencoder {args.ae} (step {ck['step']}, sha256 {sha[:12]}) on {len(data['crops'])} crops; {tcfg}",
+          flush=True)
+    train_heat_decoder(model, sha, tcfg, data, run_dir=Path(args.run), max_minutes=args.minutes)
+
+
+if __name__ == "__main__":
+    main()
