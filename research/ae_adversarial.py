@@ -6,8 +6,8 @@ its decoder *can* draw a face that looks filmed: this runs the same fine-tune
 (:func:`safefm.train.heat_decoder.train_heat_decoder`: frozen encoder, the decoder also reading
 the crop's heatmaps, L1 / gradient / colour terms, a patch discriminator from scratch with hinge
 loss and feature matching) on the autoencoder checkpoint directly. Resumable (``--run``/last.pt).
-``research/probe_look_ceiling.py --ae AE --heat RUN/last.pt`` then pastes its round trips into
-whole frames.
+``research/probe_look_ceiling.py --ae AE+RUN/last.pt`` then pastes its round trips into whole
+frames.
 
     .venv/bin/python research/ae_adversarial.py --ae runs/s28/route/ae/last.pt --run runs/s28/adv \
         --minutes 35 [--detail "adv=0.1,fm=1.0"]
@@ -15,9 +15,18 @@ whole frames.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
+import importlib.util
 from pathlib import Path
+
+
+def _train_script():
+    """``scripts/train.py`` as a module (its ``--detail`` parser, ``_field_overrides``, is shared)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    spec = importlib.util.spec_from_file_location("safefm_train_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
@@ -40,14 +49,7 @@ def main() -> None:
     ck = load_checkpoint(args.ae)
     model = load_autoencoder(ck)
     sha = hashlib.sha256(Path(args.ae).read_bytes()).hexdigest()
-    kinds = {f.name: f.type for f in dataclasses.fields(HeatDecoderTrainConfig)}
-    over = {}
-    for item in filter(None, args.detail.split(",")):
-        key, _, value = item.partition("=")
-        if key not in kinds:
-            raise SystemExit(f"--detail: unknown field {key!r}")
-        over[key] = float(value) if kinds[key] in (float, "float") else int(value)
-    tcfg = dataclasses.replace(HeatDecoderTrainConfig(), **over)
+    tcfg = _train_script()._field_overrides(HeatDecoderTrainConfig(), args.detail, "--detail")
     data = load_shards(keys=("crops", "landmarks"))
     print(f"autoencoder {args.ae} (step {ck['step']}, sha256 {sha[:12]}) on {len(data['crops'])} crops; {tcfg}",
           flush=True)

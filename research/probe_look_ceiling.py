@@ -134,5 +134,6 @@ def _tile(img: np.ndarray, name: str, m: dict | None, size: int) -> np.ndarray:
         cv2.putText(tile, label, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, colour, width)
     return tile
 
+
 if __name__ == "__main__":
     main()
