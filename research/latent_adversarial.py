@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +45,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from safefm.train.detail import PatchDiscriminator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ae_adversarial import _train_script  # noqa: E402  (scripts/train.py's --detail parser, shared)
 
 
 @dataclass(frozen=True)
@@ -70,11 +75,12 @@ class LatentAdvConfig:
     seed: int = 0
 
 
-class LatentDiscriminator(nn.Module):
-    """(B, C + 9, 16, 16): latent + pooled heatmaps -> per-patch logits (B, 1, 8, 8), features."""
+class LatentDiscriminator(PatchDiscriminator):
+    """(B, C + 9, 16, 16): latent + pooled heatmaps -> per-patch logits (B, 1, 8, 8), features
+    (the patch discriminator's forward, on a latent-sized input)."""
 
     def __init__(self, channels: int, width: int = 64, spectral: bool = True):
-        super().__init__()
+        nn.Module.__init__(self)
         sn = nn.utils.parametrizations.spectral_norm if spectral else (lambda m: m)
         w = width
         self.blocks = nn.ModuleList([
@@ -83,22 +89,6 @@ class LatentDiscriminator(nn.Module):
             nn.Sequential(sn(nn.Conv2d(2 * w, 4 * w, 3, 1, 1)), nn.LeakyReLU(0.2)),
         ])
         self.out = sn(nn.Conv2d(4 * w, 1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        feats = []
-        for blk in self.blocks:
-            x = blk(x)
-            feats.append(x)
-        return self.out(x), feats
-
-
-def _train_script():
-    """``scripts/train.py`` as a module (its ``--detail`` parser, ``_field_overrides``, is shared)."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
-    spec = importlib.util.spec_from_file_location("safefm_train_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def flow_keys(model) -> list[str]:
@@ -208,8 +198,6 @@ def main() -> None:
             params.append(p)
     model.train()
     if tcfg.image:
-        from safefm.train.detail import PatchDiscriminator
-
         d = PatchDiscriminator(tcfg.d_width)
     else:
         d = LatentDiscriminator(mc.latent_channels + mc.heatmap_channels, tcfg.d_width, bool(tcfg.sn))
