@@ -91,11 +91,6 @@ class LatentDiscriminator(PatchDiscriminator):
         self.out = sn(nn.Conv2d(4 * w, 1, 3, 1, 1))
 
 
-def flow_keys(model) -> list[str]:
-    """The state-dict names this stage trains: the UNet (with its LoRA) and the ControlNet."""
-    return [k for k in model.state_dict() if k.startswith(("unet.", "controlnet."))]
-
-
 def condition(z: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) latent + (B, 9, H, H) heatmaps pooled to h -> the discriminator's input."""
     return torch.cat([z, F.adaptive_avg_pool2d(heat, z.shape[-1])], 1)
@@ -137,6 +132,7 @@ def main() -> None:
     from safefm.sampler import sample
     from safefm.train.common import EMA, History, load_checkpoint, save_checkpoint
     from safefm.train.data import load_shards
+    from safefm.train.reflow import reflow_keys
 
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -144,7 +140,7 @@ def main() -> None:
     model, meta = load_model(resolve_model_path("default"))
     dev = torch.device(args.device)
     model.to(dev)
-    keys = flow_keys(model)
+    keys = reflow_keys(model)   # the UNet (with its LoRA) and the ControlNet, as a reflow pass trains
     last = run / "last.pt"
     if args.export:
         ck = load_checkpoint(last)
