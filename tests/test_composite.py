@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from safefm.face import composite as C
-from safefm.face.retarget import BROWS
+from safefm.face.retarget import BROWS, EYELIDS, LIPS
 
 H, W = 480, 640
 CROP_RGB = np.array([200, 30, 220], np.uint8)
@@ -268,9 +268,24 @@ def test_skin_mask_and_face_alpha_follow_the_oval():
     assert ((alpha[ramp] > 0) & (alpha[ramp] < 1)).all()
 
 
+def _featured_landmarks(S=128):
+    """synthetic_landmarks with brows (y 26-28, near the oval's top), eyes (y 55-60) and lips in place."""
+    lm = synthetic_landmarks(64, 64, 40, 50)
+    for idx, x0 in ((BROWS[:10], 44), (BROWS[10:], 70)):       # two brows, 14 px long, 2 px thick
+        lm[list(idx), 0] = np.linspace(x0, x0 + 14, len(idx))
+        lm[list(idx), 1] = np.tile([26.0, 28.0], len(idx) // 2)
+    eyes = list(EYELIDS)
+    lm[eyes, 0] = np.where(np.arange(len(eyes)) % 2, np.linspace(50, 60, len(eyes)), np.linspace(68, 78, len(eyes)))
+    lm[eyes, 1] = np.tile([55.0, 60.0], (len(eyes) + 1) // 2)[:len(eyes)]
+    lips = list(LIPS)                                           # a mouth, y 84-90
+    lm[lips, 0] = np.linspace(54, 74, len(lips))
+    lm[lips, 1] = np.tile([84.0, 90.0], (len(lips) + 1) // 2)[:len(lips)]
+    return lm
+
+
 def test_face_alpha_drops_dark_strands_at_the_edge_but_keeps_dark_features_inside():
     S = 128
-    lm = synthetic_landmarks(64, 64, 40, 50)
+    lm = _featured_landmarks(S)
     image = np.full((S, S, 3), (200, 160, 140), np.uint8)      # skin
     image[40:90, 27:31] = (40, 30, 25)                          # a hair strand along the left edge
     image[55:60, 50:60] = (30, 20, 20)                          # an eye, deep inside
@@ -278,7 +293,26 @@ def test_face_alpha_drops_dark_strands_at_the_edge_but_keeps_dark_features_insid
     alpha = C.face_alpha(lm, S, image=image)
     assert plain[60, 29] > 0.5 and alpha[60, 29] < 0.1
     assert alpha[57, 55] == plain[57, 55] == 1.0
-    assert np.array_equal(alpha[image[..., 0] == 200], plain[image[..., 0] == 200])
+    far = cv2.dilate((image[..., 0] != 200).view(np.uint8), np.ones((7, 7), np.uint8)) == 0
+    assert np.abs(alpha[far] - plain[far]).max() < 1e-3          # skin away from the strand is kept
+
+
+def test_face_alpha_keeps_a_brow_near_the_edge_and_leaves_no_outline_of_a_strand():
+    """A brow close to the oval's top is a feature, not a strand; a soft-edged strand goes with its
+    half-dark fringe, so the face over a smooth fill shows no dark line where the strand was."""
+    S, skin = 128, np.array((200, 160, 140), np.float32)
+    lm = _featured_landmarks(S)
+    rng = np.random.default_rng(0)
+    image = skin + rng.normal(0, 6, (S, S, 1)).astype(np.float32)          # textured skin
+    image[26:29, 44:59] = image[26:29, 70:85] = (60, 45, 35)               # brows, ~0.1 widths below the top
+    image[40:90, 25:31] = (40, 30, 25)                                      # a strand along the left edge
+    image = np.clip(cv2.GaussianBlur(image, (0, 0), 1.0), 0, 255).astype(np.uint8)   # soft edges, as a camera's
+    alpha = C.face_alpha(lm, S, image=image)
+    assert alpha[27, 51] > 0.9 and alpha[27, 77] > 0.9                     # the brows stay
+    shown = alpha[..., None] * image + (1 - alpha[..., None]) * skin       # the face over a skin-coloured fill
+    L = cv2.cvtColor(np.clip(shown, 0, 255).astype(np.uint8), cv2.COLOR_RGB2Lab)[..., 0].astype(np.float32)
+    L_skin = float(np.median(L[60:70, 60:70]))
+    assert L[45:85, 20:36].min() > L_skin - 12                             # no dark line left where the strand was
 
 
 def _fringe_face(S=128):
@@ -544,3 +578,42 @@ def test_pasted_face_takes_the_cameras_sharpness(crop_blur, frame_blur):
     energy = C.laplacian_energy(cv2.cvtColor(lashes, cv2.COLOR_RGB2GRAY), region)
     sharp = C.match_sharpness(lashes, 10 * energy, region, weight)
     assert sharp[::8].max() <= 5                                # they stay dark (clipped, never flipped bright)
+
+
+@pytest.mark.parametrize("around, sharp", [((45, 35, 30), True), ((188, 139, 120), False)])
+def test_seamless_paste_ends_the_face_in_an_edge_against_hair_but_not_against_skin(around, sharp):
+    """Across the band between the face and the real frame the fill turns from one to the other:
+    against dark hair within a few pixels (a face has an edge there, not a wide blur); against
+    skin of nearly its own colour over the whole band (no edge where a forehead runs on)."""
+    frame, crop, M_inv, mask, face, _ = _seamless_setup(around)
+    frame = np.full_like(frame, around)                         # flat, so the profile reads the fill alone
+    out = C.paste(frame, crop, M_inv, mask, face=face).astype(np.float32)
+    row = 240
+    alpha = cv2.warpAffine(face, M_inv, (W, H), flags=cv2.INTER_LINEAR)[row]
+    x0 = 320 + int(np.argmax(alpha[320:] < 0.5))                # the face's edge, right of its centre
+    x1 = 320 + int(np.argmax(mask[row, 320:] < 1.0))            # where the real frame may show
+    assert x1 - x0 >= 8
+    skin, real = out[row, x0 - 2], np.asarray(around, np.float32)
+    share = ((out[row, x0:x1] - skin) @ (real - skin)) / float((real - skin) @ (real - skin))
+    turning = int(((share > 0.2) & (share < 0.8)).sum())       # pixels midway between the two
+    if sharp:
+        assert turning <= 0.3 * (x1 - x0) and share[-1] > 0.9
+    else:
+        assert turning >= 0.35 * (x1 - x0)
+
+
+def test_seamless_paste_draws_no_edge_over_the_forehead():
+    """Above the brows the mask cuts across a forehead whose skin runs on to the hairline: there
+    the fill turns over the whole band even against dark hair (no headband), below them in an edge."""
+    around = (45, 35, 30)
+    frame, crop, M_inv, mask, face, _ = _seamless_setup(around)
+    frame = np.full_like(frame, around)
+    out = C.paste(frame, crop, M_inv, mask, face=face).astype(np.float32)
+    col = 320
+    alpha = cv2.warpAffine(face, M_inv, (W, H), flags=cv2.INTER_LINEAR)[:, col]
+    y0 = 240 - int(np.argmax(alpha[240::-1] < 0.5))             # the face's top edge
+    y1 = 240 - int(np.argmax(mask[240::-1, col] < 1.0))         # where the real frame may show
+    assert y0 - y1 >= 8
+    skin, real = out[y0 + 2, col], np.asarray(around, np.float32)
+    share = ((out[y1:y0 + 1, col] - skin) @ (real - skin)) / float((real - skin) @ (real - skin))
+    assert int(((share > 0.2) & (share < 0.8)).sum()) >= 0.35 * (y0 - y1)

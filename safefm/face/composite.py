@@ -23,7 +23,9 @@ the real face's light and white balance (a gain per channel in linear light, fro
 skin of each, :func:`skin_mask`; a grey-scale frame gives a grey face), :func:`face_alpha`
 keeps the generated face and drops the hair and background the generator paints around it, and
 :func:`paste` fills the band between the face and the real surroundings smoothly from both
-sides, so no dark band or colour jump shows.
+sides, so no dark band or colour jump shows; below the brows, where the two sides' colours
+differ (hair, a wall, clothes), the fill turns from one to the other in a few pixels, so the
+face ends in an edge as a real one does rather than in a wide blur (:func:`_band_edge`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import functools
 import cv2
 import numpy as np
 
-from .retarget import BROWS
+from .retarget import BROWS, EYELIDS, LIPS
 
 PLACEHOLDER_RGB = (128, 128, 128)   # flat mid-grey fill of the placeholder
 ICON_RGB = (168, 168, 168)          # the placeholder's person icon
@@ -204,25 +206,72 @@ def face_alpha(landmarks: np.ndarray, size: int, inner: float = 0.08, outer: flo
     ``1`` from ``inner`` face widths inside the oval of ``landmarks`` (``(478, 2|3)``, crop
     pixels) inward, ``0`` from ``outer`` widths outside it on (smoothstep between): beyond the
     oval the generator paints hair and background of its own, which :func:`paste` replaces.
-    With ``image`` (the ``(size, size, 3) uint8`` crop), pixels within ``edge`` face widths of
-    the oval that are far darker than the inner face's skin (lightness ``dark[0]`` to
-    ``dark[1]`` robust standard deviations below its median) are left out too: the
-    generator's hair strands and smudges along the face edge. ``dist``: :func:`oval_distance`
-    of ``landmarks`` when the caller already has it.
+    With ``image`` (the ``(size, size, 3) uint8`` upright crop), the generator's hair painted
+    into the face is left out too, each strand with its half-dark fringe (else that fringe
+    stays behind as a drawn outline), never the brows or eyes (:func:`_features`):
+
+    - within ``edge`` face widths of the oval: pixels far darker than the inner face (lightness
+      ``dark[0]`` to ``dark[1]`` robust standard deviations below its median; the inner face's
+      spread, features and shading included, so an edge in shadow stays);
+    - on the forehead (the rows above the brows), however deep: pixels as far darker than the
+      bare skin (the inner face less its brows, eyes and lips), a fringe the identity wears.
+
+    ``dist``: :func:`oval_distance` of ``landmarks`` when the caller already has it.
     """
+    pts = _checked_points(landmarks)
     if dist is None:
-        dist = oval_distance(landmarks, size)
+        dist = oval_distance(pts, size)
     alpha = smoothstep((outer - dist) / max(inner + outer, 1e-6))
-    if image is not None:
-        L = cv2.cvtColor(image, cv2.COLOR_RGB2Lab)[..., 0].astype(np.float32)   # 0..255
-        skin = L[dist < -edge - 0.05]
-        if skin.size >= 16:
-            med = float(np.median(skin))
-            sd = max(1.4826 * float(np.median(np.abs(skin - med))), 5.0)
-            darkness = smoothstep(((med - L) / sd - dark[0]) / max(dark[1] - dark[0], 1e-6))
-            near_edge = smoothstep((dist + edge) / (0.5 * edge))
-            alpha *= 1.0 - near_edge * darkness
+    if image is None:
+        return alpha.astype(np.float32)
+    L = cv2.cvtColor(image, cv2.COLOR_RGB2Lab)[..., 0].astype(np.float32)   # 0..255
+    inside = dist < -edge - 0.05
+    if cv2.countNonZero(inside.view(np.uint8)) < 16:
+        return alpha.astype(np.float32)
+    features = _features(pts, size)
+    bare = inside & (features == 0) & (_lips(pts, size) == 0)
+    bare = bare if cv2.countNonZero(bare.view(np.uint8)) >= 16 else inside
+    ramp = max(0.03 * face_width(pts), 1.0)
+    top = float(pts[list(BROWS), 1].min()) - ramp
+    forehead = smoothstep((top - np.arange(size, dtype=np.float32)) / ramp)[:, None]
+    near_edge = smoothstep((dist + edge) / (0.5 * edge))
+    cut = np.maximum(near_edge * _darkness(L, L[inside], dark), forehead * _darkness(L, L[bare], dark))
+    cut = cv2.GaussianBlur(cv2.dilate(cut, np.ones((3, 3), np.uint8)), (0, 0), 0.7)   # with the fringe
+    alpha *= 1.0 - cut * (1.0 - features)
     return alpha.astype(np.float32)
+
+
+def _darkness(L: np.ndarray, skin: np.ndarray, dark: tuple[float, float]) -> np.ndarray:
+    """How far darker than ``skin`` (lightness samples) each pixel of ``L`` is: 0 up to
+    ``dark[0]`` robust standard deviations below its median, 1 from ``dark[1]`` on."""
+    med = float(np.median(skin))
+    sd = max(1.4826 * float(np.median(np.abs(skin - med))), 5.0)
+    return smoothstep(((med - L) / sd - dark[0]) / max(dark[1] - dark[0], 1e-6))
+
+
+def _lips(pts: np.ndarray, size: int) -> np.ndarray:
+    """``(size, size) uint8``: 1 inside the convex hull of the lips of ``pts``."""
+    out = np.zeros((size, size), np.uint8)
+    _fill_poly(out, pts[list(LIPS), :2], 1)
+    return out
+
+
+_FEATURES = (BROWS[:10], BROWS[10:], EYELIDS)   # left brow, right brow, both eyes (hull per eye below)
+
+
+def _features(landmarks: np.ndarray, size: int, reach: float = 0.02) -> np.ndarray:
+    """``(size, size) float32`` in [0, 1]: 1 over the brows and eyes of ``landmarks`` (``(478,
+    2|3)``, crop pixels; each one's convex hull), fading to 0 ``reach`` face widths out. Dark
+    features a face must keep even near its edge (a brow is no hair strand)."""
+    pts = _checked_points(landmarks)
+    inside = np.zeros((size, size), np.uint8)
+    cx = float(pts[:, 0].mean())
+    for idx in _FEATURES:
+        xy = pts[list(idx), :2]
+        for side in ((xy[:, 0] < cx), (xy[:, 0] >= cx)) if idx is EYELIDS else (slice(None),):
+            _fill_poly(inside, xy[side], 1)
+    d = cv2.distanceTransform(1 - inside, cv2.DIST_L2, cv2.DIST_MASK_3)
+    return smoothstep(1.0 - d / max(reach * face_width(pts), 1.0)).astype(np.float32)
 
 
 def hair_over_face(image: np.ndarray, landmarks: np.ndarray, size: int, above: float = 0.04,
@@ -432,26 +481,69 @@ def smooth_fill(values: np.ndarray, weights: np.ndarray, levels: int = 6) -> np.
     return fill
 
 
-def _band_fill(src: np.ndarray, alpha: np.ndarray, real: np.ndarray,
-               known: np.ndarray) -> np.ndarray:
-    """Smooth colours for the band between the generated face and its real surroundings.
+BAND_EDGE = (0.25, 8.0, 24.0)   # the band's switch: its width (share of the band) where the sides differ by
+                                # the 3rd ΔE or more, all of the band at the 2nd or less (:func:`_band_edge`)
+BAND_EDGE_FROM = 0.3            # ... and only below this share of the face's height (the brows): see there
+
+
+def _band_sides(src: np.ndarray, alpha: np.ndarray, real: np.ndarray,
+                known: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Smooth colours for the band between the generated face and its real surroundings, one
+    for each side.
 
     All at the same (low) resolution: ``src`` ``(h, w, 3) float32`` the warped crop; ``alpha``
     ``(h, w) float32`` its face weight there; ``real`` ``(h, w, 3) float32`` the frame's pixels
     multiplied by ``known`` ``(h, w) float32`` in [0, 1] (0 wherever the full mask is: never the
-    real face). The face (where ``alpha`` is ~1, so no hair is mixed in) and the real frame are
-    each extended across the band (:func:`smooth_fill`) and blended by the relative distance to
-    either side (smoothstep). Returns ``(h, w, 3) float32``.
+    real face). Returns (the face (where ``alpha`` is ~1, so no hair is mixed in), the real
+    frame (None when nothing is known)), each extended across the band (:func:`smooth_fill`),
+    ``(h, w, 3) float32``; :func:`_band_switch` says where one gives way to the other.
     """
     inner = smoothstep((alpha - 0.8) * 5.0)
-    fill = smooth_fill(src * inner[..., None], inner)
-    if known.max() > 0:
-        around = smooth_fill(real, known)
-        d_face = cv2.distanceTransform((alpha < 0.5).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_3)
-        d_real = cv2.distanceTransform((known < 0.5).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_3)
-        t = smoothstep(d_face / np.maximum(d_face + d_real, 1e-6))[..., None]
-        fill += t * (around - fill)
-    return fill
+    face = smooth_fill(src * inner[..., None], inner)
+    return face, (smooth_fill(real, known) if known.max() > 0 else None)
+
+
+def _band_switch(alpha8: np.ndarray, known: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """``(h, w) float32`` in [0, 1]: how much of the real side's fill a band pixel takes, from
+    its relative distance across the band (0 on the convex hull of the face, where ``alpha8``
+    (uint8) passes half: a strand cut out of the face is filled from the face; 1 where
+    ``known`` (uint8, 255) begins), turning over the first ``width`` (``(h, w) float32`` in
+    (0, 1], :func:`_band_edge`) of the way (smoothstep), at the frame's full resolution."""
+    face = cv2.compare(alpha8, 128, cv2.CMP_GE)
+    contours, _ = cv2.findContours(face, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if contours:
+        cv2.fillConvexPoly(face, cv2.convexHull(np.concatenate(contours)), 255)
+    d_face = cv2.distanceTransform(cv2.bitwise_not(face), cv2.DIST_L2, cv2.DIST_MASK_3)
+    d_real = cv2.distanceTransform(cv2.compare(known, 128, cv2.CMP_LT), cv2.DIST_L2, cv2.DIST_MASK_3)
+    rel = d_face / np.maximum(d_face + d_real, 1e-6)
+    return smoothstep(rel / width)
+
+
+def _band_edge(face_side: np.ndarray, real_side: np.ndarray, edge: tuple[float, float, float] = BAND_EDGE) -> np.ndarray:
+    """How sharply the band turns from the face to the real frame (``(h, w) float32`` in [0,
+    1]: 1 in an edge ``edge[0]`` of the band wide, 0 over the whole band), from how far apart
+    its two sides' colours are (``(h, w, 3) uint8`` each, RGB): where the face meets hair, a
+    wall or clothes (ΔE ``edge[2]`` or more) it ends in an edge, as a real face does, not in a
+    wide blur; where it meets skin of nearly its own colour (``edge[1]`` or less) no edge is
+    drawn."""
+    lab = [cv2.cvtColor(side, cv2.COLOR_RGB2Lab).astype(np.float32) for side in (face_side, real_side)]
+    diff = (lab[0] - lab[1]) * np.float32([100 / 255, 1, 1])   # 8-bit Lab: L is scaled to 0..255
+    de = np.sqrt((diff * diff).sum(-1))
+    return smoothstep((de - edge[1]) / max(edge[2] - edge[1], 1e-6)).astype(np.float32)
+
+
+def _below_brows(face: np.ndarray, start: float = BAND_EDGE_FROM) -> np.ndarray:
+    """``(S, S) uint8`` in the crop (upright): 255 from ``start`` of the face's height (``face``:
+    its alpha, :func:`face_alpha`) down, 0 above, a tenth of its height between: where the
+    band may end the face in an edge. A forehead's skin runs on to the hairline, which the mask
+    cuts across: an edge there would draw a band over the forehead."""
+    rows = np.flatnonzero(face.max(axis=1) >= 0.5)
+    S = face.shape[0]
+    if rows.size == 0:
+        return np.zeros_like(face, np.uint8)
+    top, height = float(rows[0]), float(rows[-1] - rows[0]) + 1.0
+    ramp = smoothstep((np.arange(S, dtype=np.float32) - top - start * height) / (0.1 * height))
+    return np.repeat(cv2.convertScaleAbs(ramp[:, None], alpha=255.0), face.shape[1], axis=1)
 
 
 GRAIN_WINDOW = 7          # px: noise_sigma reads the grain's local spread in windows this wide
@@ -547,6 +639,15 @@ def match_sharpness(synth: np.ndarray, target: float, region: np.ndarray, weight
     return to_uint8(synth.astype(np.float32) + add[..., None])
 
 
+def _pyr_up(small: np.ndarray, sizes: list[tuple[int, int]]) -> np.ndarray:
+    """A float image worked out ``len(sizes) - 1`` pyramid levels down, back at ``sizes[0]``
+    (``(w, h)`` per level, full size first), as ``uint8`` (rounded, saturated)."""
+    up = cv2.convertScaleAbs(small)
+    for size in reversed(sizes[:-1]):
+        up = cv2.pyrUp(up, dstsize=size)
+    return up
+
+
 def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarray,
           out: np.ndarray | None = None,
           box: tuple[int, int, int, int] | None = None,
@@ -564,7 +665,7 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
     reach, the placeholder colour is used. With ``face`` (``(S, S) float32`` alpha of the
     crop's own face, :func:`face_alpha`): the generated face is kept; everything else under the
     mask (the generator's hair and background, the area the crop does not reach) becomes a
-    smooth fill between the face's edge and the frame where ``mask < 1`` (:func:`_band_fill`,
+    smooth fill between the face's edge and the frame where ``mask < 1`` (:func:`_band_sides`,
     at ``2 ** -fill_levels`` of the resolution), so the face meets its real surroundings
     without a band of foreign colour; a grey-scale frame gets a grey face.
     Either way, no raw content of the frame where ``mask == 1`` is kept or blended in; with
@@ -612,11 +713,18 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
         small = [cv2.pyrDown(img) for img in small]
         sizes.append((small[0].shape[1], small[0].shape[0]))
     src_s, alpha_s, real_s, known_s = small
-    fill = _band_fill(src_s.astype(np.float32), alpha_s.astype(np.float32) * (1 / 255),
-                      real_s.astype(np.float32), known_s.astype(np.float32) * (1 / 255))
-    fill = cv2.convertScaleAbs(fill)        # rounds and saturates (a fill is a mean of pixels, >= 0)
-    for size in reversed(sizes[:-1]):
-        fill = cv2.pyrUp(fill, dstsize=size)
+    sides = _band_sides(src_s.astype(np.float32), alpha_s.astype(np.float32) * (1 / 255),
+                        real_s.astype(np.float32), known_s.astype(np.float32) * (1 / 255))
+    face_side, real_side = (None if side is None else _pyr_up(side, sizes) for side in sides)
+    fill = face_side
+    if real_side is not None:
+        sharp = cv2.resize(_band_edge(cv2.convertScaleAbs(sides[0]), cv2.convertScaleAbs(sides[1])), (w, h),
+                           interpolation=cv2.INTER_LINEAR)
+        below = cv2.warpAffine(_below_brows(np.asarray(face, np.float32)), M, (w, h), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REPLICATE)
+        sharp = cv2.multiply(sharp, below, scale=1 / 255, dtype=cv2.CV_32F)
+        t = _band_switch(alpha8, known, 1.0 - (1.0 - BAND_EDGE[0]) * sharp)
+        fill = cv2.blendLinear(real_side, face_side, t, 1.0 - t)
     alpha = cv2.multiply(alpha8, 1 / 255, dtype=cv2.CV_32F)
     synth = clean = cv2.blendLinear(src, fill, alpha, 1.0 - alpha)
     inner = _inner_face(alpha8, weight) if grain or sharpen else None
