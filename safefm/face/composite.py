@@ -24,8 +24,8 @@ skin of each, :func:`skin_mask`; a grey-scale frame gives a grey face), :func:`f
 keeps the generated face and drops the hair and background the generator paints around it, and
 :func:`paste` fills the band between the face and the real surroundings smoothly from both
 sides, so no dark band or colour jump shows; below the brows, where the two sides' colours
-differ (hair, a wall, clothes), the band takes the surroundings' side alone, so the face ends
-in its own edge as a real one does rather than in a wide blur (:func:`_band_edge`).
+differ (hair, a wall, clothes), the fill turns from one to the other in a few pixels, so the
+face ends in an edge as a real one does rather than in a wide blur (:func:`_band_edge`).
 """
 
 from __future__ import annotations
@@ -481,8 +481,9 @@ def smooth_fill(values: np.ndarray, weights: np.ndarray, levels: int = 6) -> np.
     return fill
 
 
-BAND_EDGE = (8.0, 24.0)   # ΔE between the band's two sides: no edge at the 1st or less, a full one from the 2nd
-BAND_EDGE_FROM = 0.3      # ... and only below this share of the face's height (the brows): :func:`_below_brows`
+BAND_EDGE = (0.25, 8.0, 24.0)   # the band's switch: its width (share of the band) where the sides differ by
+                                # the 3rd ΔE or more, all of the band at the 2nd or less (:func:`_band_edge`)
+BAND_EDGE_FROM = 0.3            # ... and only below this share of the face's height (the brows): see there
 
 
 def _band_sides(src: np.ndarray, alpha: np.ndarray, real: np.ndarray,
@@ -502,32 +503,33 @@ def _band_sides(src: np.ndarray, alpha: np.ndarray, real: np.ndarray,
     return face, (smooth_fill(real, known) if known.max() > 0 else None)
 
 
-def _band_switch(alpha8: np.ndarray, known: np.ndarray, edge: np.ndarray) -> np.ndarray:
-    """``(h, w) float32`` in [0, 1]: how much of the real side's fill a pixel under the mask
-    takes. Smoothly across the band by its relative distance (0 on the convex hull of where the
-    face, ``alpha8`` (uint8), passes half, so a strand cut out of it is filled from the face; 1
-    where ``known`` (uint8, 255) begins; smoothstep), or all of it
-    where ``edge`` (``(h, w) float32`` in [0, 1], :func:`_band_edge`) says the face meets
-    something that is not skin: there the face's own alpha ramp is its edge, against the real
-    surroundings' colours, as a real face's is."""
+def _band_switch(alpha8: np.ndarray, known: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """``(h, w) float32`` in [0, 1]: how much of the real side's fill a band pixel takes, from
+    its relative distance across the band (0 on the convex hull of the face, where ``alpha8``
+    (uint8) passes half: a strand cut out of the face is filled from the face; 1 where
+    ``known`` (uint8, 255) begins), turning over the first ``width`` (``(h, w) float32`` in
+    (0, 1], :func:`_band_edge`) of the way (smoothstep), at the frame's full resolution."""
     face = cv2.compare(alpha8, 128, cv2.CMP_GE)
     contours, _ = cv2.findContours(face, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if contours:   # the face's convex hull: a strand or fringe cut out of it is filled from the face
+    if contours:
         cv2.fillConvexPoly(face, cv2.convexHull(np.concatenate(contours)), 255)
     d_face = cv2.distanceTransform(cv2.bitwise_not(face), cv2.DIST_L2, cv2.DIST_MASK_3)
     d_real = cv2.distanceTransform(cv2.compare(known, 128, cv2.CMP_LT), cv2.DIST_L2, cv2.DIST_MASK_3)
-    return cv2.max(smoothstep(d_face / np.maximum(d_face + d_real, 1e-6)), edge)
+    rel = d_face / np.maximum(d_face + d_real, 1e-6)
+    return smoothstep(rel / width)
 
 
-def _band_edge(face_side: np.ndarray, real_side: np.ndarray, edge: tuple[float, float] = BAND_EDGE) -> np.ndarray:
-    """Whether the face ends in an edge (``(h, w) float32`` in [0, 1]), from how far apart the
-    band's two sides' colours are (``(h, w, 3) uint8`` each, RGB): where the face meets hair, a
-    wall or clothes (ΔE ``edge[1]`` or more) it does, as a real face does, not in a wide blur;
-    where it meets skin of nearly its own colour (``edge[0]`` or less) it does not."""
+def _band_edge(face_side: np.ndarray, real_side: np.ndarray, edge: tuple[float, float, float] = BAND_EDGE) -> np.ndarray:
+    """How sharply the band turns from the face to the real frame (``(h, w) float32`` in [0,
+    1]: 1 in an edge ``edge[0]`` of the band wide, 0 over the whole band), from how far apart
+    its two sides' colours are (``(h, w, 3) uint8`` each, RGB): where the face meets hair, a
+    wall or clothes (ΔE ``edge[2]`` or more) it ends in an edge, as a real face does, not in a
+    wide blur; where it meets skin of nearly its own colour (``edge[1]`` or less) no edge is
+    drawn."""
     lab = [cv2.cvtColor(side, cv2.COLOR_RGB2Lab).astype(np.float32) for side in (face_side, real_side)]
     diff = (lab[0] - lab[1]) * np.float32([100 / 255, 1, 1])   # 8-bit Lab: L is scaled to 0..255
     de = np.sqrt((diff * diff).sum(-1))
-    return smoothstep((de - edge[0]) / max(edge[1] - edge[0], 1e-6)).astype(np.float32)
+    return smoothstep((de - edge[1]) / max(edge[2] - edge[1], 1e-6)).astype(np.float32)
 
 
 def _below_brows(face: np.ndarray, start: float = BAND_EDGE_FROM) -> np.ndarray:
@@ -715,19 +717,15 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
                         real_s.astype(np.float32), known_s.astype(np.float32) * (1 / 255))
     face_side, real_side = (None if side is None else _pyr_up(side, sizes) for side in sides)
     fill = face_side
-    alpha = cv2.multiply(alpha8, 1 / 255, dtype=cv2.CV_32F)
     if real_side is not None:
-        edge = cv2.resize(_band_edge(cv2.convertScaleAbs(sides[0]), cv2.convertScaleAbs(sides[1])), (w, h),
-                          interpolation=cv2.INTER_LINEAR)
+        sharp = cv2.resize(_band_edge(cv2.convertScaleAbs(sides[0]), cv2.convertScaleAbs(sides[1])), (w, h),
+                           interpolation=cv2.INTER_LINEAR)
         below = cv2.warpAffine(_below_brows(np.asarray(face, np.float32)), M, (w, h), flags=cv2.INTER_LINEAR,
                                borderMode=cv2.BORDER_REPLICATE)
-        edge = cv2.multiply(edge, below, scale=1 / 255, dtype=cv2.CV_32F)
-        t = _band_switch(alpha8, known, edge)
+        sharp = cv2.multiply(sharp, below, scale=1 / 255, dtype=cv2.CV_32F)
+        t = _band_switch(alpha8, known, 1.0 - (1.0 - BAND_EDGE[0]) * sharp)
         fill = cv2.blendLinear(real_side, face_side, t, 1.0 - t)
-        # where the face ends in an edge, its alpha ramp narrows to a quarter round its middle: the
-        # face's own rim meets the surroundings in a step, neither faded into them (a dark ring
-        # against dark hair) nor into its own smooth fill (a light one)
-        alpha = cv2.blendLinear(smoothstep(alpha * 4.0 - 1.5), alpha, edge, 1.0 - edge)
+    alpha = cv2.multiply(alpha8, 1 / 255, dtype=cv2.CV_32F)
     synth = cv2.blendLinear(src, fill, alpha, 1.0 - alpha)
     inner = _inner_face(alpha8, weight) if grain or sharpen else None
     if grain:   # the camera's grain on skin, which the generated face and the smooth fill lack
