@@ -256,7 +256,11 @@ def _lips(pts: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-_FEATURES = (BROWS[:10], BROWS[10:], EYELIDS)   # left brow, right brow, both eyes (hull per eye below)
+def sides(pts: np.ndarray, idx) -> tuple[np.ndarray, np.ndarray]:
+    """Landmark indices ``idx`` split into those left and right of the face's middle (crop x)."""
+    idx = np.asarray(idx)
+    left = pts[idx, 0] < np.median(pts[:, 0])
+    return idx[left], idx[~left]
 
 
 def _features(landmarks: np.ndarray, size: int, reach: float = 0.02) -> np.ndarray:
@@ -265,11 +269,8 @@ def _features(landmarks: np.ndarray, size: int, reach: float = 0.02) -> np.ndarr
     features a face must keep even near its edge (a brow is no hair strand)."""
     pts = _checked_points(landmarks)
     inside = np.zeros((size, size), np.uint8)
-    cx = float(pts[:, 0].mean())
-    for idx in _FEATURES:
-        xy = pts[list(idx), :2]
-        for side in ((xy[:, 0] < cx), (xy[:, 0] >= cx)) if idx is EYELIDS else (slice(None),):
-            _fill_poly(inside, xy[side], 1)
+    for idx in (*sides(pts, BROWS), *sides(pts, EYELIDS)):   # each brow, each eye
+        _fill_poly(inside, pts[idx, :2], 1)
     d = cv2.distanceTransform(1 - inside, cv2.DIST_L2, cv2.DIST_MASK_3)
     return smoothstep(1.0 - d / max(reach * face_width(pts), 1.0)).astype(np.float32)
 
@@ -713,12 +714,12 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
         small = [cv2.pyrDown(img) for img in small]
         sizes.append((small[0].shape[1], small[0].shape[0]))
     src_s, alpha_s, real_s, known_s = small
-    sides = _band_sides(src_s.astype(np.float32), alpha_s.astype(np.float32) * (1 / 255),
-                        real_s.astype(np.float32), known_s.astype(np.float32) * (1 / 255))
-    face_side, real_side = (None if side is None else _pyr_up(side, sizes) for side in sides)
+    band = _band_sides(src_s.astype(np.float32), alpha_s.astype(np.float32) * (1 / 255),
+                       real_s.astype(np.float32), known_s.astype(np.float32) * (1 / 255))
+    face_side, real_side = (None if side is None else _pyr_up(side, sizes) for side in band)
     fill = face_side
     if real_side is not None:
-        sharp = cv2.resize(_band_edge(cv2.convertScaleAbs(sides[0]), cv2.convertScaleAbs(sides[1])), (w, h),
+        sharp = cv2.resize(_band_edge(cv2.convertScaleAbs(band[0]), cv2.convertScaleAbs(band[1])), (w, h),
                            interpolation=cv2.INTER_LINEAR)
         below = cv2.warpAffine(_below_brows(np.asarray(face, np.float32)), M, (w, h), flags=cv2.INTER_LINEAR,
                                borderMode=cv2.BORDER_REPLICATE)

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from .composite import face_width, oval_distance, smooth_fill, smoothstep, to_uint8
+from .composite import face_width, oval_distance, sides as _sides, smooth_fill, smoothstep, to_uint8
 from .outline import NOSE
 from .retarget import BROWS, EYELIDS, IRISES, LIPS
 
@@ -63,13 +63,6 @@ def _hull(points: np.ndarray, size: int, grow: int) -> np.ndarray:
     if grow > 0:
         hull = cv2.dilate(hull, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
     return hull
-
-
-def _sides(pts: np.ndarray, idx) -> tuple[np.ndarray, np.ndarray]:
-    """Landmark indices ``idx`` split into those left and right of the face's middle (crop x)."""
-    idx = np.asarray(idx)
-    left = pts[idx, 0] < np.median(pts[:, 0])
-    return idx[left], idx[~left]
 
 
 def _features(pts: np.ndarray, size: int, grow: float, nose: bool = False) -> np.ndarray:
