@@ -617,3 +617,25 @@ def test_seamless_paste_draws_no_edge_over_the_forehead():
     skin, real = out[y0 + 2, col], np.asarray(around, np.float32)
     share = ((out[y1:y0 + 1, col] - skin) @ (real - skin)) / float((real - skin) @ (real - skin))
     assert int(((share > 0.2) & (share < 0.8)).sum()) >= 0.35 * (y0 - y1)
+
+
+@pytest.mark.parametrize("around, carried", [((226, 176, 156), True), ((45, 35, 30), False)])
+def test_seamless_paste_meets_a_real_forehead_without_a_step(around, carried):
+    """The mask cuts across a forehead: where the real skin above it is lighter than the
+    generated face, the difference is carried down the forehead (no step where they meet), and
+    the face below the brows stays as generated; against hair the face's colour is its own."""
+    frame, crop, M_inv, mask, face, _ = _seamless_setup(around)
+    frame = np.full_like(frame, around)
+    out = C.paste(frame, crop, M_inv, mask, face=face).astype(np.float32).mean(axis=2)
+    col, generated, real = 320, float(np.mean((200, 150, 130))), float(np.mean(around))
+    alpha = cv2.warpAffine(face, M_inv, (W, H), flags=cv2.INTER_LINEAR)[:, col]
+    y0 = 240 - int(np.argmax(alpha[240::-1] < 0.5))             # the face's top edge
+    y1 = 240 - int(np.argmax(mask[240::-1, col] < 1.0))         # the forehead's edge: where the real frame shows
+    profile = out[y1 - 4:241, col]
+    assert abs(out[250, col] - generated) <= 2                  # below the brows: the generated face
+    top = out[y0 + 3, col]                                      # the face's forehead
+    if carried:
+        steepest = np.abs(profile[3:] - profile[:-3]).max()     # the largest change over 3 rows
+        assert steepest <= 0.2 * (real - generated) and top >= generated + 0.5 * (real - generated)
+    else:
+        assert top >= generated - 3

@@ -25,7 +25,10 @@ keeps the generated face and drops the hair and background the generator paints 
 :func:`paste` fills the band between the face and the real surroundings smoothly from both
 sides, so no dark band or colour jump shows; below the brows, where the two sides' colours
 differ (hair, a wall, clothes), the fill turns from one to the other in a few pixels, so the
-face ends in an edge as a real one does rather than in a wide blur (:func:`_band_edge`).
+face ends in an edge as a real one does rather than in a wide blur (:func:`_band_edge`); above
+them, where the mask cuts across a forehead whose real skin shows beyond it, the difference
+between the two is carried smoothly down the generated forehead, so the two skins meet without
+a step (:func:`_forehead_seam`).
 """
 
 from __future__ import annotations
@@ -520,17 +523,23 @@ def _band_switch(alpha8: np.ndarray, known: np.ndarray, width: np.ndarray) -> np
     return smoothstep(rel / width)
 
 
-def _band_edge(face_side: np.ndarray, real_side: np.ndarray, edge: tuple[float, float, float] = BAND_EDGE) -> np.ndarray:
+def _sides_apart(face_side: np.ndarray, real_side: np.ndarray) -> np.ndarray:
+    """``(h, w) float32``: CIELAB ΔE between the band's two sides (``(h, w, 3)`` RGB, ``uint8``
+    or float on the 0-255 scale, :func:`_band_sides`)."""
+    lab = [cv2.cvtColor(cv2.convertScaleAbs(side), cv2.COLOR_RGB2Lab).astype(np.float32)
+           for side in (face_side, real_side)]
+    diff = (lab[0] - lab[1]) * np.float32([100 / 255, 1, 1])   # 8-bit Lab: L is scaled to 0..255
+    return np.sqrt((diff * diff).sum(-1))
+
+
+def _band_edge(apart: np.ndarray, edge: tuple[float, float, float] = BAND_EDGE) -> np.ndarray:
     """How sharply the band turns from the face to the real frame (``(h, w) float32`` in [0,
     1]: 1 in an edge ``edge[0]`` of the band wide, 0 over the whole band), from how far apart
-    its two sides' colours are (``(h, w, 3) uint8`` each, RGB): where the face meets hair, a
-    wall or clothes (ΔE ``edge[2]`` or more) it ends in an edge, as a real face does, not in a
+    its two sides' colours are (``apart``: ΔE, :func:`_sides_apart`): where the face meets hair,
+    a wall or clothes (``edge[2]`` or more) it ends in an edge, as a real face does, not in a
     wide blur; where it meets skin of nearly its own colour (``edge[1]`` or less) no edge is
     drawn."""
-    lab = [cv2.cvtColor(side, cv2.COLOR_RGB2Lab).astype(np.float32) for side in (face_side, real_side)]
-    diff = (lab[0] - lab[1]) * np.float32([100 / 255, 1, 1])   # 8-bit Lab: L is scaled to 0..255
-    de = np.sqrt((diff * diff).sum(-1))
-    return smoothstep((de - edge[1]) / max(edge[2] - edge[1], 1e-6)).astype(np.float32)
+    return smoothstep((apart - edge[1]) / max(edge[2] - edge[1], 1e-6)).astype(np.float32)
 
 
 def _below_brows(face: np.ndarray, start: float = BAND_EDGE_FROM) -> np.ndarray:
@@ -545,6 +554,35 @@ def _below_brows(face: np.ndarray, start: float = BAND_EDGE_FROM) -> np.ndarray:
     top, height = float(rows[0]), float(rows[-1] - rows[0]) + 1.0
     ramp = smoothstep((np.arange(S, dtype=np.float32) - top - start * height) / (0.1 * height))
     return np.repeat(cv2.convertScaleAbs(ramp[:, None], alpha=255.0), face.shape[1], axis=1)
+
+
+SEAM_SKIN = (12.0, 24.0)   # ΔE between the band's sides: the real side is the face's own skin up to the
+                           # first, something else (hair, a wall) from the second (:func:`_forehead_seam`)
+
+
+def _forehead_seam(face_side: np.ndarray, real_side: np.ndarray, apart: np.ndarray, alpha: np.ndarray,
+                   ring: np.ndarray, above: np.ndarray, skin: tuple[float, float] = SEAM_SKIN) -> np.ndarray:
+    """What to add to the generated face so its forehead meets the real forehead's skin without
+    a step, ``(h, w, 3) float32`` (RGB levels; all at the fill's low resolution).
+
+    The mask cuts across a forehead below its hairline, so there the generated skin meets the
+    real skin of the same brow in a seam wherever their colours differ (light from above, a
+    shine). Like a gradient-domain blend, the difference between the band's two sides
+    (``face_side``, ``real_side``: ``(h, w, 3) float32`` :func:`_band_sides`; ``apart``: their
+    ΔE, :func:`_sides_apart`) is read on ``ring`` (``(h, w) float32`` in [0, 1]: where the real
+    frame shows beside the face) above the brows (``above``, ``(h, w) float32``) where the real
+    side is skin (ΔE up to ``skin[0]``; none from ``skin[1]``: hair, a wall), and carried
+    smoothly (:func:`smooth_fill`) into the face, down to nothing where the face (``alpha``
+    ``(h, w) float32``) is whole below the brows.
+    """
+    same = 1.0 - smoothstep((apart - skin[0]) / max(skin[1] - skin[0], 1e-6))
+    read = (ring * above * same * (alpha < 0.5)).astype(np.float32)
+    anchor = ((alpha >= 0.99) & (above <= 0.01)).astype(np.float32)   # the whole face below the brows: as it is
+    if read.max() <= 0:
+        return np.zeros_like(face_side)
+    weights = np.maximum(read, anchor)
+    values = (real_side - face_side) * read[..., None]
+    return smooth_fill(np.ascontiguousarray(values, np.float32), weights)
 
 
 GRAIN_WINDOW = 7          # px: noise_sigma reads the grain's local spread in windows this wide
@@ -668,7 +706,8 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
     mask (the generator's hair and background, the area the crop does not reach) becomes a
     smooth fill between the face's edge and the frame where ``mask < 1`` (:func:`_band_sides`,
     at ``2 ** -fill_levels`` of the resolution), so the face meets its real surroundings
-    without a band of foreign colour; a grey-scale frame gets a grey face.
+    without a band of foreign colour, and a forehead meets the real forehead's skin beyond the
+    mask without a step (:func:`_forehead_seam`); a grey-scale frame gets a grey face.
     Either way, no raw content of the frame where ``mask == 1`` is kept or blended in; with
     ``grain`` or ``sharpen`` two numbers are read from this face's own real pixels there (its
     grain level and its fine-detail level), nothing else. ``protect`` (``(H, W) float32``, e.g.
@@ -716,13 +755,21 @@ def paste(frame: np.ndarray, crop: np.ndarray, M_inv: np.ndarray, mask: np.ndarr
     src_s, alpha_s, real_s, known_s = small
     band = _band_sides(src_s.astype(np.float32), alpha_s.astype(np.float32) * (1 / 255),
                        real_s.astype(np.float32), known_s.astype(np.float32) * (1 / 255))
+    if band[1] is not None:
+        apart = _sides_apart(*band)   # the band's edge is read from the sides as they were
+        below = cv2.warpAffine(_below_brows(np.asarray(face, np.float32)), M, (w, h), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REPLICATE)
+        weight_s, below_s = (cv2.resize(img, sizes[-1], interpolation=cv2.INTER_AREA) for img in (weight, below))
+        ring = (weight_s < 1.0) * (weight_s > 0.0) * (known_s.astype(np.float32) * (1 / 255))
+        seam = _forehead_seam(band[0], band[1], apart, alpha_s.astype(np.float32) * (1 / 255), ring,
+                              1.0 - below_s.astype(np.float32) * (1 / 255))
+        if np.abs(seam).max() >= 0.5:   # the face meets real forehead skin of another shade
+            band = (band[0] + seam, band[1])
+            src = cv2.add(src, cv2.resize(seam, (w, h), interpolation=cv2.INTER_LINEAR), dtype=cv2.CV_8U)
     face_side, real_side = (None if side is None else _pyr_up(side, sizes) for side in band)
     fill = face_side
     if real_side is not None:
-        sharp = cv2.resize(_band_edge(cv2.convertScaleAbs(band[0]), cv2.convertScaleAbs(band[1])), (w, h),
-                           interpolation=cv2.INTER_LINEAR)
-        below = cv2.warpAffine(_below_brows(np.asarray(face, np.float32)), M, (w, h), flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_REPLICATE)
+        sharp = cv2.resize(_band_edge(apart), (w, h), interpolation=cv2.INTER_LINEAR)
         sharp = cv2.multiply(sharp, below, scale=1 / 255, dtype=cv2.CV_32F)
         t = _band_switch(alpha8, known, 1.0 - (1.0 - BAND_EDGE[0]) * sharp)
         fill = cv2.blendLinear(real_side, face_side, t, 1.0 - t)
