@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -69,3 +70,18 @@ def test_recon_report_subcommands():
     assert (mod.command, mod.models, mod.rows) == ("models", "large,default", 64)
     with pytest.raises(SystemExit):
         ap.parse_args(["decoders", "--models", "default"])  # a models option
+
+
+def test_forehead_step_reads_the_step_across_the_mask_s_top_and_skips_hair():
+    step = _load("research/probe_forehead_step.py").forehead_step
+    frame = np.full((120, 100, 3), (200, 160, 140), np.uint8)          # one forehead, no step
+    mask = np.zeros((120, 100), np.float32)
+    mask[40:, 20:80] = 1.0
+    output = frame.copy()
+    output[40:] = (180, 140, 120)                                       # the pasted face, darker
+    lab = lambda rgb: cv2.cvtColor(np.uint8([[rgb]]), cv2.COLOR_RGB2Lab)[0, 0].astype(float) * (100 / 255, 1, 1)
+    real, out, n = step(output, frame, mask)
+    assert real == 0.0 and n == 30                                      # the middle half of 60 columns
+    assert out == pytest.approx(np.linalg.norm(lab((200, 160, 140)) - lab((180, 140, 120))), abs=1e-3)
+    frame[:40] = (40, 30, 25)                                           # hair above the mask: not a forehead
+    assert step(output, frame, mask)[2] == 0
