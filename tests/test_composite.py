@@ -639,3 +639,18 @@ def test_seamless_paste_meets_a_real_forehead_without_a_step(around, carried):
         assert steepest <= 0.2 * (real - generated) and top >= generated + 0.5 * (real - generated)
     else:
         assert top >= generated - 3
+
+
+def test_the_forehead_seam_leaves_a_tiny_face_its_own_colour():
+    """A face so small that no part of it below the brows is whole at the fill's resolution has
+    nothing to hold the forehead's shade back: the seam is left out, not spread over the face."""
+    around = (226, 176, 156)
+    _, crop, _, _, _, _ = _seamless_setup(around)
+    lm_crop = synthetic_landmarks(32, 32, 15, 20)
+    M_inv = np.array([[0.5, 0, 300.0], [0, 0.5, 220.0]])         # the 64 px crop as 32 frame px
+    lm = lm_crop.copy()
+    lm[:, :2] = lm[:, :2] * 0.5 + (300, 220)
+    frame = np.full((H, W, 3), around, np.uint8)
+    mask = C.face_mask([lm], frame.shape, dilate=0.15, feather=0.08)
+    out = C.paste(frame, crop, M_inv, mask, face=C.face_alpha(lm_crop, 64, image=crop))
+    assert abs(float(out[int(lm[152, 1]) - 4, int(lm[152, 0])].mean()) - np.mean((200, 150, 130))) <= 6   # above the chin

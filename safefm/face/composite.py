@@ -578,7 +578,7 @@ def _forehead_seam(face_side: np.ndarray, real_side: np.ndarray, apart: np.ndarr
     same = 1.0 - smoothstep((apart - skin[0]) / max(skin[1] - skin[0], 1e-6))
     read = (ring * above * same * (alpha < 0.5)).astype(np.float32)
     anchor = ((alpha >= 0.99) & (above <= 0.01)).astype(np.float32)   # the whole face below the brows: as it is
-    if read.max() <= 0:
+    if read.max() <= 0 or anchor.max() <= 0:   # (a face a few pixels wide has no whole part to hold)
         return np.zeros_like(face_side)
     weights = np.maximum(read, anchor)
     values = (real_side - face_side) * read[..., None]
