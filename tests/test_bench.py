@@ -160,3 +160,41 @@ def test_bench_times_the_camera_configuration_unless_told_files(tiny_video, path
                                                                        (grain, detail, "off"),
                                                                        (grain, detail, "all")]
     assert res["path"]["name"] == path
+
+
+_BLAS_THREADS = """
+import ctypes, sys
+import safefm.cli.cam   # what the safefm-cam command imports first
+import numpy as np
+np.ones((64, 64)) @ np.ones((64, 64))
+libs = sorted({line.split()[-1] for line in open("/proc/self/maps") if "libopenblas" in line})
+get = [getattr(ctypes.CDLL(lib), name, None) for lib in libs
+       for name in ("openblas_get_num_threads64_", "openblas_get_num_threads")]
+get = [g for g in get if g is not None]
+print(get[0]() if get else "none")
+"""
+
+
+@pytest.mark.parametrize("asked", [None, "2"])
+def test_the_commands_run_numpy_s_blas_on_one_thread_unless_told(asked):
+    """OpenBLAS's second thread, waiting busily after each of the per-frame path's tiny numpy
+    fits, took the cores from onnxruntime and OpenCV (live path 12 -> 28 FPS on 2 cores without
+    it): the commands start numpy's BLAS on one thread; OPENBLAS_NUM_THREADS still wins."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("reads the loaded libraries from /proc (Linux)")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                            "GOTO_NUM_THREADS")}
+    if asked:
+        env["OPENBLAS_NUM_THREADS"] = asked
+    out = subprocess.run([sys.executable, "-c", _BLAS_THREADS], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = out.stdout.strip().splitlines()[-1]
+    if got == "none":
+        pytest.skip("numpy is not linked to OpenBLAS here")
+    assert int(got) == int(asked or 1)
