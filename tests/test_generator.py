@@ -1,5 +1,7 @@
 """The runtime wrapper: LoRA fusing, torch vs onnxruntime parity, determinism, shapes."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -185,6 +187,34 @@ def test_identity_guidance_extrapolates_from_the_null_identity_on_early_steps(tm
     plain = gen.generate(heat, tokens, noise)
     assert torch.equal(gen.generate(heat, tokens, noise, guidance=1.0), plain)
     assert (gen.generate(heat, tokens, noise, guidance=3.0) - plain).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_a_guided_step_runs_its_two_velocities_in_one_call(tmp_path, monkeypatch, heat, runtime):
+    """The identity push (guidance against the person's own tokens) needs two velocities a
+    step: one network call of twice the batch (onnxruntime: the batch-2 graph), the same
+    velocities as two calls, for each face of a batch."""
+    if runtime == "onnx":
+        pytest.importorskip("onnxruntime")
+    gen = _gen(runtime, tmp_path, monkeypatch)
+    tokens = gen.identity_tokens(np.ones(128, np.float32))
+    ref = gen.identity_tokens(np.full(128, -0.5, np.float32))
+    heat2 = torch.cat([heat, heat.flip(-1)])
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    v_id, v_ref = gen.velocity(heat2, tokens)(z, 0.25), gen.velocity(heat2, ref)(z, 0.25)
+    calls = []
+    if runtime == "onnx":
+        sess = gen.backend._velocity2
+        assert sess is not None and list(tmp_path.glob("onnx/*/velocity2.onnx"))
+        monkeypatch.setattr(gen.backend, "_velocity2", SimpleNamespace(
+            run=lambda out, feeds: (calls.append(feeds["z"].shape[0]), sess.run(out, feeds))[1]))
+        monkeypatch.setattr(gen.backend, "_velocity", None)   # no batch-1 call on a guided step
+    else:
+        net = gen.backend.velocity_net
+        monkeypatch.setattr(gen.backend, "velocity_net", lambda z, *a: (calls.append(z.shape[0]), net(z, *a))[1])
+    v = gen.velocity(heat2, tokens, guidance=2.0, until=0.5, reference=ref)(z, 0.25)
+    assert calls == ([2, 2] if runtime == "onnx" else [4])    # per face (batch-1 graphs) / one batch
+    assert torch.allclose(v, v_ref + 2.0 * (v_id - v_ref), atol=1e-5)
 
 
 def _saved_detail_model(path):

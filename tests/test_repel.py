@@ -130,17 +130,22 @@ def test_the_guard_and_the_repel_share_the_engines_recogniser(setup, clip_frames
 @needs_data
 def test_the_default_repel_pushes_on_the_first_of_two_steps_only(setup, clip_frames):
     """Repel on every step painted brown marbling over the face (session 17): the default pushes
-    on the first of its 2 Euler steps only, so a frame costs 3 network calls, not 4."""
+    on the first of its 2 Euler steps only, so a frame costs 3 velocities, not 4 (the pushed
+    step's two in one call of twice the batch)."""
     cfg, gen, a = setup
     shipped = RuntimeConfig()
     rcfg = dataclasses.replace(cfg, identity_repel=shipped.identity_repel, repel_until=shipped.repel_until)
     assert rcfg.steps == 2 and rcfg.identity_repel > 0
-    times, plain = [], gen.backend.velocity
+    times, pairs, plain, paired = [], [], gen.backend.velocity, gen.backend.velocity_pair
 
     def counted(cond, tokens):
         v = plain(cond, tokens)
         return lambda z, t: (times.append(round(float(t), 3)), v(z, t))[1]
-    gen.backend.velocity = counted
+
+    def counted_pair(cond, tokens, other):
+        v = paired(cond, tokens, other)
+        return lambda z, t: (pairs.append(round(float(t), 3)), v(z, t))[1]
+    gen.backend.velocity, gen.backend.velocity_pair = counted, counted_pair
     out = _run(Engine(gen, a, rcfg, video=True, recognizer=_Recognizer(np.full(128, 0.3))), clip_frames[:2])
     assert all(r.faces and r.faces[0].status == ANONYMIZED for r in out)
-    assert sorted(times) == [0.0, 0.0, 0.0, 0.0, 0.5, 0.5]    # t = 0 guided (2 calls), t = 0.5 plain
+    assert pairs == [0.0, 0.0] and times == [0.5, 0.5]    # t = 0 pushed (one paired call), t = 0.5 plain
