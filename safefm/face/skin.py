@@ -30,6 +30,7 @@ Images are ``uint8`` RGB; landmarks ``(478, 2|3)`` MediaPipe points in crop pixe
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import cv2
@@ -158,14 +159,22 @@ def _light(image: np.ndarray, landmarks: np.ndarray) -> _Light | None:
         return None
     basis, values = _quadratic(xs, ys, n), smooth[ys, xs].astype(np.float64)
     weight = np.ones(len(xs))
-    for _ in range(3):
-        root = np.sqrt(weight)[:, None]
-        coef, *_ = np.linalg.lstsq(basis * root, values * root, rcond=None)
+    for _ in range(3):   # weighted least squares by its 6 x 6 normal equations (the basis is well scaled)
+        wb = basis * weight[:, None]
+        coef = np.linalg.solve(wb.T @ basis, wb.T @ values)
         resid = np.linalg.norm(values - basis @ coef, axis=1)
         weight = np.clip(1.0 - (resid / ROBUST) ** 2, 0.0, None) ** 2 + 1e-3
-    gy, gx = np.mgrid[0:n, 0:n]
-    field = (_quadratic(gx.ravel(), gy.ravel(), n) @ coef).reshape(n, n, 3).astype(np.float32)
+    field = (_grid_basis(n) @ coef).reshape(n, n, 3).astype(np.float32)
     return _Light(small, lab, smooth, field, dist, pts, width, (ys, xs))
+
+
+@functools.lru_cache(maxsize=4)
+def _grid_basis(n: int) -> np.ndarray:
+    """``(n * n, 6)`` :func:`_quadratic` at every pixel of an ``n`` px crop, row by row (a constant)."""
+    gy, gx = np.mgrid[0:n, 0:n]
+    basis = _quadratic(gx.ravel(), gy.ravel(), n)
+    basis.flags.writeable = False
+    return basis
 
 
 def _cap_shading(image: np.ndarray, landmarks: np.ndarray, own: _Light) -> np.ndarray:
