@@ -705,7 +705,10 @@ class Engine:
 def build_engine(cfg: RuntimeConfig, model_path=None, identity_path=None, video: bool = True) -> Engine:
     """Load the weights (default: ``$SAFEFM_WEIGHTS`` or ``weights/``) and an identity file; with
     ``cfg.identity_guard`` > 0 the shipped identities are the guard's alternatives. With
-    ``cfg.identity_per_track`` every track draws its own identity instead (the guard is not used)."""
+    ``cfg.identity_per_track`` every track draws its own identity instead (the guard is not used).
+    Best run where numpy's BLAS has one thread (``OPENBLAS_NUM_THREADS=1`` before numpy is first
+    imported, as SAFE-FM's commands set it, :mod:`safefm.cli`): the per-frame fits are tiny, and
+    a second BLAS thread waiting busily takes the cores from onnxruntime and OpenCV."""
     from .paths import default_identity_path, resolve_model_path
 
     if cfg.threads > 0:   # torch's count is process-wide (its own per-frame work, and the torch runtime)
