@@ -136,8 +136,9 @@ def _run1(sess, feeds: dict) -> np.ndarray:
 
 
 class OnnxBackend:
-    """The three graphs exported to ONNX (batch 1, static shapes) and run by onnxruntime
-    sessions; inputs and outputs are host (CPU) tensors, batches run item by item.
+    """The graphs exported to ONNX (batch 1, static shapes; the velocity also at batch 2 for a
+    guided step) and run by onnxruntime sessions; inputs and outputs are host (CPU) tensors,
+    batches run item by item.
     ``paths``: {graph name: exported file or None} (:func:`graph_paths`, :func:`export_graphs`)."""
 
     name = "onnx"
@@ -271,9 +272,9 @@ def open_sessions(ort, paths: dict, opts, providers: list) -> dict:
 
 
 def _export(module, args, path: Path, inputs, outputs) -> None:
-    """Batch-1 graph with static shapes: onnxruntime then folds the shape arithmetic away
-    (measured: 2,833 -> 1,017 nodes after optimisation, 15 -> 10 ms a step on 1 thread);
-    batches run item by item (``_run1``). Written under a name of this process's own and renamed:
+    """A graph with static shapes (the batch of ``args``: 1, or 2 for the guided velocity):
+    onnxruntime then folds the shape arithmetic away (measured: 2,833 -> 1,017 nodes after
+    optimisation, 15 -> 10 ms a step on 1 thread); batches run item by item (``_run1``). Written under a name of this process's own and renamed:
     processes exporting the same weights at once (batch workers, parallel evaluations) never
     read or move each other's half-written file."""
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.onnx")
@@ -470,7 +471,8 @@ class Generator:
 
         With ``identity_guidance`` w != 1 (classifier-free guidance on the identity; the base and
         adapters were trained with a 10 % null identity), steps at flow times t < ``guidance_until``
-        return ``v_ref + w * (v_id - v_ref)``: two network calls instead of one. The reference is
+        return ``v_ref + w * (v_id - v_ref)``: two velocities, in one network call of twice the
+        batch (:meth:`OnnxBackend.velocity_pair`; two calls with int8 velocity). The reference is
         the null identity, or ``reference`` tokens (1, K, W): e.g. the real person's own
         embedding, so the output is pushed away from that face (``identity_repel``).
         ``guidance`` / ``until`` override the runtime config's values."""

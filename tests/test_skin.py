@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 
 from safefm.face.alignment import load_template
-from safefm.face.skin import even_out, skin_region, uneven_skin
+from safefm.face.skin import _quadratic, even_out, robust_quadratic, skin_region, uneven_skin
 
 S = 128
 
@@ -149,3 +149,22 @@ def test_even_out_lightens_sockets_like_dark_goggles_and_leaves_usual_ones():
     assert _lab(out, eyes)[0] < _lab(gen, eyes)[0] + 8             # the eyes and brows stay dark
     usual, socket = _with_sockets(img, lm, 10.0)
     assert abs(depth(even_out(usual, lm, 4.0), socket) - depth(usual, socket)) < 1.5
+
+
+def test_the_light_field_fit_is_exact_ignores_a_patch_and_declines_a_strip():
+    """A quadratic light field is found exactly; a blotch on a tenth of the skin does not pull
+    it; skin on a strip of two columns cannot fix a quadratic: no field (None), not an error
+    that would cost the frame its face."""
+    ys, xs = np.mgrid[0:64, 0:64]
+    ys, xs = ys.ravel(), xs.ravel()
+    basis = _quadratic(xs, ys, 64)
+    truth = np.array([[60.0, 10.0, 5.0], [8.0, 0.0, 1.0], [-6.0, 2.0, 0.0], [-20.0, 0.0, 0.0],
+                      [-12.0, 0.0, 0.0], [4.0, 0.0, 0.0]])
+    values = basis @ truth
+    assert np.allclose(robust_quadratic(basis, values), truth, atol=1e-9)
+    blotched = values.copy()
+    blotched[:410, 0] -= 25.0                       # a dark patch 25 L* deep on the top rows
+    field = basis @ robust_quadratic(basis, blotched)
+    assert np.abs(field - values).max() < 0.5
+    strip = (xs >= 30) & (xs < 32)
+    assert strip.sum() >= 32 and robust_quadratic(basis[strip], values[strip]) is None

@@ -157,15 +157,28 @@ def _light(image: np.ndarray, landmarks: np.ndarray) -> _Light | None:
     ys, xs = np.nonzero((dist < -EDGE) & (_features(pts, n, FEATURE_GROW, nose=True) == 0))
     if len(xs) < 32:
         return None
-    basis, values = _quadratic(xs, ys, n), smooth[ys, xs].astype(np.float64)
-    weight = np.ones(len(xs))
-    for _ in range(3):   # weighted least squares by its 6 x 6 normal equations (the basis is well scaled)
-        wb = basis * weight[:, None]
-        coef = np.linalg.solve(wb.T @ basis, wb.T @ values)
-        resid = np.linalg.norm(values - basis @ coef, axis=1)
-        weight = np.clip(1.0 - (resid / ROBUST) ** 2, 0.0, None) ** 2 + 1e-3
+    coef = robust_quadratic(_quadratic(xs, ys, n), smooth[ys, xs].astype(np.float64))
+    if coef is None:
+        return None
     field = (_grid_basis(n) @ coef).reshape(n, n, 3).astype(np.float32)
     return _Light(small, lab, smooth, field, dist, pts, width, (ys, xs))
+
+
+def robust_quadratic(basis: np.ndarray, values: np.ndarray, rounds: int = 3) -> np.ndarray | None:
+    """``(6, C)`` coefficients of the quadratic (``basis`` ``(N, 6)``, :func:`_quadratic`) fitted
+    to ``values`` ``(N, C)`` by iteratively reweighted least squares (Tukey's biweight at
+    :data:`ROBUST`; each round solves the 6 x 6 normal equations), so patches do not pull it.
+    None when the points cannot fix a quadratic (all on one conic: a strip, a line)."""
+    weight = np.ones(len(basis))
+    try:
+        for _ in range(rounds):
+            wb = basis * weight[:, None]
+            coef = np.linalg.solve(wb.T @ basis, wb.T @ values)
+            resid = np.linalg.norm(values - basis @ coef, axis=1)
+            weight = np.clip(1.0 - (resid / ROBUST) ** 2, 0.0, None) ** 2 + 1e-3
+    except np.linalg.LinAlgError:
+        return None
+    return coef
 
 
 @functools.lru_cache(maxsize=4)
