@@ -274,9 +274,10 @@ def open_sessions(ort, paths: dict, opts, providers: list) -> dict:
 def _export(module, args, path: Path, inputs, outputs) -> None:
     """A graph with static shapes (the batch of ``args``: 1, or 2 for the guided velocity):
     onnxruntime then folds the shape arithmetic away (measured: 2,833 -> 1,017 nodes after
-    optimisation, 15 -> 10 ms a step on 1 thread); batches run item by item (``_run1``). Written under a name of this process's own and renamed:
-    processes exporting the same weights at once (batch workers, parallel evaluations) never
-    read or move each other's half-written file."""
+    optimisation, 15 -> 10 ms a step on 1 thread); batches run item by item (``_run1``).
+    Written under a name of this process's own and renamed: processes exporting the same
+    weights at once (batch workers, parallel evaluations) never read or move each other's
+    half-written file."""
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.onnx")
     try:
         with torch.no_grad():

@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 
 from safefm.face.alignment import load_template
-from safefm.face.skin import _quadratic, even_out, robust_quadratic, skin_region, uneven_skin
+from safefm.face.skin import (_quadratic, even_out, robust_quadratic, skin_region,
+                               uneven_skin)
 
 S = 128
 
