@@ -178,7 +178,7 @@ print(get[0]() if get else "none")
 @pytest.mark.parametrize("asked", [None, "2"])
 def test_the_commands_run_numpy_s_blas_on_one_thread_unless_told(asked):
     """OpenBLAS's second thread, waiting busily after each of the per-frame path's tiny numpy
-    fits, took the cores from onnxruntime and OpenCV (live path 12 -> 28 FPS on 2 cores without
+    fits, took the cores from onnxruntime and OpenCV (live path 15.6 -> 23.1 FPS on 2 cores without
     it): the commands start numpy's BLAS on one thread; OPENBLAS_NUM_THREADS still wins."""
     import os
     import subprocess
